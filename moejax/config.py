@@ -1,0 +1,237 @@
+"""Typed, validated configuration for the MoE layer.
+
+Every dataclass validates itself in ``__post_init__``; cross-field checks (``k`` against the number of
+experts, expert groups against ``num_experts``) live in :class:`MoEConfig`. Errors are ``ValueError``s
+whose message starts with the dotted name of the offending field, e.g. ``router.k``, and are raised at
+construction, long before anything is traced or compiled.
+
+``MoEConfig.from_dict`` builds the typed config from a plain dict or an ``ml_collections.ConfigDict``
+and rejects unknown keys by name, so a typo in an experiment config fails loudly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Literal, Mapping
+
+ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "swish", "tanh", "sigmoid", "identity")
+RouterKind = Literal["topk", "expert_choice"]
+ScoreFn = Literal["softmax", "sigmoid"]
+GroupScore = Literal["max", "top2_sum"]
+DispatchMode = Literal["capacity", "dropless"]
+CapacityImpl = Literal["einsum", "index"]
+Priority = Literal["position", "score"]
+ExpertKind = Literal["mlp", "glu"]
+
+
+def _fail(field: str, value: Any, why: str) -> None:
+    raise ValueError(f"{field}={value!r}: {why}")
+
+
+def _check_choice(field: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        _fail(field, value, f"must be one of {list(choices)}")
+
+
+def _check_positive_int(field: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        _fail(field, value, "must be an integer >= 1")
+
+
+def _check_capacity_factor(field: str, value: Any) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        _fail(field, value, "must be a finite number > 0, or None for no capacity limit")
+
+
+@dataclasses.dataclass(frozen=True)
+class RouterConfig:
+    """How tokens choose experts (or experts choose tokens).
+
+    Attributes:
+      kind: ``topk`` (token choice) or ``expert_choice`` (each expert takes its top-C tokens).
+      k: experts per token for ``topk``; for ``expert_choice`` the average number of experts per token
+        (the paper's ``c``), so that ``C = ceil(capacity_factor * T * k / E)`` holds for both.
+      score: ``softmax`` over all experts, or per-expert ``sigmoid`` (DeepSeek-V3).
+      renormalize: renormalise the selected weights to sum to one (Mixtral/Qwen) or keep the raw
+        scores (Switch/GShard).
+      routed_scaling: multiplies the combine weights (DeepSeek-V3's routed scaling factor).
+      jitter_noise: multiplicative uniform noise ``U(1-eps, 1+eps)`` on the router input in training
+        (Switch Transformer); 0 disables it.
+      selection_bias: keep a per-expert bias (collection ``moe_state``) that is added to the scores
+        for selection only, never to the weights (DeepSeek-V3 auxiliary-loss-free balancing).
+      num_groups, top_groups, group_score: group-limited routing; experts are split into
+        ``num_groups`` equal groups, each group is scored by the ``max`` of its scores or the sum of
+        its top two (``top2_sum``), and only the ``top_groups`` best groups may be chosen.
+    """
+
+    kind: RouterKind = "topk"
+    k: int = 2
+    score: ScoreFn = "softmax"
+    renormalize: bool = False
+    routed_scaling: float = 1.0
+    jitter_noise: float = 0.0
+    selection_bias: bool = False
+    num_groups: int = 1
+    top_groups: int | None = None
+    group_score: GroupScore = "max"
+
+    def __post_init__(self) -> None:
+        _check_choice("router.kind", self.kind, ("topk", "expert_choice"))
+        _check_positive_int("router.k", self.k)
+        _check_choice("router.score", self.score, ("softmax", "sigmoid"))
+        if not isinstance(self.renormalize, bool):
+            _fail("router.renormalize", self.renormalize, "must be a bool")
+        if not math.isfinite(self.routed_scaling) or self.routed_scaling <= 0:
+            _fail("router.routed_scaling", self.routed_scaling, "must be a finite number > 0")
+        if not 0.0 <= self.jitter_noise < 1.0:
+            _fail("router.jitter_noise", self.jitter_noise, "must be in [0, 1)")
+        _check_positive_int("router.num_groups", self.num_groups)
+        if self.top_groups is not None:
+            _check_positive_int("router.top_groups", self.top_groups)
+            if self.top_groups > self.num_groups:
+                _fail("router.top_groups", self.top_groups, f"must be <= router.num_groups={self.num_groups}")
+        _check_choice("router.group_score", self.group_score, ("max", "top2_sum"))
+        if self.kind == "expert_choice":
+            if self.num_groups != 1 or self.top_groups is not None:
+                _fail("router.num_groups", self.num_groups, "group-limited routing applies to kind='topk' only")
+            if self.selection_bias:
+                _fail("router.selection_bias", self.selection_bias, "applies to kind='topk' only")
+
+
+@dataclasses.dataclass(frozen=True)
+class DispatchConfig:
+    """How tokens move to experts and back.
+
+    Attributes:
+      mode: ``capacity`` (fixed ``[E, C, D]`` buffers, overflow dropped) or ``dropless``
+        (sort by expert, grouped matmul over contiguous groups).
+      capacity_impl: ``einsum`` (one-hot dispatch/combine tensors) or ``index`` (scatter/gather);
+        identical results.
+      capacity_factor, eval_capacity_factor: ``C = ceil(cf * T * K / E)`` in training and in
+        evaluation; ``None`` means no limit (``C = T``, nothing can be dropped).
+      min_capacity: lower bound on ``C``.
+      priority: which token copies keep their slot when an expert overflows: ``position`` (all first
+        choices before second choices, then by token order) or ``score`` (batch-prioritised routing:
+        first choices before second choices, then by descending router weight).
+      gmm: grouped matmul used by ``dropless``: ``auto`` or a name registered in
+        :mod:`moejax.dispatch.gmm` (``blocked``, ``ragged_dot``, ``reference``).
+      gmm_tile: row tile of the ``blocked`` grouped matmul.
+    """
+
+    mode: DispatchMode = "dropless"
+    capacity_impl: CapacityImpl = "index"
+    capacity_factor: float | None = 1.25
+    eval_capacity_factor: float | None = 2.0
+    min_capacity: int = 1
+    priority: Priority = "position"
+    gmm: str = "auto"
+    gmm_tile: int = 128
+
+    def __post_init__(self) -> None:
+        _check_choice("dispatch.mode", self.mode, ("capacity", "dropless"))
+        _check_choice("dispatch.capacity_impl", self.capacity_impl, ("einsum", "index"))
+        _check_capacity_factor("dispatch.capacity_factor", self.capacity_factor)
+        _check_capacity_factor("dispatch.eval_capacity_factor", self.eval_capacity_factor)
+        _check_positive_int("dispatch.min_capacity", self.min_capacity)
+        _check_choice("dispatch.priority", self.priority, ("position", "score"))
+        if not isinstance(self.gmm, str) or not self.gmm:
+            _fail("dispatch.gmm", self.gmm, "must be a non-empty string")
+        _check_positive_int("dispatch.gmm_tile", self.gmm_tile)
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+    """The MoE layer: ``num_experts`` routed experts of width ``hidden_dim`` plus optional shared ones.
+
+    Attributes:
+      num_experts: ``E``.
+      hidden_dim: ``F``, the hidden width of one routed expert. Fine-grained experts are simply more,
+        narrower experts.
+      expert_kind: ``mlp`` (``act(x W_in + b) W_out``) or ``glu`` (``(act(x W_gate) * x W_up) W_down``;
+        SwiGLU with ``silu``, GeGLU with ``gelu``).
+      activation: one of ``ACTIVATIONS``.
+      use_bias: biases in the expert (and shared expert) projections.
+      num_shared_experts, shared_hidden_dim: shared experts applied to every token; they are
+        computed as one FFN of width ``num_shared_experts * shared_hidden_dim`` (mathematically the
+        sum of the individual experts). ``shared_hidden_dim`` defaults to ``hidden_dim``.
+      shared_gate: multiply the shared output by ``sigmoid(x w)`` per token (Qwen2-MoE).
+      router, dispatch: see :class:`RouterConfig` and :class:`DispatchConfig`.
+      dtype, param_dtype: computation and parameter dtypes (names understood by ``jnp.dtype``).
+    """
+
+    num_experts: int = 8
+    hidden_dim: int = 256
+    expert_kind: ExpertKind = "mlp"
+    activation: str = "gelu"
+    use_bias: bool = True
+    num_shared_experts: int = 0
+    shared_hidden_dim: int | None = None
+    shared_gate: bool = False
+    router: RouterConfig = dataclasses.field(default_factory=RouterConfig)
+    dispatch: DispatchConfig = dataclasses.field(default_factory=DispatchConfig)
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        _check_positive_int("num_experts", self.num_experts)
+        _check_positive_int("hidden_dim", self.hidden_dim)
+        _check_choice("expert_kind", self.expert_kind, ("mlp", "glu"))
+        _check_choice("activation", self.activation, ACTIVATIONS)
+        if isinstance(self.num_shared_experts, bool) or not isinstance(self.num_shared_experts, int) \
+                or self.num_shared_experts < 0:
+            _fail("num_shared_experts", self.num_shared_experts, "must be an integer >= 0")
+        if self.shared_hidden_dim is not None:
+            _check_positive_int("shared_hidden_dim", self.shared_hidden_dim)
+        if self.shared_gate and self.num_shared_experts == 0:
+            _fail("shared_gate", self.shared_gate, "needs num_shared_experts >= 1")
+        if not isinstance(self.router, RouterConfig):
+            _fail("router", self.router, "must be a RouterConfig")
+        if not isinstance(self.dispatch, DispatchConfig):
+            _fail("dispatch", self.dispatch, "must be a DispatchConfig")
+        for field in ("dtype", "param_dtype"):
+            _check_choice(field, getattr(self, field), ("float32", "bfloat16", "float16"))
+        e, r = self.num_experts, self.router
+        if r.kind == "topk" and r.k > e:
+            _fail("router.k", r.k, f"must be <= num_experts={e}")
+        if e % r.num_groups:
+            _fail("router.num_groups", r.num_groups, f"must divide num_experts={e}")
+        if r.top_groups is not None and r.k > r.top_groups * (e // r.num_groups):
+            _fail("router.k", r.k, f"must be <= router.top_groups * experts per group = "
+                                   f"{r.top_groups * (e // r.num_groups)}")
+        if r.group_score == "top2_sum" and r.num_groups > 1 and e // r.num_groups < 2:
+            _fail("router.group_score", r.group_score, "top2_sum needs at least 2 experts per group")
+
+    @property
+    def shared_width(self) -> int:
+        """Total hidden width of the shared FFN (0 without shared experts)."""
+        return self.num_shared_experts * (self.shared_hidden_dim or self.hidden_dim)
+
+    def capacity(self, num_tokens: int, train: bool) -> int:
+        """Expert capacity ``C`` for ``num_tokens`` tokens: ``ceil(cf * T * K / E)``, in ``[min_capacity, T]``."""
+        cf = self.dispatch.capacity_factor if train else self.dispatch.eval_capacity_factor
+        if cf is None:
+            return num_tokens
+        c = math.ceil(cf * num_tokens * self.router.k / self.num_experts)
+        return int(min(max(c, self.dispatch.min_capacity), num_tokens))
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "MoEConfig":
+        """Builds a config from a (nested) mapping such as an ``ml_collections.ConfigDict``."""
+        d = dict(d.items()) if hasattr(d, "items") else d
+        kwargs = _typed_kwargs(cls, d, prefix="")
+        if "router" in kwargs:
+            kwargs["router"] = RouterConfig(**_typed_kwargs(RouterConfig, dict(kwargs["router"].items()), "router."))
+        if "dispatch" in kwargs:
+            kwargs["dispatch"] = DispatchConfig(
+                **_typed_kwargs(DispatchConfig, dict(kwargs["dispatch"].items()), "dispatch."))
+        return cls(**kwargs)
+
+
+def _typed_kwargs(cls: type, d: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"{prefix}{unknown[0]}: unknown field of {cls.__name__}; known fields: {sorted(names)}")
+    return dict(d)

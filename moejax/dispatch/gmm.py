@@ -1,0 +1,129 @@
+"""Grouped matmul implementations behind one signature, selectable by name.
+
+``gmm(lhs[M, K], rhs[E, K, N], group_sizes[E]) -> out[M, N]``: rows ``[s_e, s_e + group_sizes[e])`` of
+``lhs`` (``s_e`` the exclusive prefix sum) are multiplied by ``rhs[e]``. Rows at or past
+``sum(group_sizes)`` belong to no group and come out as zeros. Accumulation is in float32; the result has
+``lhs``'s dtype.
+
+Registered here: ``blocked`` (pure XLA, tiles of rows; work ``(M + E * tile) * K * N``, no E-times blow-up),
+``ragged_dot`` (``jax.lax.ragged_dot``: a real grouped kernel on GPU/TPU, but a dense matmul over all
+experts on XLA:CPU) and ``reference`` (the per-expert loop of :mod:`moejax.reference`, E-times work, for
+tests). The kernels package registers its Pallas kernels under further names. ``auto`` resolves per
+backend and logs its choice.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+GroupedMatmul = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+log = logging.getLogger("moejax")
+
+_REGISTRY: dict[str, Callable[..., jax.Array]] = {}
+_TILED = set()
+_AUTO = {"cpu": "blocked", "gpu": "ragged_dot", "tpu": "ragged_dot"}
+
+
+def register_gmm(name: str, fn: Callable[..., jax.Array], *, takes_tile: bool = False) -> None:
+    """Makes ``fn`` selectable as ``dispatch.gmm=name``; ``takes_tile`` passes ``tile=`` from config."""
+    _REGISTRY[name] = fn
+    if takes_tile:
+        _TILED.add(name)
+
+
+def available() -> list[str]:
+    return sorted(_REGISTRY) + ["auto"]
+
+
+def resolve_name(name: str, backend: str | None = None) -> str:
+    """The registered implementation that ``name`` stands for on ``backend`` (default: jax's backend)."""
+    if name == "auto":
+        backend = backend or jax.default_backend()
+        return _AUTO.get(backend, "blocked")
+    if name not in _REGISTRY:
+        raise ValueError(f"dispatch.gmm={name!r}: unknown grouped matmul; registered: {available()}")
+    return name
+
+
+def get_gmm(name: str = "auto", *, tile: int = 128) -> GroupedMatmul:
+    """The grouped matmul for ``name``; logs which implementation ``auto`` chose."""
+    resolved = resolve_name(name)
+    if name == "auto":
+        log.info("moejax: dispatch.gmm=auto -> %s on backend %s", resolved, jax.default_backend())
+    fn = _REGISTRY[resolved]
+    return functools.partial(fn, tile=tile) if resolved in _TILED else fn
+
+
+def gmm_ragged_dot(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    out = jax.lax.ragged_dot(lhs, rhs.astype(lhs.dtype), group_sizes.astype(jnp.int32),
+                             preferred_element_type=jnp.float32)
+    return out.astype(lhs.dtype)
+
+
+def _work_items(group_sizes: jax.Array, num_tiles: int, tile: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Enumerates (row tile, group) pairs that overlap, padded to the static bound ``num_tiles + E - 1``.
+
+    Returns int32 ``tile_of_item[W]``, ``group_of_item[W]`` and bool ``active[W]``.
+    """
+    e = group_sizes.shape[0]
+    ends = jnp.cumsum(group_sizes)
+    lo = jnp.arange(num_tiles, dtype=jnp.int32) * tile
+    first = jnp.searchsorted(ends, lo, side="right")                 # first group ending after the tile start
+    last = jnp.minimum(jnp.searchsorted(ends, lo + tile - 1, side="right"), e - 1)
+    per_tile = jnp.where(first < e, last - first + 1, 0)
+    item_end = jnp.cumsum(per_tile)
+    w = num_tiles + e - 1
+    item = jnp.arange(w, dtype=jnp.int32)
+    tile_of = jnp.minimum(jnp.searchsorted(item_end, item, side="right"), num_tiles - 1)
+    group_of = first[tile_of] + item - (item_end[tile_of] - per_tile[tile_of])
+    active = item < item_end[-1]
+    return tile_of.astype(jnp.int32), jnp.clip(group_of, 0, e - 1).astype(jnp.int32), active
+
+
+def gmm_blocked(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, tile: int = 128) -> jax.Array:
+    """Grouped matmul as a scan over (row tile, group) work items; exact, no E-times work.
+
+    Each of the at most ``ceil(M / tile) + E - 1`` items multiplies one ``[tile, K]`` row block, masked to
+    the rows of its group, by that group's ``[K, N]`` weight. Gradients come from autodiff of the scan.
+    """
+    m, k = lhs.shape
+    e, k2, n = rhs.shape
+    if k != k2:
+        raise ValueError(f"gmm: lhs[M, K] has K={k} but rhs[E, K, N] has K={k2}")
+    if group_sizes.shape != (e,):
+        raise ValueError(f"gmm: group_sizes must have shape ({e},), got {group_sizes.shape}")
+    if m == 0:
+        return jnp.zeros((0, n), lhs.dtype)
+    tm = min(tile, m)
+    num_tiles = -(-m // tm)
+    padded = jnp.pad(lhs, ((0, num_tiles * tm - m), (0, 0)))
+    ends = jnp.cumsum(group_sizes)
+    starts = ends - group_sizes
+    tile_of, group_of, active = _work_items(group_sizes, num_tiles, tm)
+    rows_in_tile = jnp.arange(tm, dtype=jnp.int32)
+
+    def step(out, item):
+        t, g, on = item
+        rows = t * tm + rows_in_tile
+        mask = (rows >= starts[g]) & (rows < ends[g]) & on
+        x = jnp.where(mask[:, None], jax.lax.dynamic_slice_in_dim(padded, t * tm, tm), 0)
+        y = jnp.dot(x, rhs[g].astype(lhs.dtype), preferred_element_type=jnp.float32)
+        block = jax.lax.dynamic_slice_in_dim(out, t * tm, tm)
+        return jax.lax.dynamic_update_slice_in_dim(out, block + y, t * tm, axis=0), None
+
+    out, _ = jax.lax.scan(step, jnp.zeros((num_tiles * tm, n), jnp.float32), (tile_of, group_of, active))
+    return out[:m].astype(lhs.dtype)
+
+
+def _gmm_reference(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    from moejax import reference  # local import: reference imports the experts, not dispatch
+    return reference.gmm(lhs, rhs, group_sizes)
+
+
+register_gmm("blocked", gmm_blocked, takes_tile=True)
+register_gmm("ragged_dot", gmm_ragged_dot)
+register_gmm("reference", _gmm_reference)

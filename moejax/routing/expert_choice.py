@@ -1,0 +1,44 @@
+"""Expert-choice routing (Zhou et al. 2022, "Mixture-of-Experts with Expert Choice Routing")."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from moejax.routing import losses
+from moejax.routing.types import AuxLosses, ExpertChoiceRouting
+
+
+def expert_choice_routing(logits: jax.Array, capacity: int) -> ExpertChoiceRouting:
+    """Each expert takes the ``capacity`` tokens with the highest probability for it.
+
+    As in the paper, ``S = softmax(logits)`` over experts per token; expert ``e`` takes
+    ``top_C(S[:, e])`` and the combine weight of a slot is ``S[t, e]``. A token may be taken by several
+    experts or by none. ``C`` is usually ``ceil(c * T / E)`` for an average of ``c`` experts per token.
+
+    Args:
+      logits: float32[T, E] router logits.
+      capacity: ``C``, ``1 <= C <= T``.
+
+    Returns:
+      ``ExpertChoiceRouting`` with token_index int32[E, C] (tokens in descending probability) and
+      weight float32[E, C]. The load-balancing loss is reported with ``f_e = 1/E`` (constant) and the
+      importance loss on the slot weights; only the z-loss is usually worth training on.
+    """
+    t, e = logits.shape
+    if not 1 <= capacity <= t:
+        raise ValueError(f"capacity={capacity}: expert choice needs 1 <= C <= T={t}")
+    logits = logits.astype(jnp.float32)
+    probs = jax.nn.softmax(logits, axis=-1)
+    weight, token_index = jax.lax.top_k(probs.T, capacity)          # [E, C]
+    valid = jnp.ones((e, capacity), bool)
+    load = jnp.full((e,), 1.0 / e, jnp.float32)
+    importance = weight.sum(-1)
+    aux = AuxLosses(
+        load_balance=e * jnp.sum(load * probs.mean(0)),
+        z_loss=losses.router_z_loss(logits),
+        importance=importance.var() / (importance.mean() ** 2 + 1e-10),
+    )
+    return ExpertChoiceRouting(
+        token_index=token_index.astype(jnp.int32), weight=weight, valid=valid, probs=probs, aux=aux,
+        expert_load=load, entropy=losses.mean_entropy(probs), confidence=losses.mean_confidence(probs),
+        num_tokens=t)

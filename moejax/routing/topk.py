@@ -1,0 +1,108 @@
+"""Token-choice top-k routing (Switch, GShard, Mixtral, Qwen-MoE, DeepSeek-V2/V3 variants)."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from moejax.routing import losses
+from moejax.routing.types import AuxLosses, Routing
+
+
+def scores_from_logits(logits: jax.Array, score: str) -> jax.Array:
+    """float32[T, E] affinities: ``softmax`` over experts or per-expert ``sigmoid``."""
+    logits = logits.astype(jnp.float32)
+    if score == "softmax":
+        return jax.nn.softmax(logits, axis=-1)
+    if score == "sigmoid":
+        return jax.nn.sigmoid(logits)
+    raise ValueError(f"router.score={score!r}: must be 'softmax' or 'sigmoid'")
+
+
+def limit_to_top_groups(scores: jax.Array, num_groups: int, top_groups: int, group_score: str) -> jax.Array:
+    """Masks (to -inf) every expert outside the ``top_groups`` best of ``num_groups`` equal groups.
+
+    A group's score is the ``max`` of its experts' scores (DeepSeek-V2) or the sum of its two largest
+    (``top2_sum``, DeepSeek-V3). scores: float32[T, E] -> float32[T, E].
+    """
+    t, e = scores.shape
+    grouped = scores.reshape(t, num_groups, e // num_groups)
+    if group_score == "max":
+        gscore = grouped.max(-1)
+    elif group_score == "top2_sum":
+        gscore = jax.lax.top_k(grouped, 2)[0].sum(-1)
+    else:
+        raise ValueError(f"router.group_score={group_score!r}: must be 'max' or 'top2_sum'")
+    _, keep = jax.lax.top_k(gscore, top_groups)                              # [T, top_groups]
+    group_mask = jnp.zeros((t, num_groups), bool).at[jnp.arange(t)[:, None], keep].set(True)
+    return jnp.where(group_mask[:, :, None], grouped, -jnp.inf).reshape(t, e)
+
+
+def top_k_routing(
+    logits: jax.Array,
+    k: int,
+    *,
+    score: str = "softmax",
+    renormalize: bool = False,
+    routed_scaling: float = 1.0,
+    selection_bias: jax.Array | None = None,
+    num_groups: int = 1,
+    top_groups: int | None = None,
+    group_score: str = "max",
+) -> Routing:
+    """Each token picks its ``k`` highest-scoring experts.
+
+    Args:
+      logits: float32[T, E] router logits.
+      k: experts per token, ``1 <= k <= E``.
+      score: ``softmax`` (probabilities over all E experts) or ``sigmoid`` (independent affinities).
+      renormalize: divide the selected scores by their sum (Mixtral/Qwen, DeepSeek-V3) instead of using
+        them as they are (Switch/GShard).
+      routed_scaling: multiplies the final weights (DeepSeek-V3's routed scaling factor).
+      selection_bias: optional float32[E] added to the scores for choosing experts only; the weights
+        come from the unbiased scores and no gradient flows into the bias (aux-loss-free balancing).
+      num_groups, top_groups, group_score: group-limited selection, see :func:`limit_to_top_groups`.
+
+    Returns:
+      ``Routing`` with expert_index int32[T, K], weight float32[T, K], every slot valid, and the
+      auxiliary losses computed on ``probs`` (softmax probabilities, or the sigmoid affinities
+      normalised to sum to one per token).
+    """
+    t, e = logits.shape
+    if not 1 <= k <= e:
+        raise ValueError(f"router.k={k}: must be in [1, num_experts={e}]")
+    if e % num_groups:
+        raise ValueError(f"router.num_groups={num_groups}: must divide num_experts={e}")
+    scores = scores_from_logits(logits, score)
+    select = scores
+    if selection_bias is not None:
+        select = select + jax.lax.stop_gradient(selection_bias.astype(jnp.float32))
+    if top_groups is not None and top_groups < num_groups:
+        select = limit_to_top_groups(select, num_groups, top_groups, group_score)
+    _, expert_index = jax.lax.top_k(select, k)
+    weight = jnp.take_along_axis(scores, expert_index, axis=-1)
+    if renormalize:
+        weight = weight / (weight.sum(-1, keepdims=True) + 1e-20)
+    weight = weight * routed_scaling
+    valid = jnp.ones((t, k), bool)
+    probs = scores if score == "softmax" else scores / scores.sum(-1, keepdims=True)
+    return finish_token_choice(logits, probs, expert_index.astype(jnp.int32), weight, valid)
+
+
+def finish_token_choice(logits: jax.Array, probs: jax.Array, expert_index: jax.Array, weight: jax.Array,
+                        valid: jax.Array) -> Routing:
+    """Assembles a ``Routing`` with its losses and statistics from a routing decision.
+
+    Routers other than top-k (dynamic-k, hash, ...) call this so that every token-choice router reports
+    the same losses and statistics. Shapes: logits, probs float32[T, E]; the rest [T, K].
+    """
+    e = probs.shape[-1]
+    weight = jnp.where(valid, weight, 0.0)
+    aux = AuxLosses(
+        load_balance=losses.load_balance_loss(probs, expert_index, valid),
+        z_loss=losses.router_z_loss(logits),
+        importance=losses.importance_loss(weight, expert_index, valid, e),
+    )
+    return Routing(
+        expert_index=expert_index, weight=weight, valid=valid, probs=probs, aux=aux,
+        expert_load=losses.expert_fraction(expert_index, valid, e),
+        entropy=losses.mean_entropy(probs), confidence=losses.mean_confidence(probs), num_experts=e)

@@ -1,0 +1,81 @@
+"""Every validation error names its field and is raised at construction."""
+import dataclasses
+
+import pytest
+
+from moejax import DispatchConfig, MoEConfig, RouterConfig
+
+CASES = [
+    (lambda: MoEConfig(num_experts=4, router=RouterConfig(k=5)), "router.k=5"),
+    (lambda: RouterConfig(k=0), "router.k=0"),
+    (lambda: RouterConfig(k=1.5), "router.k=1.5"),
+    (lambda: RouterConfig(kind="hash"), "router.kind='hash'"),
+    (lambda: RouterConfig(score="relu"), "router.score='relu'"),
+    (lambda: RouterConfig(routed_scaling=0.0), "router.routed_scaling=0.0"),
+    (lambda: RouterConfig(jitter_noise=1.5), "router.jitter_noise=1.5"),
+    (lambda: RouterConfig(num_groups=2, top_groups=3), "router.top_groups=3"),
+    (lambda: RouterConfig(group_score="mean"), "router.group_score='mean'"),
+    (lambda: RouterConfig(kind="expert_choice", num_groups=2), "router.num_groups=2"),
+    (lambda: RouterConfig(kind="expert_choice", selection_bias=True), "router.selection_bias=True"),
+    (lambda: MoEConfig(num_experts=6, router=RouterConfig(k=1, num_groups=4)), "router.num_groups=4"),
+    (lambda: MoEConfig(num_experts=8, router=RouterConfig(k=5, num_groups=4, top_groups=2)), "router.k=5"),
+    (lambda: MoEConfig(num_experts=4, router=RouterConfig(k=1, num_groups=4, top_groups=2, group_score="top2_sum")),
+     "router.group_score='top2_sum'"),
+    (lambda: DispatchConfig(capacity_factor=0.0), "dispatch.capacity_factor=0.0"),
+    (lambda: DispatchConfig(capacity_factor=-1.0), "dispatch.capacity_factor=-1.0"),
+    (lambda: DispatchConfig(eval_capacity_factor=float("nan")), "dispatch.eval_capacity_factor=nan"),
+    (lambda: DispatchConfig(mode="sparse"), "dispatch.mode='sparse'"),
+    (lambda: DispatchConfig(capacity_impl="scatter"), "dispatch.capacity_impl='scatter'"),
+    (lambda: DispatchConfig(priority="random"), "dispatch.priority='random'"),
+    (lambda: DispatchConfig(min_capacity=0), "dispatch.min_capacity=0"),
+    (lambda: DispatchConfig(gmm_tile=0), "dispatch.gmm_tile=0"),
+    (lambda: MoEConfig(num_experts=0), "num_experts=0"),
+    (lambda: MoEConfig(hidden_dim=-3), "hidden_dim=-3"),
+    (lambda: MoEConfig(activation="swiglu"), "activation='swiglu'"),
+    (lambda: MoEConfig(expert_kind="conv"), "expert_kind='conv'"),
+    (lambda: MoEConfig(num_shared_experts=-1), "num_shared_experts=-1"),
+    (lambda: MoEConfig(shared_gate=True), "shared_gate=True"),
+    (lambda: MoEConfig(shared_hidden_dim=0, num_shared_experts=1), "shared_hidden_dim=0"),
+    (lambda: MoEConfig(dtype="int8"), "dtype='int8'"),
+    (lambda: MoEConfig.from_dict({"num_experts": 4, "topk": 2}), "topk: unknown field"),
+    (lambda: MoEConfig.from_dict({"router": {"kk": 2}}), "router.kk: unknown field"),
+]
+
+
+@pytest.mark.parametrize("make,message", CASES, ids=[c[1] for c in CASES])
+def test_validation_error_names_field(make, message):
+    with pytest.raises(ValueError) as err:
+        make()
+    assert str(err.value).startswith(message), str(err.value)
+
+
+def test_unknown_gmm_rejected_by_name():
+    from moejax.dispatch import get_gmm
+    with pytest.raises(ValueError, match="dispatch.gmm='triton'"):
+        get_gmm("triton")
+
+
+def test_from_dict_round_trip():
+    cfg = MoEConfig(num_experts=16, hidden_dim=32, router=RouterConfig(k=4, renormalize=True),
+                    dispatch=DispatchConfig(mode="capacity", capacity_factor=1.0))
+    assert MoEConfig.from_dict(dataclasses.asdict(cfg)) == cfg
+
+
+def test_from_config_dict():
+    ml_collections = pytest.importorskip("ml_collections")
+    cd = ml_collections.ConfigDict({"num_experts": 4, "router": {"k": 1}, "dispatch": {"mode": "capacity"}})
+    cfg = MoEConfig.from_dict(cd)
+    assert cfg.router.k == 1 and cfg.dispatch.mode == "capacity"
+
+
+@pytest.mark.parametrize("cf,tokens,expected", [(1.0, 64, 16), (1.25, 64, 20), (None, 64, 64), (0.01, 64, 1),
+                                                (100.0, 64, 64)])
+def test_capacity_formula(cf, tokens, expected):
+    cfg = MoEConfig(num_experts=8, router=RouterConfig(k=2), dispatch=DispatchConfig(capacity_factor=cf))
+    assert cfg.capacity(tokens, train=True) == expected
+
+
+def test_eval_capacity_factor_used_in_eval():
+    cfg = MoEConfig(num_experts=8, router=RouterConfig(k=2),
+                    dispatch=DispatchConfig(capacity_factor=1.0, eval_capacity_factor=2.0))
+    assert cfg.capacity(64, train=True) == 16 and cfg.capacity(64, train=False) == 32

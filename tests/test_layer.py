@@ -1,0 +1,223 @@
+"""The MoE layer against the oracle: every router x every dispatch mode, values and gradients (fp32)."""
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from moejax import DenseLayer, DispatchConfig, MoEConfig, MoELayer, RouterConfig, reference
+from moejax.routing import Router
+
+ROUTERS = {
+    "switch_top1": RouterConfig(k=1),
+    "gshard_top2": RouterConfig(k=2),
+    "mixtral_renorm": RouterConfig(k=2, renormalize=True),
+    "deepseek_v3": RouterConfig(k=2, score="sigmoid", renormalize=True, routed_scaling=2.5, selection_bias=True,
+                                num_groups=4, top_groups=2, group_score="top2_sum"),
+    "group_limited": RouterConfig(k=3, num_groups=4, top_groups=2),
+    "expert_choice": RouterConfig(kind="expert_choice", k=2),
+}
+DISPATCHES = {
+    "capacity_einsum": DispatchConfig(mode="capacity", capacity_impl="einsum", capacity_factor=0.75),
+    "capacity_index_score": DispatchConfig(mode="capacity", capacity_impl="index", capacity_factor=0.75,
+                                           priority="score"),
+    "capacity_unlimited": DispatchConfig(mode="capacity", capacity_impl="index", capacity_factor=None),
+    "dropless_blocked": DispatchConfig(mode="dropless", gmm="blocked", gmm_tile=8),
+    "dropless_ragged_dot": DispatchConfig(mode="dropless", gmm="ragged_dot"),
+}
+GLU_ROUTERS = {"mixtral_renorm", "deepseek_v3", "expert_choice"}
+E, D, F = 8, 6, 5
+X_SHAPE = (2, 12, D)        # T = 24 tokens
+
+
+def make_config(router: str, disp: str, **kw) -> MoEConfig:
+    glu = router in GLU_ROUTERS
+    return MoEConfig(num_experts=E, hidden_dim=F, expert_kind="glu" if glu else "mlp",
+                     activation="silu" if glu else "gelu", use_bias=not glu, router=ROUTERS[router],
+                     dispatch=DISPATCHES[disp], **kw)
+
+
+def init(cfg: MoEConfig, seed: int = 0):
+    x = jax.random.normal(jax.random.key(seed), X_SHAPE)
+    variables = nn.unbox(MoELayer(cfg).init(jax.random.key(seed + 1), x))
+    # Larger router weights than the init, so that routing is decisive and capacity actually binds.
+    params = jax.tree_util.tree_map(lambda p: p, variables["params"])
+    params["router"]["kernel"] = jax.random.normal(jax.random.key(seed + 2), (D, E))
+    state = {k: v for k, v in variables.items() if k != "params"}
+    if "moe_state" in state:
+        state = {"moe_state": {"router": {"selection_bias": 0.2 * jax.random.normal(jax.random.key(seed + 3), (E,))}}}
+    return x, params, state
+
+
+def reference_forward(cfg: MoEConfig, params, state, x, train: bool):
+    tokens = x.reshape(-1, D)
+    cap = cfg.capacity(tokens.shape[0], train)
+    router_vars = {"params": params["router"]}
+    if state:
+        router_vars["moe_state"] = state["moe_state"]["router"]
+    routing = Router(E, cfg.router).apply(router_vars, tokens, capacity=cap)
+    y = reference.moe(tokens, routing, params["experts"], kind=cfg.expert_kind, activation=cfg.activation,
+                      capacity=cap if cfg.dispatch.mode == "capacity" else None, priority=cfg.dispatch.priority)
+    if cfg.num_shared_experts:
+        gate = params["shared_gate"]["kernel"] if cfg.shared_gate else None
+        y = y + reference.shared_ffn(tokens, params["shared"], kind=cfg.expert_kind, activation=cfg.activation,
+                                     gate=gate)
+    return y.reshape(x.shape), routing
+
+
+def layer_forward(cfg: MoEConfig, params, state, x, train: bool):
+    return MoELayer(cfg).apply({"params": params, **state}, x, deterministic=not train)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def values_and_grads(cfg: MoEConfig, use_reference: bool, params, state, x, cot):
+    def loss(p, xx):
+        if use_reference:
+            y = reference_forward(cfg, p, state, xx, train=True)[0]
+        else:
+            y = layer_forward(cfg, p, state, xx, train=True)[0]
+        return jnp.sum(y * cot), y
+
+    (_, y), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, x)
+    return y, grads
+
+
+def assert_trees_close(a, b, rtol=2e-5, atol=2e-5):
+    flat_a, tree_a = jax.tree_util.tree_flatten_with_path(a)
+    flat_b, tree_b = jax.tree_util.tree_flatten(b)
+    assert tree_a == tree_b
+    for (path, va), vb in zip(flat_a, flat_b):
+        np.testing.assert_allclose(va, vb, rtol=rtol, atol=atol, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize("disp", list(DISPATCHES))
+@pytest.mark.parametrize("router", list(ROUTERS))
+def test_layer_matches_reference(router, disp):
+    cfg = make_config(router, disp)
+    x, params, state = init(cfg)
+    cot = jax.random.normal(jax.random.key(9), X_SHAPE)
+    y, grads = values_and_grads(cfg, False, params, state, x, cot)
+    y_ref, grads_ref = values_and_grads(cfg, True, params, state, x, cot)
+    np.testing.assert_allclose(y, y_ref, rtol=2e-5, atol=2e-5)
+    assert_trees_close(grads, grads_ref)
+    # The router gets a gradient through the combine weights.
+    assert float(jnp.abs(grads[0]["router"]["kernel"]).max()) > 0
+
+
+@pytest.mark.parametrize("disp", ["capacity_einsum", "capacity_index_score"])
+def test_capacity_binds_and_stats_match_the_oracle(disp):
+    cfg = make_config("gshard_top2", disp)
+    x, params, state = init(cfg)
+    _, stats = layer_forward(cfg, params, state, x, train=True)
+    _, routing = reference_forward(cfg, params, state, x, train=True)
+    kept = reference.keep_mask(routing, cfg.capacity(24, True), cfg.dispatch.priority)
+    assert 0 < float(stats.dropped_fraction) < 1
+    np.testing.assert_allclose(stats.dropped_fraction, 1 - kept.mean(), rtol=1e-6)
+    np.testing.assert_allclose(stats.expert_load.sum(), 1.0, rtol=1e-6)
+    assert float(stats.capacity) == cfg.capacity(24, True)
+    np.testing.assert_allclose(stats.experts_per_token, kept.sum() / 24, rtol=1e-6)
+
+
+def test_eval_uses_eval_capacity_factor():
+    cfg = make_config("gshard_top2", "capacity_einsum")
+    cfg = MoEConfig(**{**cfg.__dict__, "dispatch": DispatchConfig(mode="capacity", capacity_factor=0.5,
+                                                                  eval_capacity_factor=None)})
+    x, params, state = init(cfg)
+    _, train_stats = layer_forward(cfg, params, state, x, train=True)
+    _, eval_stats = layer_forward(cfg, params, state, x, train=False)
+    assert float(train_stats.dropped_fraction) > 0 and float(eval_stats.dropped_fraction) == 0
+
+
+@pytest.mark.parametrize("disp", ["capacity_einsum", "capacity_unlimited", "dropless_blocked"])
+def test_all_experts_without_capacity_limit_is_the_dense_mixture(disp):
+    router = RouterConfig(k=E)
+    base = DISPATCHES[disp]
+    dispatch = DispatchConfig(**{**base.__dict__, "capacity_factor": None})
+    cfg = MoEConfig(num_experts=E, hidden_dim=F, router=router, dispatch=dispatch)
+    x, params, state = init(cfg)
+    y, _ = layer_forward(cfg, params, state, x, train=True)
+    tokens = x.reshape(-1, D)
+    probs = jax.nn.softmax(tokens @ params["router"]["kernel"], axis=-1)
+    want = reference.dense_mixture(tokens, probs, params["experts"], kind="mlp", activation="gelu")
+    np.testing.assert_allclose(y.reshape(-1, D), want, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("disp", list(DISPATCHES))
+def test_unchosen_experts_get_exactly_zero_gradient(disp):
+    cfg = make_config("gshard_top2", disp)
+    x, params, state = init(cfg)
+    # The last input feature is a constant 1 whose router weights push experts 0 and 5 out of every top-2.
+    x = x.at[..., -1].set(1.0)
+    params["router"]["kernel"] = params["router"]["kernel"].at[-1].set(jnp.zeros(E).at[jnp.array([0, 5])].set(-1e4))
+    cot = jax.random.normal(jax.random.key(9), X_SHAPE)
+    _, (grads, _) = values_and_grads(cfg, False, params, state, x, cot)
+    for name, g in grads["experts"].items():
+        np.testing.assert_array_equal(g[0], 0.0, err_msg=name)
+        np.testing.assert_array_equal(g[5], 0.0, err_msg=name)
+        assert float(jnp.abs(g[1:5]).max()) > 0, name
+
+
+@pytest.mark.parametrize("gate", [False, True])
+@pytest.mark.parametrize("disp", ["capacity_einsum", "dropless_blocked"])
+def test_shared_experts(disp, gate):
+    cfg = make_config("mixtral_renorm", disp, num_shared_experts=2, shared_hidden_dim=3, shared_gate=gate)
+    x, params, state = init(cfg)
+    assert params["shared"]["w_gate"].shape == (D, 6)
+    assert ("shared_gate" in params) == gate
+    cot = jax.random.normal(jax.random.key(9), X_SHAPE)
+    y, grads = values_and_grads(cfg, False, params, state, x, cot)
+    y_ref, grads_ref = values_and_grads(cfg, True, params, state, x, cot)
+    np.testing.assert_allclose(y, y_ref, rtol=2e-5, atol=2e-5)
+    assert_trees_close(grads, grads_ref)
+
+
+def test_fine_grained_experts_are_more_narrower_experts():
+    cfg = MoEConfig(num_experts=32, hidden_dim=2, router=RouterConfig(k=8), dispatch=DispatchConfig(gmm="blocked"))
+    x = jax.random.normal(jax.random.key(0), X_SHAPE)
+    v = nn.unbox(MoELayer(cfg).init(jax.random.key(1), x))
+    assert v["params"]["experts"]["w_in"].shape == (32, D, 2)
+    y, stats = MoELayer(cfg).apply(v, x)
+    routing = Router(32, cfg.router).apply({"params": v["params"]["router"]}, x.reshape(-1, D))
+    want = reference.moe(x.reshape(-1, D), routing, v["params"]["experts"], kind="mlp", activation="gelu")
+    np.testing.assert_allclose(y.reshape(-1, D), want, rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(stats.experts_per_token, 8.0)
+
+
+def test_parameters_carry_logical_axis_names():
+    cfg = make_config("gshard_top2", "dropless_blocked", num_shared_experts=1)
+    boxed = MoELayer(cfg).init(jax.random.key(0), jnp.ones(X_SHAPE))["params"]
+    assert boxed["router"]["kernel"].names == ("embed", "expert")
+    assert boxed["experts"]["w_in"].names == ("expert", "embed", "mlp")
+    assert boxed["experts"]["w_out"].names == ("expert", "mlp", "embed")
+    assert boxed["experts"]["b_in"].names == ("expert", "mlp")
+    assert boxed["shared"]["w_in"].names == ("embed", "mlp")
+
+
+def test_dense_layer_has_the_same_interface():
+    cfg = make_config("gshard_top2", "dropless_blocked", num_shared_experts=1)
+    dense = DenseLayer.matching_active(cfg)
+    assert dense.hidden_dim == 2 * F + F
+    x = jax.random.normal(jax.random.key(0), X_SHAPE)
+    v = nn.unbox(dense.init(jax.random.key(1), x))
+    y, stats = dense.apply(v, x, deterministic=False)
+    want = reference.expert_forward(v["params"]["ffn"], x, kind="mlp", activation="gelu")
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-6)
+    assert float(stats.dropped_fraction) == 0 and stats.expert_load.shape == (1,)
+
+
+def test_bfloat16_layer_runs_and_is_close_to_float32():
+    cfg32 = make_config("mixtral_renorm", "dropless_blocked")
+    cfg16 = MoEConfig(**{**cfg32.__dict__, "dtype": "bfloat16"})
+    x, params, state = init(cfg32)
+    y32, _ = layer_forward(cfg32, params, state, x, train=False)
+    y16, _ = layer_forward(cfg16, params, state, x.astype(jnp.bfloat16), train=False)
+    assert y16.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(y16, np.float32), y32, rtol=0.05, atol=0.05)
+
+
+def test_rejects_one_dimensional_input():
+    cfg = make_config("gshard_top2", "dropless_blocked")
+    with pytest.raises(ValueError, match="x: expected"):
+        MoELayer(cfg).init(jax.random.key(0), jnp.ones((D,)))

@@ -61,6 +61,8 @@ class RouterConfig:
         (Switch Transformer); 0 disables it.
       selection_bias: keep a per-expert bias (collection ``moe_state``) that is added to the scores
         for selection only, never to the weights (DeepSeek-V3 auxiliary-loss-free balancing).
+      bias_update_rate: the bias update speed ``gamma``: in training, when ``moe_state`` is mutable, the
+        router applies ``b_e += gamma * sign(mean load - load_e)`` after routing each batch.
       num_groups, top_groups, group_score: group-limited routing; experts are split into
         ``num_groups`` equal groups, each group is scored by the ``max`` of its scores or the sum of
         its top two (``top2_sum``), and only the ``top_groups`` best groups may be chosen.
@@ -73,6 +75,7 @@ class RouterConfig:
     routed_scaling: float = 1.0
     jitter_noise: float = 0.0
     selection_bias: bool = False
+    bias_update_rate: float = 0.001
     num_groups: int = 1
     top_groups: int | None = None
     group_score: GroupScore = "max"
@@ -87,6 +90,8 @@ class RouterConfig:
             _fail("router.routed_scaling", self.routed_scaling, "must be a finite number > 0")
         if not 0.0 <= self.jitter_noise < 1.0:
             _fail("router.jitter_noise", self.jitter_noise, "must be in [0, 1)")
+        if not math.isfinite(self.bias_update_rate) or self.bias_update_rate < 0:
+            _fail("router.bias_update_rate", self.bias_update_rate, "must be a finite number >= 0")
         _check_positive_int("router.num_groups", self.num_groups)
         if self.top_groups is not None:
             _check_positive_int("router.top_groups", self.top_groups)

@@ -159,3 +159,21 @@ def test_router_expert_choice_needs_capacity():
     cfg = RouterConfig(kind="expert_choice", k=1)
     with pytest.raises(ValueError, match="capacity"):
         Router(4, cfg).init(jax.random.key(0), x)
+
+
+def test_selection_bias_is_updated_in_training_when_mutable():
+    x = jax.random.normal(jax.random.key(1), (32, 8))
+    cfg = RouterConfig(k=1, selection_bias=True, bias_update_rate=0.1)
+    router = Router(4, cfg)
+    v = _router_vars(cfg, x)
+    r, new = router.apply(v, x, deterministic=False, mutable=["moe_state"])
+    want = aux_free_bias_update(v["moe_state"]["selection_bias"], r.expert_load, 0.1)
+    np.testing.assert_allclose(new["moe_state"]["selection_bias"], want)
+    assert float(jnp.abs(want).max()) > 0
+    _, same = router.apply(v, x, deterministic=True, mutable=["moe_state"])       # evaluation: no update
+    np.testing.assert_array_equal(same["moe_state"]["selection_bias"], 0.0)
+
+
+def test_bias_update_rate_validated():
+    with pytest.raises(ValueError, match="router.bias_update_rate=-1"):
+        RouterConfig(bias_update_rate=-1.0)

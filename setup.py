@@ -3,16 +3,9 @@
 One install entry for users, CI and notebooks: ``pip install -e ".[test]"``.
 ``kernels/`` is installed as the import path ``moejax.kernels`` (it depends on jax only).
 """
-from setuptools import setup
+from setuptools import find_packages, setup
 
-PACKAGES = [
-    "moejax",
-    "moejax.routing",
-    "moejax.experts",
-    "moejax.dispatch",
-    "moejax.layers",
-    "moejax.kernels",
-]
+PACKAGES = find_packages(include=["moejax", "moejax.*"]) + ["moejax.kernels"]
 
 setup(
     name="moejax",
@@ -32,6 +25,17 @@ setup(
         "orbax-checkpoint>=0.11,<0.13",
         "ml-collections>=1.0,<2",
         "numpy>=1.26",
+        "absl-py>=1.0",
+        # Data: TFDS reads array_record files without TensorFlow. TFDS 4.9.x imports importlib_resources
+        # but declares it only for old Pythons (tensorflow/datasets#11212).
+        "tensorflow-datasets>=4.9.4,<5",
+        "array-record>=0.5",
+        "importlib_resources>=5",
+        "scikit-learn>=1.0",
+        "scipy>=1.7",
+        # Metrics: TensorBoard event files without TensorFlow; progress bar.
+        "tensorboardX>=2.6",
+        "tqdm>=4.60",
     ],
     extras_require={
         "test": [

@@ -1,0 +1,43 @@
+"""Entry point: ``python -m moejax.main --config=configs/quickstart.py --workdir=/tmp/run``.
+
+Any config field can be overridden on the command line (``--config.model.num_experts=16``); a config file
+may take an argument after a colon (``--config=experiments/x/config.py:tiny``). A run resumes from the
+newest good checkpoint in ``workdir``; SIGTERM saves a checkpoint and exits with status 143.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file with get_config().",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the config used.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def summary_lines(result: dict) -> list[str]:
+    lines = [f"final step {result['step']}: eval loss {result['loss']:.4f}, accuracy {result['accuracy']:.4f}"
+             + (f", perplexity {result['perplexity']:.3f}" if "perplexity" in result else "")]
+    for i, (load, dropped) in enumerate(zip(result.get("expert_load", []), result.get("dropped_fraction", []))):
+        loads = " ".join(f"{x:.3f}" for x in load)
+        lines.append(f"layer {i}: expert load [{loads}]  dropped {dropped:.3f}")
+    return lines
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    logging.getLogger("moejax").setLevel(logging.INFO)
+    from moejax.training import train_and_evaluate
+    result = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    if result["preempted"]:
+        print(f"preempted at step {result['step']}: checkpoint saved in {_WORKDIR.value}")
+        sys.exit(143)
+    for line in summary_lines(result):
+        print(line)
+
+
+if __name__ == "__main__":
+    app.run(main)

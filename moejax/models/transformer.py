@@ -1,0 +1,59 @@
+"""Decoder-only Transformer language model with rotary positions and MoE FFNs every ``moe_every`` blocks."""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from moejax.models.blocks import Encoder, constrain
+from moejax.models.config import LMConfig
+from moejax.routing.types import RoutingStats
+
+
+class TransformerLM(nn.Module):
+    """``logits, stats = TransformerLM(cfg).apply(variables, tokens, deterministic=...)``.
+
+    tokens: int32[B, L] -> logits float32[B, L, V] (position ``t`` predicts token ``t + 1``; causal), and a
+    tuple with one :class:`~moejax.routing.RoutingStats` per block (``RoutingStats.dense()`` for dense
+    FFNs). Every MoE FFN routes all ``B * L`` tokens of the batch together.
+
+    Parameters (logical axes): ``embed/embedding`` [V, D] (vocab, embed); ``block_{i}/attn/...`` (see
+    :class:`~moejax.models.attention.SelfAttention`); ``block_{i}/ffn/...`` (MoE or dense layer);
+    norms' ``scale``/``bias`` [D] (embed); untied ``head/kernel`` [D, V] (embed, vocab).
+
+    Causality: attention is causal, and with dropless dispatch (or ``capacity_factor=None``) a token's
+    routing depends on that token alone, so logits at ``t`` depend on tokens ``<= t`` only. With a finite
+    capacity, tokens of the whole batch compete for expert slots, and with expert-choice routing experts pick
+    among all tokens: a later token can then change whether an earlier one is dropped or taken (the usual
+    leakage of batch-level routing; use it for training, not for autoregressive decoding).
+
+    ``deterministic=False`` (training): dropout (RNG ``'dropout'``), router jitter (RNG ``'jitter'``) and the
+    training capacity factor.
+    """
+
+    config: LMConfig
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array, *, deterministic: bool = True,
+                 positions: jax.Array | None = None) -> tuple[jax.Array, tuple[RoutingStats, ...]]:
+        """tokens: int[B, L]; positions: int[L] or int[B, L] for the rotary embeddings (default arange(L))."""
+        cfg = self.config
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens: expected int[B, L], got shape {tokens.shape}")
+        embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=jnp.dtype(cfg.dtype),
+                         param_dtype=jnp.dtype(cfg.param_dtype),
+                         embedding_init=nn.with_logical_partitioning(
+                             nn.initializers.variance_scaling(1.0, "fan_in", "normal", out_axis=0), ("vocab", "embed")),
+                         name="embed")
+        x = constrain(embed(tokens))                                   # [B, L, D]
+        x = nn.Dropout(cfg.dropout_rate, deterministic=deterministic)(x)
+        x, stats = Encoder(cfg, causal=True, rope_base=cfg.rope_base, name="decoder")(
+            x, deterministic=deterministic, positions=positions)
+        if cfg.tie_embeddings:
+            logits = embed.attend(x)
+        else:
+            logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=jnp.dtype(cfg.dtype),
+                              param_dtype=jnp.dtype(cfg.param_dtype), name="head",
+                              kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
+                                                                       ("embed", "vocab")))(x)
+        return logits.astype(jnp.float32), stats

@@ -224,13 +224,15 @@ class MoEConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "MoEConfig":
         """Builds a config from a (nested) mapping such as an ``ml_collections.ConfigDict``."""
-        d = dict(d.items()) if hasattr(d, "items") else d
-        kwargs = _typed_kwargs(cls, d, prefix="")
-        if "router" in kwargs:
-            kwargs["router"] = RouterConfig(**_typed_kwargs(RouterConfig, dict(kwargs["router"].items()), "router."))
-        if "dispatch" in kwargs:
-            kwargs["dispatch"] = DispatchConfig(
-                **_typed_kwargs(DispatchConfig, dict(kwargs["dispatch"].items()), "dispatch."))
+        if not hasattr(d, "items"):
+            _fail("MoEConfig", d, "must be a mapping of MoEConfig fields")
+        kwargs = _typed_kwargs(cls, dict(d.items()), prefix="")
+        for name, sub in (("router", RouterConfig), ("dispatch", DispatchConfig)):
+            if name not in kwargs or isinstance(kwargs[name], sub):
+                continue
+            if not hasattr(kwargs[name], "items"):
+                _fail(name, kwargs[name], f"must be a {sub.__name__} or a mapping of its fields")
+            kwargs[name] = sub(**_typed_kwargs(sub, dict(kwargs[name].items()), f"{name}."))
         return cls(**kwargs)
 
 

@@ -39,6 +39,8 @@ CASES = [
     (lambda: MoEConfig(dtype="int8"), "dtype='int8'"),
     (lambda: MoEConfig.from_dict({"num_experts": 4, "topk": 2}), "topk: unknown field"),
     (lambda: MoEConfig.from_dict({"router": {"kk": 2}}), "router.kk: unknown field"),
+    (lambda: MoEConfig.from_dict({"router": None}), "router=None"),
+    (lambda: MoEConfig.from_dict({"dispatch": 3}), "dispatch=3"),
 ]
 
 
@@ -59,6 +61,11 @@ def test_from_dict_round_trip():
     cfg = MoEConfig(num_experts=16, hidden_dim=32, router=RouterConfig(k=4, renormalize=True),
                     dispatch=DispatchConfig(mode="capacity", capacity_factor=1.0))
     assert MoEConfig.from_dict(dataclasses.asdict(cfg)) == cfg
+
+
+def test_from_dict_accepts_typed_sub_configs():
+    cfg = MoEConfig.from_dict({"num_experts": 4, "router": RouterConfig(k=3)})
+    assert cfg.router.k == 3
 
 
 def test_from_config_dict():

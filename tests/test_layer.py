@@ -202,7 +202,7 @@ def test_dense_layer_has_the_same_interface():
     x = jax.random.normal(jax.random.key(0), X_SHAPE)
     v = nn.unbox(dense.init(jax.random.key(1), x))
     y, stats = dense.apply(v, x, deterministic=False)
-    want = reference.expert_forward(v["params"]["ffn"], x, kind="mlp", activation="gelu")
+    want = reference.expert_forward(v["params"], x, kind="mlp", activation="gelu")
     np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-6)
     assert float(stats.dropped_fraction) == 0 and stats.expert_load.shape == (1,)
 

@@ -156,7 +156,7 @@ def test_mlp_per_layer_expert_counts():
     assert params["layer_0"]["experts"]["w_in"].shape == (8, 16, 16)
     assert params["layer_2"]["experts"]["w_in"].shape == (4, 16, 16)
     assert params["layer_0"]["router"]["kernel"].shape == (16, 8)
-    assert "experts" not in params["layer_1"] and params["layer_1"]["ffn"]["w_in"].shape == (16, 32)
+    assert "experts" not in params["layer_1"] and params["layer_1"]["w_in"].shape == (16, 32)
     _, stats = run("mlp")
     assert float(stats[0].experts_per_token) == pytest.approx(2.0)
     assert float(stats[2].experts_per_token) == pytest.approx(1.0)

@@ -237,6 +237,23 @@ def test_sigterm_saves_a_checkpoint_and_exits_143(tmp_path, data_dir):
     assert f"preempted at step {steps[0]}" in out
 
 
+def test_data_parallel_over_8_devices_matches_one_device(tmp_path, data_dir):
+    common = ("--config.train.steps=8", "--config.train.checkpoint_every=8", "--config.train.eval_every=1000")
+    for n in (1, 8):
+        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}", JAX_PLATFORMS="cpu")
+        subprocess.run(_main_cmd(tmp_path / f"dev{n}", data_dir, *common), check=True, capture_output=True,
+                       timeout=300, env=env)
+    for a, b in zip(final_params(tmp_path / "dev1"), final_params(tmp_path / "dev8")):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_batch_size_must_divide_over_devices(tmp_path, data_dir):
+    cfg = tiny_mlp(data_dir)
+    cfg.data.batch_size = 12          # 8 simulated devices in the test session
+    with pytest.raises(ValueError, match="data.batch_size=12: must be divisible by the 8 devices"):
+        train_and_evaluate(cfg, tmp_path)
+
+
 # ----------------------------------------------------------------------------- validation before compilation
 
 @pytest.mark.parametrize("path,value,message", [

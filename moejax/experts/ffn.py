@@ -131,8 +131,9 @@ def _kernel_init(stacked: bool) -> nn.initializers.Initializer:
     return nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
 
 
-def _make_params(module: nn.Module, kind: str, d_model: int, hidden: int, use_bias: bool,
+def make_ffn_params(module: nn.Module, kind: str, d_model: int, hidden: int, use_bias: bool,
                  num_experts: int | None, param_dtype: jnp.dtype) -> dict[str, jax.Array]:
+    """Declares the FFN parameters in ``module``'s scope: stacked ``[E, ...]`` if ``num_experts`` else unstacked."""
     params = {}
     for name, (shape, axes) in ffn_param_shapes(kind, d_model, hidden, use_bias).items():
         init = _kernel_init(num_experts is not None) if name.startswith("w_") else nn.initializers.zeros_init()
@@ -159,7 +160,7 @@ class Experts(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, grouping: Grouping) -> jax.Array:
-        params = _make_params(self, self.kind, x.shape[-1], self.hidden_dim, self.use_bias, self.num_experts,
+        params = make_ffn_params(self, self.kind, x.shape[-1], self.hidden_dim, self.use_bias, self.num_experts,
                               self.param_dtype)
         return ffn(params, x.astype(self.dtype), grouping, kind=self.kind, activation=self.activation)
 
@@ -176,5 +177,5 @@ class FFN(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        params = _make_params(self, self.kind, x.shape[-1], self.hidden_dim, self.use_bias, None, self.param_dtype)
+        params = make_ffn_params(self, self.kind, x.shape[-1], self.hidden_dim, self.use_bias, None, self.param_dtype)
         return ffn(params, x.astype(self.dtype), Dense(), kind=self.kind, activation=self.activation)

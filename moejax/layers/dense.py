@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from moejax.config import MoEConfig
-from moejax.experts.ffn import FFN
+from moejax.experts.ffn import Dense, ffn, make_ffn_params
 from moejax.routing.types import RoutingStats
 
 
@@ -14,7 +14,7 @@ class DenseLayer(nn.Module):
     """``y, stats = DenseLayer(...).apply(variables, x)``: one FFN of width ``hidden_dim`` over x: [..., D].
 
     Returns :meth:`RoutingStats.dense` so that trainers treat MoE and dense models alike. Parameters live
-    under ``ffn/`` with logical axes (embed, mlp).
+    directly in this module's scope (``w_in`` [D, F] on (embed, mlp), ...).
     """
 
     hidden_dim: int
@@ -33,6 +33,7 @@ class DenseLayer(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, *, deterministic: bool = True) -> tuple[jax.Array, RoutingStats]:
         del deterministic  # same signature as MoELayer
-        y = FFN(self.hidden_dim, self.kind, self.activation, self.use_bias, dtype=jnp.dtype(self.dtype),
-                param_dtype=jnp.dtype(self.param_dtype), name="ffn")(x)
+        params = make_ffn_params(self, self.kind, x.shape[-1], self.hidden_dim, self.use_bias, None,
+                                 jnp.dtype(self.param_dtype))
+        y = ffn(params, x.astype(jnp.dtype(self.dtype)), Dense(), kind=self.kind, activation=self.activation)
         return y.astype(x.dtype), RoutingStats.dense()

@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from moejax.training import optim
 from moejax.training.checkpoint import Checkpointer
@@ -83,14 +84,18 @@ def _state_from_dict(d: Mapping[str, Any], like: TrainState) -> TrainState:
     return restored
 
 
-def evaluate(eval_fn, state: TrainState, eval_data, task: str, max_batches: int | None) -> dict[str, Any]:
-    """Loss, accuracy (or perplexity) and per-layer routing statistics over the eval split."""
+def evaluate(eval_fn, state: TrainState, eval_data, task: str, max_batches: int | None,
+             sharding: NamedSharding | None = None) -> dict[str, Any]:
+    """Loss, accuracy (or perplexity) and per-layer routing statistics over the eval split.
+
+    The per-layer statistics are averaged over eval batches, padding rows of the last batch included.
+    """
     totals = {"loss_sum": 0.0, "correct_sum": 0.0, "count": 0.0}
     loads, dropped, n = None, None, 0
     for i, batch in enumerate(eval_data):
         if max_batches is not None and i >= max_batches:
             break
-        out = eval_fn(state, batch)
+        out = eval_fn(state, batch if sharding is None else _put_batch(batch, sharding))
         for k in totals:
             totals[k] += float(out[k])
         lb = [np.asarray(x) for x in out["expert_load"]]
@@ -109,6 +114,24 @@ def evaluate(eval_fn, state: TrainState, eval_data, task: str, max_batches: int 
     return result
 
 
+def data_mesh() -> Mesh:
+    """All devices on one ``data`` axis: batches are split over it, the train state is replicated."""
+    return Mesh(np.asarray(jax.devices()), ("data",))
+
+
+def _check_divisible(config: Mapping[str, Any], mesh: Mesh) -> None:
+    n = mesh.devices.size
+    for field in ("batch_size", "eval_batch_size"):
+        value = config["data"][field] if field in config["data"] else None
+        if value is not None and value % n:
+            raise ValueError(f"data.{field}={value}: must be divisible by the {n} devices of the data axis")
+
+
+def _put_batch(batch: Mapping[str, Any], sharding: NamedSharding) -> dict[str, jax.Array]:
+    """This process's slice of the global batch -> global arrays sharded along ``data``."""
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+
+
 def _items_per_step(batch: Mapping[str, Any], task: str) -> int:
     if task == "lm":
         b, l1 = batch["tokens"].shape
@@ -125,6 +148,10 @@ def train_and_evaluate(config: Mapping[str, Any], workdir: str | pathlib.Path) -
     settings = train_settings(config)
     total = settings["steps"]
     optim.validate(config.get("optimizer", {}), total)
+    mesh = data_mesh()
+    _check_divisible(config, mesh)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
     model, train_data, eval_data, meta = build(config)
     task = meta.task
     workdir = pathlib.Path(workdir)
@@ -133,7 +160,7 @@ def train_and_evaluate(config: Mapping[str, Any], workdir: str | pathlib.Path) -
 
     tx = optim.make_optimizer(config.get("optimizer", {}), total)
     example_inputs, _ = split_batch(train_data.batch(0), task)
-    state = init_state(model, tx, jnp.asarray(example_inputs), int(config.get("seed", 0)))
+    state = jax.device_put(init_state(model, tx, jnp.asarray(example_inputs), int(config.get("seed", 0))), replicated)
     ckpt = Checkpointer(workdir, keep=settings["keep_checkpoints"], async_save=settings["async_checkpoints"])
     writer = MetricWriter(workdir, tensorboard=settings["tensorboard"])
     restored = ckpt.restore_latest(_state_dict(state))
@@ -144,15 +171,17 @@ def train_and_evaluate(config: Mapping[str, Any], workdir: str | pathlib.Path) -
     start = int(state.step)
 
     weights = AuxWeights(settings["load_balance_weight"], settings["z_loss_weight"], settings["importance_weight"])
-    train_step = jax.jit(make_train_step(model, tx, task, weights))
-    eval_step = jax.jit(make_eval_step(model, task))
+    train_step = jax.jit(make_train_step(model, tx, task, weights), in_shardings=(replicated, batch_sharding),
+                         out_shardings=(replicated, replicated))
+    eval_step = jax.jit(make_eval_step(model, task), in_shardings=(replicated, batch_sharding),
+                        out_shardings=replicated)
     bar = progress_bar(total, start)
     preempted = False
     window_start, window_items = time.perf_counter(), 0
     try:
         with _sigterm_flag() as sigterm:
             for step in range(start, total):
-                batch = {k: jnp.asarray(v) for k, v in train_data.batch(step).items()}
+                batch = _put_batch(train_data.batch(step), batch_sharding)
                 state, metrics = train_step(state, batch)
                 if not int(metrics["finite"]):
                     ckpt.wait()
@@ -173,7 +202,8 @@ def train_and_evaluate(config: Mapping[str, Any], workdir: str | pathlib.Path) -
                     writer.write(done, "train", record)
                     window_start, window_items = time.perf_counter(), 0
                 if done % settings["eval_every"] == 0 and done != total:
-                    writer.write(done, "eval", evaluate(eval_step, state, eval_data, task, settings["eval_steps"]))
+                    writer.write(done, "eval", evaluate(eval_step, state, eval_data, task, settings["eval_steps"],
+                                                        batch_sharding))
                 if done % settings["checkpoint_every"] == 0 or done == total:
                     ckpt.save(done, _state_dict(state))
                 if sigterm["set"] and done != total:
@@ -185,7 +215,7 @@ def train_and_evaluate(config: Mapping[str, Any], workdir: str | pathlib.Path) -
         ckpt.wait()
         if preempted:
             return {"step": int(state.step), "preempted": True}
-        final = evaluate(eval_step, state, eval_data, task, settings["eval_steps"])
+        final = evaluate(eval_step, state, eval_data, task, settings["eval_steps"], batch_sharding)
         writer.write(int(state.step), "eval", final)
         return {**final, "step": int(state.step), "preempted": False}
     finally:

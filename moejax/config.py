@@ -15,7 +15,9 @@ import math
 from typing import Any, Literal, Mapping
 
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "swish", "tanh", "sigmoid", "identity")
-RouterKind = Literal["topk", "expert_choice"]
+RouterKind = Literal["topk", "expert_choice", "top_p", "hash", "random"]
+ROUTER_KINDS = ("topk", "expert_choice", "top_p", "hash", "random")
+TOKEN_CHOICE_KINDS = ("topk", "top_p", "hash", "random")
 ScoreFn = Literal["softmax", "sigmoid"]
 GroupScore = Literal["max", "top2_sum"]
 DispatchMode = Literal["capacity", "dropless"]
@@ -50,9 +52,11 @@ class RouterConfig:
     """How tokens choose experts (or experts choose tokens).
 
     Attributes:
-      kind: ``topk`` (token choice) or ``expert_choice`` (each expert takes its top-C tokens).
-      k: experts per token for ``topk``; for ``expert_choice`` the average number of experts per token
-        (the paper's ``c``), so that ``C = ceil(capacity_factor * T * k / E)`` holds for both.
+      kind: ``topk`` (token choice), ``expert_choice`` (each expert takes its top-C tokens), ``top_p``
+        (dynamic top-p), ``hash`` (fixed token-id hash) or ``random`` (a uniformly random expert per
+        token, in training and inference: THOR's stochastic experts); see docs/routing_mechanisms.md.
+      k: experts per token for ``topk``, ``hash`` and ``random``, the maximum for ``top_p``; for
+        ``expert_choice`` the average number of experts per token (the paper's ``c``), so that ``C = ceil(capacity_factor * T * k / E)`` holds for both.
       score: ``softmax`` over all experts, or per-expert ``sigmoid`` (DeepSeek-V3).
       renormalize: renormalise the selected weights to sum to one (Mixtral/Qwen) or keep the raw
         scores (Switch/GShard).
@@ -66,6 +70,19 @@ class RouterConfig:
       num_groups, top_groups, group_score: group-limited routing; experts are split into
         ``num_groups`` equal groups, each group is scored by the ``max`` of its scores or the sum of
         its top two (``top2_sum``), and only the ``top_groups`` best groups may be chosen.
+      top_p: for ``kind='top_p'`` (Huang et al. 2024, dynamic routing): each token takes the smallest
+        set of experts, by descending probability, whose cumulative probability reaches ``top_p``, at
+        most ``k`` of them. Required for that kind, in ``(0, 1]``.
+      seed: seed of the fixed hash of ``kind='hash'`` (Roller et al. 2021) and of the random draw of
+        ``kind='random'`` when no ``'jitter'`` RNG is given (e.g. evaluation).
+      gumbel_noise: scale of Gumbel noise added to the logits *for selection only* in training
+        (Gumbel-top-k: sampling experts without replacement from the router distribution); 0 disables.
+      gate_dropout: in training, each chosen (token, expert) gate is dropped with this probability and
+        the kept ones are scaled by ``1 / (1 - rate)`` (SiRA's expert dropout); 0 disables.
+      frozen: the router kernel is randomly initialised and never trained (SMoE-Dropout): it lives in
+        ``moe_state/router/kernel`` instead of ``params``, so neither gradients nor weight decay touch it.
+      gating_residual: add the previous layer's router logits to this layer's (MoE++); the layer takes
+        them as ``router_logits`` and returns its own when called with ``return_logits=True``.
     """
 
     kind: RouterKind = "topk"
@@ -79,9 +96,15 @@ class RouterConfig:
     num_groups: int = 1
     top_groups: int | None = None
     group_score: GroupScore = "max"
+    top_p: float | None = None
+    seed: int = 0
+    gumbel_noise: float = 0.0
+    gate_dropout: float = 0.0
+    frozen: bool = False
+    gating_residual: bool = False
 
     def __post_init__(self) -> None:
-        _check_choice("router.kind", self.kind, ("topk", "expert_choice"))
+        _check_choice("router.kind", self.kind, ROUTER_KINDS)
         _check_positive_int("router.k", self.k)
         _check_choice("router.score", self.score, ("softmax", "sigmoid"))
         if not isinstance(self.renormalize, bool):
@@ -103,6 +126,43 @@ class RouterConfig:
                 _fail("router.num_groups", self.num_groups, "group-limited routing applies to kind='topk' only")
             if self.selection_bias:
                 _fail("router.selection_bias", self.selection_bias, "applies to kind='topk' only")
+        self._check_mechanisms()
+
+    def _check_mechanisms(self) -> None:
+        """The fields of the routing mechanisms beyond plain top-k (docs/routing_mechanisms.md)."""
+        if self.kind in ("top_p", "hash", "random"):
+            if self.num_groups != 1 or self.top_groups is not None:
+                _fail("router.num_groups", self.num_groups, "group-limited routing applies to kind='topk' only")
+            if self.selection_bias:
+                _fail("router.selection_bias", self.selection_bias, "applies to kind='topk' only")
+        if self.kind == "top_p":
+            if self.top_p is None:
+                _fail("router.top_p", self.top_p, "required for router.kind='top_p'")
+            if self.score != "softmax":
+                _fail("router.score", self.score, "kind='top_p' needs 'softmax' probabilities")
+        if self.top_p is not None:
+            if self.kind != "top_p":
+                _fail("router.top_p", self.top_p, "applies to kind='top_p' only")
+            if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)) \
+                    or not 0.0 < self.top_p <= 1.0:
+                _fail("router.top_p", self.top_p, "must be in (0, 1]")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            _fail("router.seed", self.seed, "must be an integer >= 0")
+        if not isinstance(self.gumbel_noise, (int, float)) or not math.isfinite(self.gumbel_noise) \
+                or self.gumbel_noise < 0:
+            _fail("router.gumbel_noise", self.gumbel_noise, "must be a finite number >= 0")
+        if self.gumbel_noise > 0 and self.kind not in ("topk", "top_p"):
+            _fail("router.gumbel_noise", self.gumbel_noise, "applies to kind='topk' or 'top_p' only")
+        if not isinstance(self.gate_dropout, (int, float)) or not 0.0 <= self.gate_dropout < 1.0:
+            _fail("router.gate_dropout", self.gate_dropout, "must be in [0, 1)")
+        if self.gate_dropout > 0 and self.kind == "expert_choice":
+            _fail("router.gate_dropout", self.gate_dropout, "applies to token-choice kinds only")
+        for name in ("frozen", "gating_residual"):
+            if not isinstance(getattr(self, name), bool):
+                _fail(f"router.{name}", getattr(self, name), "must be a bool")
+        if self.kind in ("hash", "random") and (self.frozen or self.gating_residual):
+            name = "frozen" if self.frozen else "gating_residual"
+            _fail(f"router.{name}", True, f"kind={self.kind!r} has no learned router")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,7 +182,8 @@ class DispatchConfig:
         first choices before second choices, then by descending router weight).
       gmm: grouped matmul used by ``dropless``: ``auto`` or a name registered in
         :mod:`moejax.dispatch.gmm` (``blocked``, ``ragged_dot``, ``reference``).
-      gmm_tile: row tile of the ``blocked`` grouped matmul.
+      gmm_tile: row tile of the ``padded``/``blocked``/``pallas`` grouped matmuls (64 was the fastest
+        ``padded`` tile measured for S1 on a 2-core CPU, see ``benchmarks/results/``).
     """
 
     mode: DispatchMode = "dropless"
@@ -132,7 +193,7 @@ class DispatchConfig:
     min_capacity: int = 1
     priority: Priority = "position"
     gmm: str = "auto"
-    gmm_tile: int = 128
+    gmm_tile: int = 64
 
     def __post_init__(self) -> None:
         _check_choice("dispatch.mode", self.mode, ("capacity", "dropless"))
@@ -198,7 +259,7 @@ class MoEConfig:
         for field in ("dtype", "param_dtype"):
             _check_choice(field, getattr(self, field), ("float32", "bfloat16", "float16"))
         e, r = self.num_experts, self.router
-        if r.kind == "topk" and r.k > e:
+        if r.kind in TOKEN_CHOICE_KINDS and r.k > e:
             _fail("router.k", r.k, f"must be <= num_experts={e}")
         if e % r.num_groups:
             _fail("router.num_groups", r.num_groups, f"must divide num_experts={e}")

@@ -157,7 +157,7 @@ def test_dropless_plan_groups_every_valid_copy_once(case):
 
 # ---------------------------------------------------------------- grouped matmul
 
-GMMS = ["blocked", "ragged_dot", "reference"]
+GMMS = ["blocked", "padded", "pallas", "ragged_dot", "reference"]
 
 
 GMM_ROWS = 48
@@ -238,11 +238,11 @@ def test_gmm_rejects_mismatched_shapes():
 
 
 def test_auto_resolves_per_backend_and_logs(caplog):
-    assert gmm.resolve_name("auto", "cpu") == "blocked"
+    assert gmm.resolve_name("auto", "cpu") == "padded"
     assert gmm.resolve_name("auto", "gpu") == "ragged_dot"
     with caplog.at_level("INFO", logger="moejax"):
         get_gmm("auto")
-    assert "dispatch.gmm=auto -> blocked" in caplog.text
+    assert "dispatch.gmm=auto -> padded" in caplog.text
 
 
 def test_register_custom_gmm():

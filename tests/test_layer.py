@@ -18,7 +18,11 @@ ROUTERS = {
                                 num_groups=4, top_groups=2, group_score="top2_sum"),
     "group_limited": RouterConfig(k=3, num_groups=4, top_groups=2),
     "expert_choice": RouterConfig(kind="expert_choice", k=2),
+    "top_p": RouterConfig(kind="top_p", top_p=0.6, k=4),
+    "hash_top2": RouterConfig(kind="hash", k=2, seed=3),
 }
+# Routers whose combine weights are constants: the output gives their (absent) router no gradient.
+FIXED_ROUTERS = {"hash_top2"}
 DISPATCHES = {
     "capacity_einsum": DispatchConfig(mode="capacity", capacity_impl="einsum", capacity_factor=0.75),
     "capacity_index_score": DispatchConfig(mode="capacity", capacity_impl="index", capacity_factor=0.75,
@@ -26,6 +30,7 @@ DISPATCHES = {
     "capacity_unlimited": DispatchConfig(mode="capacity", capacity_impl="index", capacity_factor=None),
     "dropless_blocked": DispatchConfig(mode="dropless", gmm="blocked", gmm_tile=8),
     "dropless_ragged_dot": DispatchConfig(mode="dropless", gmm="ragged_dot"),
+    "dropless_padded": DispatchConfig(mode="dropless", gmm="padded", gmm_tile=4),
 }
 GLU_ROUTERS = {"mixtral_renorm", "deepseek_v3", "expert_choice"}
 E, D, F = 8, 6, 5
@@ -44,7 +49,8 @@ def init(cfg: MoEConfig, seed: int = 0):
     variables = nn.unbox(MoELayer(cfg).init(jax.random.key(seed + 1), x))
     # Larger router weights than the init, so that routing is decisive and capacity actually binds.
     params = jax.tree_util.tree_map(lambda p: p, variables["params"])
-    params["router"]["kernel"] = jax.random.normal(jax.random.key(seed + 2), (D, E))
+    if "router" in params:
+        params["router"]["kernel"] = jax.random.normal(jax.random.key(seed + 2), (D, E))
     state = {k: v for k, v in variables.items() if k != "params"}
     if "moe_state" in state:
         state = {"moe_state": {"router": {"selection_bias": 0.2 * jax.random.normal(jax.random.key(seed + 3), (E,))}}}
@@ -54,7 +60,7 @@ def init(cfg: MoEConfig, seed: int = 0):
 def reference_forward(cfg: MoEConfig, params, state, x, train: bool):
     tokens = x.reshape(-1, D)
     cap = cfg.capacity(tokens.shape[0], train)
-    router_vars = {"params": params["router"]}
+    router_vars = {"params": params.get("router", {})}
     if state:
         router_vars["moe_state"] = state["moe_state"]["router"]
     routing = Router(E, cfg.router).apply(router_vars, tokens, capacity=cap)
@@ -103,7 +109,8 @@ def test_layer_matches_reference(router, disp):
     np.testing.assert_allclose(y, y_ref, rtol=2e-5, atol=2e-5)
     assert_trees_close(grads, grads_ref)
     # The router gets a gradient through the combine weights.
-    assert float(jnp.abs(grads[0]["router"]["kernel"]).max()) > 0
+    if router not in FIXED_ROUTERS:
+        assert float(jnp.abs(grads[0]["router"]["kernel"]).max()) > 0
 
 
 @pytest.mark.parametrize("disp", ["capacity_einsum", "capacity_index_score"])
@@ -221,3 +228,101 @@ def test_rejects_one_dimensional_input():
     cfg = make_config("gshard_top2", "dropless_blocked")
     with pytest.raises(ValueError, match="x: expected"):
         MoELayer(cfg).init(jax.random.key(0), jnp.ones((D,)))
+
+
+# Routing mechanisms that are random in training: in evaluation they must be plain routing.
+NOISY_ROUTERS = {
+    "gumbel_top2": RouterConfig(k=2, gumbel_noise=1.0),
+    "gate_dropout_top2": RouterConfig(k=2, renormalize=True, gate_dropout=0.5),
+    "gumbel_top_p": RouterConfig(kind="top_p", top_p=0.6, k=4, gumbel_noise=0.5),
+    "jitter_top1": RouterConfig(k=1, jitter_noise=0.1),
+}
+
+
+def noisy_config(router: str, disp: str) -> MoEConfig:
+    return MoEConfig(num_experts=E, hidden_dim=F, router=NOISY_ROUTERS[router], dispatch=DISPATCHES[disp])
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def eval_values_and_grads(cfg: MoEConfig, use_reference: bool, params, x, cot):
+    def loss(p, xx):
+        if use_reference:
+            y = reference_forward(cfg, p, {}, xx, train=False)[0]
+        else:
+            y = layer_forward(cfg, p, {}, xx, train=False)[0]
+        return jnp.sum(y * cot), y
+
+    (_, y), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, x)
+    return y, grads
+
+
+# One dispatch each keeps the suite fast: the dispatch x router matrix above already covers the plain routers.
+@pytest.mark.parametrize("router,disp", [("gumbel_top2", "capacity_index_score"), ("gate_dropout_top2", "dropless_blocked"),
+                                         ("gumbel_top_p", "dropless_blocked"), ("jitter_top1", "capacity_einsum")])
+def test_noise_variants_in_eval_match_reference(router, disp):
+    cfg = noisy_config(router, disp)
+    x, params, _ = init(cfg)
+    cot = jax.random.normal(jax.random.key(9), X_SHAPE)
+    y, grads = eval_values_and_grads(cfg, False, params, x, cot)
+    y_ref, grads_ref = eval_values_and_grads(cfg, True, params, x, cot)
+    np.testing.assert_allclose(y, y_ref, rtol=2e-5, atol=2e-5)
+    assert_trees_close(grads, grads_ref)
+    # Noise off in evaluation: the same as the router without the noise options.
+    plain = MoEConfig(**{**cfg.__dict__, "router": RouterConfig(**{**cfg.router.__dict__, "gumbel_noise": 0.0,
+                                                                      "gate_dropout": 0.0, "jitter_noise": 0.0})})
+    y_plain, _ = eval_values_and_grads(plain, False, params, x, cot)
+    np.testing.assert_array_equal(y, y_plain)
+
+
+def captured_routing(cfg: MoEConfig, params, x, rng, train: bool):
+    """The layer's own routing decision (with its RNG draws), captured from the router's output."""
+    _, inter = MoELayer(cfg).apply({"params": params}, x, deterministic=not train, rngs={"jitter": rng},
+                                   capture_intermediates=True, mutable=["intermediates"])
+    return inter["intermediates"]["router"]["__call__"][0][0]
+
+
+STOCHASTIC = {
+    "random_top1": RouterConfig(kind="random", k=1),
+    "random_top2": RouterConfig(kind="random", k=2),
+    "gumbel_top2": RouterConfig(k=2, gumbel_noise=1.0),
+    "gate_dropout_top2": RouterConfig(k=2, gate_dropout=0.5),
+}
+
+
+@pytest.mark.parametrize("router,disp", [("random_top1", "capacity_einsum"), ("random_top2", "dropless_blocked"),
+                                         ("gumbel_top2", "dropless_blocked"), ("gate_dropout_top2", "capacity_einsum")])
+def test_stochastic_routing_in_training_matches_reference(router, disp):
+    """Given the layer's random draws, the layer is the oracle, in values and gradients.
+
+    The oracle's routing keeps the drawn selection (experts and kept slots) and recomputes the weights
+    from the router parameters as each mechanism specifies, so the router gradient is checked too.
+    """
+    cfg = MoEConfig(num_experts=E, hidden_dim=F, router=STOCHASTIC[router], dispatch=DISPATCHES[disp])
+    x, params, _ = init(cfg)
+    rng = jax.random.key(17)
+    drawn = captured_routing(cfg, params, x, rng, train=True)
+    cot = jax.random.normal(jax.random.key(9), X_SHAPE)
+    tokens_shape = (-1, D)
+
+    def layer_loss(p, xx):
+        y = MoELayer(cfg).apply({"params": p}, xx, deterministic=False, rngs={"jitter": rng})[0]
+        return jnp.sum(y * cot), y
+
+    def reference_loss(p, xx):
+        tokens = xx.reshape(tokens_shape)
+        routing = drawn
+        if "router" in p:
+            probs = jax.nn.softmax(tokens @ p["router"]["kernel"], axis=-1)
+            w = jnp.take_along_axis(probs, drawn.expert_index, axis=-1) / (1.0 - cfg.router.gate_dropout)
+            routing = drawn.replace(weight=jnp.where(drawn.valid, w, 0.0))
+        cap = cfg.capacity(tokens.shape[0], True) if cfg.dispatch.mode == "capacity" else None
+        y = reference.moe(tokens, routing, p["experts"], kind="mlp", activation="gelu", capacity=cap)
+        return jnp.sum(y.reshape(xx.shape) * cot), y.reshape(xx.shape)
+
+    (_, y), grads = jax.jit(jax.value_and_grad(layer_loss, argnums=(0, 1), has_aux=True))(params, x)
+    (_, y_ref), grads_ref = jax.jit(jax.value_and_grad(reference_loss, argnums=(0, 1), has_aux=True))(params, x)
+    np.testing.assert_allclose(y, y_ref, rtol=2e-5, atol=2e-5)
+    assert_trees_close(grads, grads_ref)
+    # A different key draws a different routing.
+    other = captured_routing(cfg, params, x, jax.random.key(18), train=True)
+    assert not (np.array_equal(other.expert_index, drawn.expert_index) and np.array_equal(other.valid, drawn.valid))

@@ -5,7 +5,10 @@
 ``sum(group_sizes)`` belong to no group and come out as zeros. Accumulation is in float32; the result has
 ``lhs``'s dtype.
 
-Registered here: ``blocked`` (pure XLA, tiles of rows; work ``(M + E * tile) * K * N``, no E-times blow-up),
+Registered here: ``padded`` (pure XLA, groups copied into tile-aligned blocks, a scan of unmasked block
+matmuls with a hand-written VJP; the CPU default, see :mod:`moejax.dispatch.padded_gmm` and
+``benchmarks/results/``), ``blocked`` (pure XLA, tiles of rows; work ``(M + E * tile) * K * N``),
+``pallas`` (the Pallas kernel of ``moejax.kernels``; interpret mode on CPU, TPU lowering unverified),
 ``ragged_dot`` (``jax.lax.ragged_dot``: a real grouped kernel on GPU/TPU, but a dense matmul over all
 experts on XLA:CPU) and ``reference`` (the per-expert loop of :mod:`moejax.reference`, E-times work, for
 tests). The kernels package registers its Pallas kernels under further names. ``auto`` resolves per
@@ -20,12 +23,17 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from moejax.dispatch.gmm_args import check_gmm_args
+
+from moejax.dispatch import padded_gmm
+from moejax.dispatch.gmm_args import check_gmm_args
+
 GroupedMatmul = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 log = logging.getLogger("moejax")
 
 _REGISTRY: dict[str, Callable[..., jax.Array]] = {}
 _TILED = set()
-_AUTO = {"cpu": "blocked", "gpu": "ragged_dot", "tpu": "ragged_dot"}
+_AUTO = {"cpu": "padded", "gpu": "ragged_dot", "tpu": "ragged_dot"}
 
 
 def register_gmm(name: str, fn: Callable[..., jax.Array], *, takes_tile: bool = False) -> None:
@@ -90,12 +98,7 @@ def gmm_blocked(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, tile:
     Each of the at most ``ceil(M / tile) + E - 1`` items multiplies one ``[tile, K]`` row block, masked to
     the rows of its group, by that group's ``[K, N]`` weight. Gradients come from autodiff of the scan.
     """
-    m, k = lhs.shape
-    e, k2, n = rhs.shape
-    if k != k2:
-        raise ValueError(f"gmm: lhs[M, K] has K={k} but rhs[E, K, N] has K={k2}")
-    if group_sizes.shape != (e,):
-        raise ValueError(f"gmm: group_sizes must have shape ({e},), got {group_sizes.shape}")
+    m, k, e, n = check_gmm_args(lhs, rhs, group_sizes)
     if m == 0:
         return jnp.zeros((0, n), lhs.dtype)
     tm = min(tile, m)
@@ -124,6 +127,19 @@ def _gmm_reference(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> ja
     return reference.gmm(lhs, rhs, group_sizes)
 
 
+def gmm_pallas(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, tile: int = 128) -> jax.Array:
+    """The Pallas kernel of :mod:`moejax.kernels` (row tile ``tile``); interpret mode on CPU, where it is slow.
+
+    The kernel uses the TPU (Mosaic) grid spec; its TPU lowering is unverified here and it does not lower
+    with Triton, so ``auto`` does not pick it on any backend yet.
+    """
+    from moejax import kernels  # local import: keeps Pallas out of ``import moejax``
+    interpret = jax.default_backend() == "cpu"
+    return kernels.gmm(lhs, rhs, group_sizes, tiling=(tile, 128, 128), interpret=interpret)
+
+
 register_gmm("blocked", gmm_blocked, takes_tile=True)
+register_gmm("padded", padded_gmm.gmm_padded, takes_tile=True)
+register_gmm("pallas", gmm_pallas, takes_tile=True)
 register_gmm("ragged_dot", gmm_ragged_dot)
 register_gmm("reference", _gmm_reference)

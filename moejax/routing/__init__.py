@@ -1,13 +1,18 @@
 """Routing: pure functions from router scores to a typed ``Routing`` value, plus the learned router."""
+from moejax.routing.dynamic import active_experts_histogram, top_p_routing
 from moejax.routing.expert_choice import expert_choice_routing
+from moejax.routing.fixed import consistency_loss, hash_routing, hash_scores, random_routing, routing_from_assignment
 from moejax.routing.losses import (aux_free_bias_update, expert_fraction, importance_loss, load_balance_loss,
                                    mean_confidence, mean_entropy, router_z_loss)
+from moejax.routing.noise import drop_gates, gumbel_noise
 from moejax.routing.router import Router
+from moejax.routing.schedules import smoe_dropout_k
 from moejax.routing.topk import finish_token_choice, limit_to_top_groups, scores_from_logits, top_k_routing
 from moejax.routing.types import AnyRouting, AuxLosses, ExpertChoiceRouting, Routing, RoutingStats
 
 __all__ = [
-    "AnyRouting", "AuxLosses", "ExpertChoiceRouting", "Router", "Routing", "RoutingStats",
+    "AnyRouting", "AuxLosses", "active_experts_histogram", "consistency_loss", "drop_gates", "gumbel_noise",
+    "hash_routing", "hash_scores", "random_routing", "routing_from_assignment", "smoe_dropout_k", "top_p_routing", "ExpertChoiceRouting", "Router", "Routing", "RoutingStats",
     "aux_free_bias_update", "expert_choice_routing", "expert_fraction", "finish_token_choice",
     "importance_loss", "limit_to_top_groups", "load_balance_loss", "mean_confidence", "mean_entropy",
     "router_z_loss", "scores_from_logits", "top_k_routing",

@@ -48,6 +48,7 @@ def top_k_routing(
     num_groups: int = 1,
     top_groups: int | None = None,
     group_score: str = "max",
+    selection_noise: jax.Array | None = None,
 ) -> Routing:
     """Each token picks its ``k`` highest-scoring experts.
 
@@ -61,6 +62,9 @@ def top_k_routing(
       selection_bias: optional float32[E] added to the scores for choosing experts only; the weights
         come from the unbiased scores and no gradient flows into the bias (aux-loss-free balancing).
       num_groups, top_groups, group_score: group-limited selection, see :func:`limit_to_top_groups`.
+      selection_noise: optional float32[T, E] added to the *logits* for choosing experts only (e.g.
+        Gumbel noise: top-k of ``logits + Gumbel`` samples k experts without replacement from the softmax,
+        Kool et al. 2019); the weights come from the noise-free scores.
 
     Returns:
       ``Routing`` with expert_index int32[T, K], weight float32[T, K], every slot valid, and the
@@ -74,6 +78,8 @@ def top_k_routing(
         raise ValueError(f"router.num_groups={num_groups}: must divide num_experts={e}")
     scores = scores_from_logits(logits, score)
     select = scores
+    if selection_noise is not None:
+        select = scores_from_logits(logits + jax.lax.stop_gradient(selection_noise), score)
     if selection_bias is not None:
         select = select + jax.lax.stop_gradient(selection_bias.astype(jnp.float32))
     if top_groups is not None and top_groups < num_groups:

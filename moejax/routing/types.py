@@ -63,6 +63,11 @@ class Routing:
     def k(self) -> int:
         return self.expert_index.shape[1]
 
+    @property
+    def experts_per_token(self) -> jnp.ndarray:
+        """float32[], mean number of valid slots per token, before any capacity drop (dynamic-k routers)."""
+        return self.valid.sum(-1).astype(jnp.float32).mean()
+
 
 @struct.dataclass
 class ExpertChoiceRouting:

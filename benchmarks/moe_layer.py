@@ -1,0 +1,169 @@
+"""MoE layer (routed part) forward+backward against a dense FFN with the same active FLOPs, in one process.
+
+For each setting and routing (balanced: every expert gets ``T * K / E`` copies; zipf: expert ``i`` is
+chosen with probability ``~ 1 / (i + 1)``, K distinct experts per token) the routing is forced (an explicit
+``Routing`` into ``moejax.dispatch.apply``), and every implementation is timed interleaved with the dense
+FFN of hidden width ``K * F``, round after round. Printed: ``dense_time / moe_time`` (median and min-max
+over rounds; > 1 means the MoE is faster) and the FLOPs XLA reports for the compiled fwd+bwd divided by the
+useful FLOPs ``12 * T * K * D * F`` (MLP experts: two matmuls, forward and two backward products each).
+XLA's cost analysis counts a while loop's body once, so for the scan-based gmms (``blocked``, ``padded``)
+the analytic work of the padded blocks is printed as well.
+
+    python benchmarks/moe_layer.py [--json PATH] [--rounds 7] [--smoke]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moejax import dispatch
+from moejax.dispatch import padded_gmm
+from moejax.experts.ffn import Dense, ffn
+from moejax.routing import finish_token_choice
+
+SETTINGS = {"S1": dict(t=2048, d=512, f=1024, e=8, k=2), "S2": dict(t=1024, d=512, f=256, e=64, k=8)}
+SMOKE = {"smoke": dict(t=64, d=16, f=32, e=4, k=2)}
+KIND, ACT = "mlp", "gelu"
+
+
+def forced_routing(t: int, e: int, k: int, skew: str, seed: int = 0):
+    """A token-choice Routing with K distinct experts per token: ``balanced`` round-robin or ``zipf``."""
+    if skew == "balanced":
+        idx = (np.arange(t)[:, None] * k + np.arange(k)[None, :]) % e
+    else:
+        rng = np.random.default_rng(seed)
+        p = 1.0 / np.arange(1, e + 1)
+        idx = np.stack([rng.choice(e, size=k, replace=False, p=p / p.sum()) for _ in range(t)])
+    weight = np.full((t, k), 1.0 / k, np.float32)
+    probs = jnp.full((t, e), 1.0 / e)
+    return finish_token_choice(jnp.log(probs), probs, jnp.asarray(idx, jnp.int32), jnp.asarray(weight),
+                               jnp.ones((t, k), bool))
+
+
+def init(key, shape, fan_in):
+    return jax.random.normal(key, shape, jnp.float32) / math.sqrt(fan_in)
+
+
+def moe_loss(mode: str, capacity: int | None, impl: str, gmm_fn) -> Callable:
+    def loss(params, x, routing, cot):
+        expert_fn = lambda xs, grouping: ffn(params, xs, grouping, kind=KIND, activation=ACT)  # noqa: E731
+        y, _ = dispatch.apply(x, routing, expert_fn, mode=mode, capacity=capacity, capacity_impl=impl,
+                              grouped_matmul=gmm_fn)
+        return jnp.sum(y * cot)
+    return loss
+
+
+def dense_loss(params, x, routing, cot):
+    del routing
+    return jnp.sum(ffn(params, x, Dense(), kind=KIND, activation=ACT) * cot)
+
+
+def implementations(s: dict) -> dict[str, tuple[Callable, float | None]]:
+    """name -> (loss fn, analytic fwd+bwd multiply-add FLOPs of padded blocks, or None)."""
+    t, d, f, e, k = s["t"], s["d"], s["f"], s["e"], s["k"]
+    m = t * k
+    out = {}
+    for tile in (8, 16, 32, 64):
+        if tile > m // e * 2:
+            continue
+        blocks = padded_gmm.num_blocks(m, e, tile)
+        out[f"dropless_padded_t{tile}"] = (moe_loss("dropless", None, "index", dispatch.get_gmm("padded", tile=tile)),
+                                           12.0 * blocks * tile * d * f)
+    blocked_tile = 128
+    out["dropless_blocked_t128"] = (moe_loss("dropless", None, "index", dispatch.get_gmm("blocked", tile=blocked_tile)),
+                                    12.0 * (-(-m // blocked_tile) + e - 1) * blocked_tile * d * f)
+    for cf in (1.0, 1.25):
+        cap = math.ceil(cf * t * k / e)
+        for impl in ("einsum", "index"):
+            out[f"capacity_{impl}_cf{cf}"] = (moe_loss("capacity", cap, impl, None), None)
+    return out
+
+
+def run_setting(name: str, s: dict, skew: str, rounds: int, only: list[str] | None) -> dict:
+    t, d, f, e, k = s["t"], s["d"], s["f"], s["e"], s["k"]
+    keys = jax.random.split(jax.random.key(0), 8)
+    x = jax.random.normal(keys[0], (t, d))
+    cot = jax.random.normal(keys[1], (t, d))
+    routing = forced_routing(t, e, k, skew)
+    moe_params = {"w_in": init(keys[2], (e, d, f), d), "w_out": init(keys[3], (e, f, d), f)}
+    dense_params = {"w_in": init(keys[4], (d, k * f), d), "w_out": init(keys[5], (k * f, d), k * f)}
+    useful = 12.0 * t * k * d * f
+    fns: dict[str, tuple[Callable, object, float | None]] = {}
+
+    def add(label, loss, params, analytic):
+        fn = jax.jit(jax.grad(loss, argnums=(0, 1)))
+        compiled = fn.lower(params, x, routing, cot).compile()
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
+        jax.block_until_ready(compiled(params, x, routing, cot))          # warm up
+        fns[label] = (lambda: compiled(params, x, routing, cot), flops, analytic)
+
+    add("dense", dense_loss, dense_params, None)
+    for label, (loss, analytic) in implementations(s).items():
+        if only and not any(o in label for o in only):
+            continue
+        add(label, loss, moe_params, analytic)
+    times: dict[str, list[float]] = {label: [] for label in fns}
+    ratios: dict[str, list[float]] = {label: [] for label in fns if label != "dense"}
+    for round_ in range(rounds + 1):
+        for label, (call, _, _) in fns.items():
+            start = time.perf_counter()
+            jax.block_until_ready(call())
+            times[label].append(time.perf_counter() - start)
+        if round_ == 0:                                    # the first round only warms caches
+            times = {label: [] for label in fns}
+            continue
+        for label in ratios:
+            ratios[label].append(times["dense"][-1] / times[label][-1])
+    result = {"setting": name, **s, "routing": skew, "rounds": rounds, "useful_flops": useful,
+              "dense_ms": 1e3 * statistics.median(times["dense"]),
+              "dense_flop_ratio": fns["dense"][1] / useful, "impls": {}}
+    print(f"\n{name} {s} routing={skew}: dense fwd+bwd {result['dense_ms']:.1f} ms (median of {rounds}), "
+          f"XLA flops/useful {result['dense_flop_ratio']:.3f}")
+    print(f"  {'implementation':28s} {'moe ms':>8s} {'dense/moe':>10s} {'[min, max]':>16s} {'XLA flops/useful':>17s} "
+          f"{'block work/useful':>18s}")
+    for label, r in ratios.items():
+        _, flops, analytic = fns[label]
+        row = {"moe_ms": 1e3 * statistics.median(times[label]), "ratio_median": statistics.median(r),
+               "ratio_min": min(r), "ratio_max": max(r), "xla_flop_ratio": flops / useful,
+               "block_work_ratio": None if analytic is None else analytic / useful}
+        result["impls"][label] = row
+        work = "" if analytic is None else f"{row['block_work_ratio']:.3f}"
+        print(f"  {label:28s} {row['moe_ms']:8.1f} {row['ratio_median']:10.3f} "
+              f"[{row['ratio_min']:.3f}, {row['ratio_max']:.3f}] {row['xla_flop_ratio']:17.3f} {work:>18s}")
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", help="write the results to this path")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--settings", default="S1,S2")
+    parser.add_argument("--routings", default="balanced,zipf")
+    parser.add_argument("--only", default="", help="comma-separated substrings of implementation names")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes, 2 rounds (for the test suite)")
+    args = parser.parse_args()
+    settings = SMOKE if args.smoke else {n: SETTINGS[n] for n in args.settings.split(",")}
+    rounds = 2 if args.smoke else args.rounds
+    only = [o for o in args.only.split(",") if o] or None
+    if args.smoke:
+        only, args.routings = ["padded_t8", "blocked", "capacity_index_cf1.0"], "zipf"
+    print(f"jax {jax.__version__}, backend {jax.default_backend()}, devices {jax.devices()}")
+    results = [run_setting(name, s, skew, rounds, only) for name, s in settings.items()
+               for skew in args.routings.split(",")]
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"jax": jax.__version__, "backend": jax.default_backend(), "results": results}, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()

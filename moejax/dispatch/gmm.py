@@ -23,8 +23,6 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from moejax.dispatch.gmm_args import check_gmm_args
-
 from moejax.dispatch import padded_gmm
 from moejax.dispatch.gmm_args import check_gmm_args
 

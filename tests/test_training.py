@@ -83,21 +83,24 @@ def test_mlp_end_to_end(tmp_path, data_dir):
     assert json.loads((tmp_path / "config.json").read_text())["data"]["name"] == "digits"
 
 
-def test_transformer_lm_end_to_end(tmp_path, data_dir):
-    cfg = load_config(ROOT / "configs/lm_tiny.py")
+def four_steps(config_file: str, data_dir: str) -> ml_collections.ConfigDict:
+    """A shared config shrunk to a 4-step run with one eval batch."""
+    cfg = load_config(ROOT / "configs" / config_file)
     cfg.data.data_dir = data_dir
     cfg.optimizer.schedule = "constant"
     cfg.train.update({"steps": 4, "log_every": 2, "eval_every": 4, "checkpoint_every": 4, "eval_steps": 1})
+    return cfg
+
+
+def test_transformer_lm_end_to_end(tmp_path, data_dir):
+    cfg = four_steps("lm_tiny.py", data_dir)
     result = train_and_evaluate(cfg, tmp_path)
     assert result["step"] == 4 and result["perplexity"] > 1.0
     assert len(result["expert_load"]) == cfg.model.num_layers
 
 
 def test_vit_end_to_end(tmp_path, data_dir):
-    cfg = load_config(ROOT / "configs/vit_tiny.py")
-    cfg.data.data_dir = data_dir
-    cfg.optimizer.schedule = "constant"
-    cfg.train.update({"steps": 4, "log_every": 2, "eval_every": 4, "checkpoint_every": 4, "eval_steps": 1})
+    cfg = four_steps("vit_tiny.py", data_dir)
     result = train_and_evaluate(cfg, tmp_path)
     assert result["step"] == 4 and 0.0 <= result["accuracy"] <= 1.0
 

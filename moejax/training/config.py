@@ -31,9 +31,9 @@ def train_config(**overrides: Any):
 def optimizer_config(**overrides: Any):
     """The ``optimizer`` section with every field present (see :mod:`moejax.training.optim`)."""
     from ml_collections import config_dict
-    cfg = config_dict.ConfigDict({"name": "adamw", "schedule": "warmup_cosine", "learning_rate": 1e-3,
-                                  "warmup_steps": 0, "weight_decay": 0.0, "b1": 0.9, "b2": 0.999,
-                                  "momentum": 0.0, "end_learning_rate_factor": 0.0})
+
+    from moejax.training.optim import OPTIMIZER_DEFAULTS
+    cfg = config_dict.ConfigDict({k: v for k, v in OPTIMIZER_DEFAULTS.items() if v is not None})
     cfg.grad_clip_norm = config_dict.placeholder(float)
     cfg.update(overrides)
     return cfg

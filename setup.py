@@ -42,6 +42,11 @@ setup(
             "pytest>=8",
             "pytest-xdist>=3.5",
             "hypothesis>=6.100",
+            # Executing notebooks/ in tests/test_notebooks.py: a Jupyter kernel for this Python, and the plots.
+            "nbclient>=0.10",
+            "nbformat>=5.9",
+            "ipykernel>=6.29",
+            "matplotlib>=3.8",
         ],
     },
 )

@@ -8,7 +8,7 @@ gives the dense baseline.
 import ml_collections
 from ml_collections import config_dict
 
-from moejax.training.config import optimizer_config, train_config
+from moejax.training.config import mesh_config, optimizer_config, train_config
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -34,4 +34,5 @@ def get_config() -> ml_collections.ConfigDict:
                                       "warmup_steps": 100, "weight_decay": 0.01, "grad_clip_norm": 1.0})
     config.train = train_config(**{"steps": 2000, "log_every": 100, "eval_every": 500, "eval_steps": 20,
                                               "checkpoint_every": 500, "keep_checkpoints": 2})
+    config.mesh = mesh_config()        # all devices on 'data'; e.g. --config.mesh.expert=4
     return config

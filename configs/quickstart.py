@@ -8,7 +8,7 @@ projection and the classifier head; dropless dispatch.
 import ml_collections
 from ml_collections import config_dict
 
-from moejax.training.config import optimizer_config, train_config
+from moejax.training.config import mesh_config, optimizer_config, train_config
 
 
 def moe_layer(num_experts: int, k: int, hidden_dim: int) -> dict:
@@ -46,4 +46,5 @@ def get_config() -> ml_collections.ConfigDict:
         "load_balance_weight": 0.01,
         "z_loss_weight": 0.001,
     })
+    config.mesh = mesh_config()        # all devices on 'data'; e.g. --config.mesh.expert=4
     return config

@@ -5,7 +5,7 @@ python -m moejax.main --config=configs/vit_tiny.py --workdir=/tmp/moejax_vit
 import ml_collections
 from ml_collections import config_dict
 
-from moejax.training.config import optimizer_config, train_config
+from moejax.training.config import mesh_config, optimizer_config, train_config
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -31,4 +31,5 @@ def get_config() -> ml_collections.ConfigDict:
                                       "warmup_steps": 100, "weight_decay": 1e-4, "grad_clip_norm": 1.0})
     config.train = train_config(**{"steps": 2000, "log_every": 100, "eval_every": 500,
                                               "checkpoint_every": 500, "keep_checkpoints": 2})
+    config.mesh = mesh_config()        # all devices on 'data'; e.g. --config.mesh.expert=4
     return config

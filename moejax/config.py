@@ -15,9 +15,13 @@ import math
 from typing import Any, Literal, Mapping
 
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "swish", "tanh", "sigmoid", "identity")
-RouterKind = Literal["topk", "expert_choice", "top_p", "hash", "random"]
-ROUTER_KINDS = ("topk", "expert_choice", "top_p", "hash", "random")
-TOKEN_CHOICE_KINDS = ("topk", "top_p", "hash", "random")
+RouterKind = Literal["topk", "expert_choice", "top_p", "hash", "random", "sinkhorn", "base", "sparse_ot", "threshold"]
+ROUTER_KINDS = ("topk", "expert_choice", "top_p", "hash", "random", "sinkhorn", "base", "sparse_ot", "threshold")
+TOKEN_CHOICE_KINDS = ("topk", "top_p", "hash", "random", "sinkhorn", "base", "sparse_ot", "threshold")
+# Kinds that choose experts from a balanced plan over the whole routed group (moejax/routing/balanced.py).
+BALANCED_KINDS = ("sinkhorn", "base", "sparse_ot")
+ROUTER_LOGITS = ("linear", "attention")
+THRESHOLD_MODES = ("probability", "percentile")
 ScoreFn = Literal["softmax", "sigmoid"]
 GroupScore = Literal["max", "top2_sum"]
 DispatchMode = Literal["capacity", "dropless"]
@@ -54,7 +58,11 @@ class RouterConfig:
     Attributes:
       kind: ``topk`` (token choice), ``expert_choice`` (each expert takes its top-C tokens), ``top_p``
         (dynamic top-p), ``hash`` (fixed token-id hash) or ``random`` (a uniformly random expert per
-        token, in training and inference: THOR's stochastic experts); see docs/routing_mechanisms.md.
+        token, in training and inference: THOR's stochastic experts), ``sinkhorn`` (S-BASE: top-k of a
+        Sinkhorn-balanced plan), ``base`` (BASE layers: balanced linear assignment, exactly ``T/E`` tokens
+        per expert, ``k=1``), ``sparse_ot`` (capacity-bounded OT, at most ``C`` tokens per expert) or
+        ``threshold`` (DynaMoE: every expert whose score reaches a threshold, 1 to ``k`` per token);
+        see docs/routing_mechanisms.md.
       k: experts per token for ``topk``, ``hash`` and ``random``, the maximum for ``top_p``; for
         ``expert_choice`` the average number of experts per token (the paper's ``c``), so that ``C = ceil(capacity_factor * T * k / E)`` holds for both.
       score: ``softmax`` over all experts, or per-expert ``sigmoid`` (DeepSeek-V3).
@@ -83,6 +91,18 @@ class RouterConfig:
         ``moe_state/router/kernel`` instead of ``params``, so neither gradients nor weight decay touch it.
       gating_residual: add the previous layer's router logits to this layer's (MoE++); the layer takes
         them as ``router_logits`` and returns its own when called with ``return_logits=True``.
+      logits: how the router scores experts: ``linear`` (``x W``) or ``attention`` (Yuan 2.0-M32's attention
+        router: per-expert query/key/value scalars, ``softmax(q k^T) v``); any routing kind with a learned
+        router composes with either.
+      balance_iterations: Sinkhorn iterations of ``sinkhorn`` and ``sparse_ot``.
+      balance_temperature: the plan is computed on ``exp(logits / temperature)`` (``sinkhorn``,
+        ``sparse_ot``); lower is closer to the unregularised assignment.
+      balance_in_eval: use the balanced plan in evaluation too. Default False: in evaluation the balanced
+        kinds route greedily (top-k of the ordinary scores), as BASE does at inference, so that a token's
+        experts do not depend on the rest of its batch.
+      threshold, threshold_mode: for ``kind='threshold'`` (required there): ``probability`` — experts with
+        score ``>= threshold`` (in ``(0, 1]``) are active; ``percentile`` — the threshold is the
+        ``threshold``-th percentile (in ``(0, 100)``) of the group's scores.
     """
 
     kind: RouterKind = "topk"
@@ -102,6 +122,12 @@ class RouterConfig:
     gate_dropout: float = 0.0
     frozen: bool = False
     gating_residual: bool = False
+    logits: str = "linear"
+    balance_iterations: int = 20
+    balance_temperature: float = 1.0
+    balance_in_eval: bool = False
+    threshold: float | None = None
+    threshold_mode: str = "probability"
 
     def __post_init__(self) -> None:
         _check_choice("router.kind", self.kind, ROUTER_KINDS)
@@ -127,10 +153,11 @@ class RouterConfig:
             if self.selection_bias:
                 _fail("router.selection_bias", self.selection_bias, "applies to kind='topk' only")
         self._check_mechanisms()
+        self._check_balanced_and_threshold()
 
     def _check_mechanisms(self) -> None:
         """The fields of the routing mechanisms beyond plain top-k (docs/routing_mechanisms.md)."""
-        if self.kind in ("top_p", "hash", "random"):
+        if self.kind in ("top_p", "hash", "random") + BALANCED_KINDS + ("threshold",):
             if self.num_groups != 1 or self.top_groups is not None:
                 _fail("router.num_groups", self.num_groups, "group-limited routing applies to kind='topk' only")
             if self.selection_bias:
@@ -164,6 +191,33 @@ class RouterConfig:
             name = "frozen" if self.frozen else "gating_residual"
             _fail(f"router.{name}", True, f"kind={self.kind!r} has no learned router")
 
+    def _check_balanced_and_threshold(self) -> None:
+        """Fields of the balanced routers, the attention router and threshold routing."""
+        _check_choice("router.logits", self.logits, ROUTER_LOGITS)
+        if self.logits != "linear" and self.kind in ("hash", "random"):
+            _fail("router.logits", self.logits, f"kind={self.kind!r} has no learned router")
+        _check_positive_int("router.balance_iterations", self.balance_iterations)
+        t = self.balance_temperature
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
+            _fail("router.balance_temperature", t, "must be a finite number > 0")
+        if not isinstance(self.balance_in_eval, bool):
+            _fail("router.balance_in_eval", self.balance_in_eval, "must be a bool")
+        if self.kind == "base" and self.k != 1:
+            _fail("router.k", self.k, "kind='base' assigns exactly one expert per token (k=1)")
+        _check_choice("router.threshold_mode", self.threshold_mode, THRESHOLD_MODES)
+        if self.kind == "threshold" and self.threshold is None:
+            _fail("router.threshold", self.threshold, "required for router.kind='threshold'")
+        if self.threshold is not None:
+            if self.kind != "threshold":
+                _fail("router.threshold", self.threshold, "applies to kind='threshold' only")
+            th = self.threshold
+            if isinstance(th, bool) or not isinstance(th, (int, float)) or not math.isfinite(th):
+                _fail("router.threshold", th, "must be a number")
+            if self.threshold_mode == "probability" and not 0.0 < th <= 1.0:
+                _fail("router.threshold", th, "must be in (0, 1] for threshold_mode='probability'")
+            if self.threshold_mode == "percentile" and not 0.0 < th < 100.0:
+                _fail("router.threshold", th, "must be in (0, 100) for threshold_mode='percentile'")
+
 
 @dataclasses.dataclass(frozen=True)
 class DispatchConfig:
@@ -184,6 +238,11 @@ class DispatchConfig:
         :mod:`moejax.dispatch.gmm` (``blocked``, ``ragged_dot``, ``reference``).
       gmm_tile: row tile of the ``padded``/``blocked``/``pallas`` grouped matmuls (64 was the fastest
         ``padded`` tile measured for S1 on a 2-core CPU, see ``benchmarks/results/``).
+      groups: ``G``, capacity mode: the ``T`` routed tokens are split into ``G`` equal, consecutive groups,
+        each with its own buffers of capacity ``C = ceil(cf * (T/G) * K / E)`` (GShard/V-MoE routing
+        groups). Under expert parallelism each device holds whole groups, so ``G`` must be a multiple of the
+        number of token shards; a single-device run with the same ``G`` computes exactly the same thing.
+        Dropless dispatch drops nothing and ignores it.
     """
 
     mode: DispatchMode = "dropless"
@@ -194,6 +253,7 @@ class DispatchConfig:
     priority: Priority = "position"
     gmm: str = "auto"
     gmm_tile: int = 64
+    groups: int = 1
 
     def __post_init__(self) -> None:
         _check_choice("dispatch.mode", self.mode, ("capacity", "dropless"))
@@ -205,6 +265,12 @@ class DispatchConfig:
         if not isinstance(self.gmm, str) or not self.gmm:
             _fail("dispatch.gmm", self.gmm, "must be a non-empty string")
         _check_positive_int("dispatch.gmm_tile", self.gmm_tile)
+        _check_positive_int("dispatch.groups", self.groups)
+
+
+LayerKind = Literal["sparse", "soft", "smear", "chain"]
+LAYER_KINDS = ("sparse", "soft", "smear", "chain")
+SMEAR_GRANULARITIES = ("example", "token")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,6 +291,23 @@ class MoEConfig:
       shared_gate: multiply the shared output by ``sigmoid(x w)`` per token (Qwen2-MoE).
       router, dispatch: see :class:`RouterConfig` and :class:`DispatchConfig`.
       dtype, param_dtype: computation and parameter dtypes (names understood by ``jnp.dtype``).
+      layer: which layer the spec builds (docs/routing_mechanisms.md): ``sparse`` (:class:`~moejax.layers.MoELayer`,
+        router -> dispatch -> experts), ``soft`` (Soft MoE, :class:`~moejax.layers.SoftMoELayer`), ``smear``
+        (merged experts, :class:`~moejax.layers.SMEARLayer`) or ``chain`` (Chain-of-Experts,
+        :class:`~moejax.layers.ChainOfExpertsLayer`). ``soft`` and ``smear`` have their own soft routers: they
+        use neither ``router`` (beyond its default) nor ``dispatch``, nor shared or zero-computation experts.
+      soft_slots: ``layer='soft'`` only: slots per expert ``S`` in each routed group (default 1).
+      soft_normalize: ``layer='soft'``: l2-normalise the tokens and the slot parameters before their dot
+        product, times a learned scalar scale (the paper's normalisation); False uses plain ``X Phi``.
+      smear_granularity: ``layer='smear'`` only: ``example`` (default; one merged expert per example, routed
+        on the mean of its tokens) or ``token`` (one merged expert per token).
+      chain_iterations: ``layer='chain'`` only: number of routing iterations ``I`` (default 2).
+      zero_experts, copy_experts, constant_experts: MoE++ zero-computation experts routed by the same router
+        as the FFN experts (``layer='sparse'`` or ``'chain'``, token-choice routers): the router has
+        ``num_routed = num_experts + zero_experts + copy_experts + constant_experts`` outputs in that order;
+        a copy sent to one of them never reaches the dispatch buffers.
+      zero_computation_tau: MoE++'s heterogeneous load balancing: the load-balance terms of the
+        zero-computation experts are weighted by ``tau`` (1.0: the ordinary loss over all routed experts).
     """
 
     num_experts: int = 8
@@ -239,6 +322,15 @@ class MoEConfig:
     dispatch: DispatchConfig = dataclasses.field(default_factory=DispatchConfig)
     dtype: str = "float32"
     param_dtype: str = "float32"
+    layer: LayerKind = "sparse"
+    soft_slots: int | None = None
+    soft_normalize: bool = True
+    smear_granularity: str | None = None
+    chain_iterations: int | None = None
+    zero_experts: int = 0
+    copy_experts: int = 0
+    constant_experts: int = 0
+    zero_computation_tau: float = 1.0
 
     def __post_init__(self) -> None:
         _check_positive_int("num_experts", self.num_experts)
@@ -258,16 +350,89 @@ class MoEConfig:
             _fail("dispatch", self.dispatch, "must be a DispatchConfig")
         for field in ("dtype", "param_dtype"):
             _check_choice(field, getattr(self, field), ("float32", "bfloat16", "float16"))
-        e, r = self.num_experts, self.router
+        self._check_layer()
+        if self.layer in ("soft", "smear"):
+            return  # their own soft routers: router.k, expert groups and capacities do not apply
+        e, r = self.num_routed, self.router
+        routed = "num_experts" if e == self.num_experts else "num_routed (FFN + zero-computation experts)"
         if r.kind in TOKEN_CHOICE_KINDS and r.k > e:
-            _fail("router.k", r.k, f"must be <= num_experts={e}")
+            _fail("router.k", r.k, f"must be <= {routed}={e}")
         if e % r.num_groups:
-            _fail("router.num_groups", r.num_groups, f"must divide num_experts={e}")
+            _fail("router.num_groups", r.num_groups, f"must divide {routed}={e}")
         if r.top_groups is not None and r.k > r.top_groups * (e // r.num_groups):
             _fail("router.k", r.k, f"must be <= router.top_groups * experts per group = "
                                    f"{r.top_groups * (e // r.num_groups)}")
         if r.group_score == "top2_sum" and r.num_groups > 1 and e // r.num_groups < 2:
             _fail("router.group_score", r.group_score, "top2_sum needs at least 2 experts per group")
+        if r.kind == "sparse_ot":   # the capped plan needs E * C >= T * k, i.e. a capacity factor >= 1
+            for name in ("capacity_factor",) + (("eval_capacity_factor",) if r.balance_in_eval else ()):
+                cf = getattr(self.dispatch, name)
+                if cf is not None and cf < 1:
+                    _fail(f"dispatch.{name}", cf, "router.kind='sparse_ot' needs a capacity factor >= 1 (or None)")
+
+    def _check_layer(self) -> None:
+        """The layer kind, its sub-fields and the MoE++ zero-computation experts."""
+        _check_choice("layer", self.layer, LAYER_KINDS)
+        own = {"soft_slots": "soft", "smear_granularity": "smear", "chain_iterations": "chain"}
+        for name, kind in own.items():
+            if getattr(self, name) is not None and self.layer != kind:
+                _fail(name, getattr(self, name), f"applies to layer={kind!r} only (layer={self.layer!r})")
+        if self.soft_slots is not None:
+            _check_positive_int("soft_slots", self.soft_slots)
+        if not isinstance(self.soft_normalize, bool):
+            _fail("soft_normalize", self.soft_normalize, "must be a bool")
+        if self.smear_granularity is not None:
+            _check_choice("smear_granularity", self.smear_granularity, SMEAR_GRANULARITIES)
+        if self.chain_iterations is not None:
+            _check_positive_int("chain_iterations", self.chain_iterations)
+        for name in ("zero_experts", "copy_experts", "constant_experts"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                _fail(name, value, "must be an integer >= 0")
+        tau = self.zero_computation_tau
+        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not math.isfinite(tau) or tau < 0:
+            _fail("zero_computation_tau", tau, "must be a finite number >= 0")
+        if self.layer in ("soft", "smear"):
+            default = RouterConfig()
+            for name in ("kind", "gating_residual", "selection_bias", "frozen"):
+                if getattr(self.router, name) != getattr(default, name):
+                    _fail(f"router.{name}", getattr(self.router, name),
+                          f"layer={self.layer!r} has its own soft router; leave router.{name} at its default")
+            if self.num_shared_experts:
+                _fail("num_shared_experts", self.num_shared_experts, "applies to layer='sparse' or 'chain' only")
+        zc = self.num_zero_computation
+        if zc:
+            name = next(n for n in ("zero_experts", "copy_experts", "constant_experts") if getattr(self, n))
+            if self.layer not in ("sparse", "chain"):
+                _fail(name, getattr(self, name), f"zero-computation experts need layer='sparse' or 'chain', "
+                                                 f"not {self.layer!r}")
+            if self.router.kind not in TOKEN_CHOICE_KINDS:
+                _fail(name, getattr(self, name), f"zero-computation experts need a token-choice router, "
+                                                 f"not router.kind={self.router.kind!r}")
+        elif self.zero_computation_tau != 1.0:
+            _fail("zero_computation_tau", self.zero_computation_tau, "needs zero-computation experts")
+
+    @property
+    def num_zero_computation(self) -> int:
+        """Number of MoE++ zero-computation experts (zero + copy + constant)."""
+        return self.zero_experts + self.copy_experts + self.constant_experts
+
+    @property
+    def num_routed(self) -> int:
+        """Number of router outputs: the FFN experts followed by the zero-computation experts."""
+        return self.num_experts + self.num_zero_computation
+
+    @property
+    def resolved_soft_slots(self) -> int:
+        return 1 if self.soft_slots is None else self.soft_slots
+
+    @property
+    def resolved_smear_granularity(self) -> str:
+        return "example" if self.smear_granularity is None else self.smear_granularity
+
+    @property
+    def resolved_chain_iterations(self) -> int:
+        return 2 if self.chain_iterations is None else self.chain_iterations
 
     @property
     def shared_width(self) -> int:
@@ -275,11 +440,15 @@ class MoEConfig:
         return self.num_shared_experts * (self.shared_hidden_dim or self.hidden_dim)
 
     def capacity(self, num_tokens: int, train: bool) -> int:
-        """Expert capacity ``C`` for ``num_tokens`` tokens: ``ceil(cf * T * K / E)``, in ``[min_capacity, T]``."""
+        """Expert capacity ``C`` for ``num_tokens`` tokens: ``ceil(cf * T * K / E)``, in ``[min_capacity, T]``.
+
+        With zero-computation experts ``E`` is ``num_routed``: balanced routing over all router outputs sends
+        ``T * K / num_routed`` copies to each FFN expert.
+        """
         cf = self.dispatch.capacity_factor if train else self.dispatch.eval_capacity_factor
         if cf is None:
             return num_tokens
-        c = math.ceil(cf * num_tokens * self.router.k / self.num_experts)
+        c = math.ceil(cf * num_tokens * self.router.k / self.num_routed)
         return int(min(max(c, self.dispatch.min_capacity), num_tokens))
 
     @classmethod

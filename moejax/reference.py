@@ -93,6 +93,39 @@ def moe(x: jax.Array, routing: Routing | ExpertChoiceRouting, params: Params, *,
     return out
 
 
+def zero_computation_moe(x: jax.Array, routing: Routing, params: Params, constant: Params | None, *, num_ffn: int,
+                         num_zero: int, num_copy: int, kind: str, activation: str, capacity: int | None = None,
+                         priority: str = "position") -> jax.Array:
+    """MoE++: router outputs ``0 .. num_ffn-1`` are FFN experts, then ``num_zero`` zero, ``num_copy`` copy and
+    the constant experts, one expert at a time.
+
+    ``y_t = sum_k kept[t, k] * weight[t, k] * E_{e[t, k]}(x_t)`` with ``E`` the FFN (``params``), ``0``, ``x``, or
+    ``a_1 x + a_2 v_j``, ``[a_1, a_2] = softmax(x @ constant['gate'][j])``, ``v_j = constant['vector'][j]``.
+    ``kept``: every valid copy to a zero-computation expert (they have no buffer to overflow); the copies to FFN
+    experts compete for slots alone, as in :func:`keep_mask` over the routing with the zero-computation copies
+    removed (so with ``priority='score'`` a token ranks by its largest weight on an FFN expert).
+    """
+    to_zc = routing.valid & (routing.expert_index >= num_ffn)
+    kept = routing.valid
+    if capacity is not None:
+        kept = keep_mask(routing.replace(valid=routing.valid & ~to_zc), capacity, priority) | to_zc
+    out = jnp.zeros_like(x)
+    for e in range(routing.num_experts):
+        coeff = jnp.sum(jnp.where(kept & (routing.expert_index == e), routing.weight, 0.0), axis=-1)[:, None]
+        if e < num_ffn:
+            y = expert_forward(expert_params(params, e), x, kind=kind, activation=activation)
+        elif e < num_ffn + num_zero:
+            continue
+        elif e < num_ffn + num_zero + num_copy:
+            y = x
+        else:
+            j = e - num_ffn - num_zero - num_copy
+            a = jax.nn.softmax(x @ constant["gate"][j], axis=-1)
+            y = a[:, :1] * x + a[:, 1:] * constant["vector"][j]
+        out = out + coeff * y
+    return out
+
+
 def dense_mixture(x: jax.Array, probs: jax.Array, params: Params, *, kind: str, activation: str) -> jax.Array:
     """``sum_e probs[:, e] * f_e(x)``: what top-E routing without renormalisation must equal. probs: [T, E]."""
     return sum(probs[:, e:e + 1] * expert_forward(expert_params(params, e), x, kind=kind, activation=activation)

@@ -9,7 +9,7 @@ CASES = [
     (lambda: MoEConfig(num_experts=4, router=RouterConfig(k=5)), "router.k=5"),
     (lambda: RouterConfig(k=0), "router.k=0"),
     (lambda: RouterConfig(k=1.5), "router.k=1.5"),
-    (lambda: RouterConfig(kind="sinkhorn"), "router.kind='sinkhorn'"),
+    (lambda: RouterConfig(kind="sinkhorn_v2"), "router.kind='sinkhorn_v2'"),
     (lambda: RouterConfig(kind="top_p"), "router.top_p=None"),
     (lambda: RouterConfig(kind="top_p", top_p=1.5), "router.top_p=1.5"),
     (lambda: RouterConfig(kind="top_p", top_p=0.0), "router.top_p=0.0"),

@@ -21,6 +21,9 @@ ROUTERS = {
     "top_p": RouterConfig(kind="top_p", top_p=0.6, k=4),
     "hash_top2": RouterConfig(kind="hash", k=2, seed=3),
 }
+# Sinkhorn, BASE, sparse OT, the attention router and threshold routing produce ordinary Routings too; their oracle
+# checks (values and gradients, training mode) are in tests/test_mech_routing.py, one dispatch mode each, since
+# dispatch does not depend on how a Routing was made.
 # Routers whose combine weights are constants: the output gives their (absent) router no gradient.
 FIXED_ROUTERS = {"hash_top2"}
 DISPATCHES = {

@@ -27,11 +27,6 @@ def load_config(path: pathlib.Path, arg: str | None = None) -> ml_collections.Co
     return module.get_config() if arg is None else module.get_config(arg)
 
 
-@pytest.fixture(scope="session")
-def data_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("tfds"))
-
-
 def tiny_mlp(data_dir: str, **train) -> ml_collections.ConfigDict:
     cfg = load_config(ROOT / "configs/quickstart.py")
     cfg.data.data_dir = data_dir
@@ -253,7 +248,7 @@ def test_data_parallel_over_8_devices_matches_one_device(tmp_path, data_dir):
 def test_batch_size_must_divide_over_devices(tmp_path, data_dir):
     cfg = tiny_mlp(data_dir)
     cfg.data.batch_size = 12          # 8 simulated devices in the test session
-    with pytest.raises(ValueError, match="data.batch_size=12: must be divisible by the 8 devices"):
+    with pytest.raises(ValueError, match="data.batch_size=12: must be divisible by the 8 token shards"):
         train_and_evaluate(cfg, tmp_path)
 
 

@@ -36,7 +36,7 @@ class DispatchInfo:
     capacity: jax.Array
 
 
-def _token_choice_info(routing: Routing, kept: jax.Array, cap: int) -> DispatchInfo:
+def token_choice_info(routing: Routing, kept: jax.Array, cap: int) -> DispatchInfo:
     e = routing.num_experts
     valid = routing.valid.sum().astype(jnp.float32)
     n_kept = kept.sum().astype(jnp.float32)
@@ -69,6 +69,7 @@ def apply(
     capacity_impl: str = "index",
     priority: str = "position",
     grouped_matmul: gmm.GroupedMatmul | None = None,
+    groups: int = 1,
 ) -> tuple[jax.Array, DispatchInfo]:
     """``combine(expert_fn(dispatch(x)))`` for one routing decision.
 
@@ -81,6 +82,8 @@ def apply(
       capacity_impl: ``einsum`` or ``index``.
       priority: ``position`` or ``score`` (capacity mode, token choice).
       grouped_matmul: the gmm for dropless (default: ``get_gmm('auto')``).
+      groups: ``G`` routing groups of ``T/G`` consecutive tokens, each with its own capacity-``C`` buffers
+        (capacity mode, token choice; ``capacity`` is then per group). Dropless mode ignores it.
 
     Returns:
       y: [T, D] and the :class:`DispatchInfo`.
@@ -91,12 +94,16 @@ def apply(
                 raise ValueError("capacity: token-choice capacity dispatch needs the expert capacity C")
             if capacity < 1:
                 raise ValueError(f"capacity={capacity}: must be >= 1")
+        if groups > 1:
+            if isinstance(routing, ExpertChoiceRouting):
+                raise ValueError(f"dispatch.groups={groups}: routing groups apply to token-choice routers only")
+            return _grouped_capacity(x, routing, expert_fn, capacity, capacity_impl, priority, groups)
         plan = _capacity.make_plan(routing, capacity, priority)
         y = expert_fn(_capacity.dispatch(plan, x, capacity_impl), Padded())
         out = _capacity.combine(plan, y, capacity_impl)
         if isinstance(routing, ExpertChoiceRouting):
             return out, _expert_choice_info(routing)
-        return out, _token_choice_info(routing, plan.kept, plan.capacity)
+        return out, token_choice_info(routing, plan.kept, plan.capacity)
     if mode == "dropless":
         plan = dropless.make_plan(routing)
         grouped_matmul = grouped_matmul or get_gmm("auto")
@@ -104,8 +111,21 @@ def apply(
         out = dropless.combine(plan, y)
         if isinstance(routing, ExpertChoiceRouting):
             return out, _expert_choice_info(routing)
-        return out, _token_choice_info(routing, routing.valid, routing.num_tokens)
+        return out, token_choice_info(routing, routing.valid, routing.num_tokens)
     raise ValueError(f"dispatch.mode={mode!r}: must be 'capacity' or 'dropless'")
 
-__all__ = ["DispatchInfo", "ExpertFn", "apply", "capacity", "dropless", "get_gmm", "gmm", "group_by_expert",
+def _grouped_capacity(x: jax.Array, routing: Routing, expert_fn: ExpertFn, capacity: int, impl: str, priority: str,
+                      groups: int) -> tuple[jax.Array, DispatchInfo]:
+    """Capacity dispatch in ``G`` routing groups: buffers [G, E, C, D], experts see [E, G*C, D]."""
+    t, d = x.shape
+    plan = _capacity.plan_groups(routing, groups, capacity, priority)
+    buf = jax.vmap(lambda p, xg: _capacity.dispatch(p, xg, impl))(plan, x.reshape(groups, t // groups, d))
+    e, c = routing.num_experts, capacity
+    y = expert_fn(buf.transpose(1, 0, 2, 3).reshape(e, groups * c, d), Padded())
+    y = y.reshape(e, groups, c, -1).transpose(1, 0, 2, 3)
+    out = jax.vmap(lambda p, yg: _capacity.combine(p, yg, impl))(plan, y).reshape(t, -1)
+    return out, token_choice_info(routing, plan.kept.reshape(t, -1), capacity)
+
+
+__all__ = ["DispatchInfo", "token_choice_info", "ExpertFn", "apply", "capacity", "dropless", "get_gmm", "gmm", "group_by_expert",
            "inverse_permutation", "register_gmm"]

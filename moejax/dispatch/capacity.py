@@ -45,11 +45,15 @@ def priority_order(routing: Routing, priority: str) -> jax.Array:
     ``position`` keeps token order and ``score`` sorts tokens by their largest combine weight,
     descending, ties by token order (batch-prioritised routing, Riquelme et al. 2021).
     """
-    t, k = routing.expert_index.shape
+    return _priority_order(routing.weight, routing.valid, priority)
+
+
+def _priority_order(weight: jax.Array, valid: jax.Array, priority: str) -> jax.Array:
+    t, k = weight.shape
     if priority == "position":
         tokens = jnp.arange(t, dtype=jnp.int32)
     elif priority == "score":
-        score = jnp.max(jnp.where(routing.valid, routing.weight, -jnp.inf), axis=-1)
+        score = jnp.max(jnp.where(valid, weight, -jnp.inf), axis=-1)
         tokens = jnp.argsort(-jax.lax.stop_gradient(score), stable=True).astype(jnp.int32)
     else:
         raise ValueError(f"dispatch.priority={priority!r}: must be 'position' or 'score'")
@@ -58,16 +62,38 @@ def priority_order(routing: Routing, priority: str) -> jax.Array:
 
 def plan_token_choice(routing: Routing, capacity: int, priority: str = "position") -> TokenChoicePlan:
     """Assigns each valid copy the next free slot of its expert, in priority order; the rest are dropped."""
-    t, k = routing.expert_index.shape
-    order = priority_order(routing, priority)
-    expert = routing.expert_index.reshape(-1)[order]
-    valid = routing.valid.reshape(-1)[order]
-    _, _, rank = group_by_expert(expert, valid, routing.num_experts)
+    return plan_from_arrays(routing.expert_index, routing.weight, routing.valid, routing.num_experts, capacity,
+                            priority)
+
+
+def plan_from_arrays(expert_index: jax.Array, weight: jax.Array, valid: jax.Array, num_experts: int,
+                     capacity: int, priority: str = "position") -> TokenChoicePlan:
+    """:func:`plan_token_choice` of the routing arrays int32[T, K], float32[T, K], bool[T, K]."""
+    t, k = expert_index.shape
+    order = _priority_order(weight, valid, priority)
+    _, _, rank = group_by_expert(expert_index.reshape(-1)[order], valid.reshape(-1)[order], num_experts)
     position = jnp.zeros((t * k,), jnp.int32).at[order].set(rank, unique_indices=True).reshape(t, k)
-    kept = routing.valid & (position < capacity)
-    return TokenChoicePlan(expert_index=routing.expert_index, position=position, kept=kept,
-                           weight=jnp.where(kept, routing.weight, 0.0), capacity=capacity,
-                           num_experts=routing.num_experts)
+    kept = valid & (position < capacity)
+    return TokenChoicePlan(expert_index=expert_index, position=position, kept=kept,
+                           weight=jnp.where(kept, weight, 0.0), capacity=capacity, num_experts=num_experts)
+
+
+def plan_groups(routing: Routing, groups: int, capacity: int, priority: str = "position") -> TokenChoicePlan:
+    """Capacity plans of ``G = groups`` equal, consecutive groups of tokens, each with its own capacity ``C``.
+
+    Returns a plan whose arrays are ``[G, T/G, K]`` (positions are within the group's buffers): the
+    GShard/V-MoE notion of routing groups, which is also what each device computes under expert
+    parallelism (a device holds whole groups). ``groups=1`` is :func:`plan_token_choice` with a leading axis.
+    """
+    t, k = routing.expert_index.shape
+    if t % groups:
+        raise ValueError(f"dispatch.groups={groups}: must divide the number of routed tokens T={t}")
+
+    def split(a: jax.Array) -> jax.Array:
+        return a.reshape(groups, t // groups, k)
+
+    return jax.vmap(lambda e, w, v: plan_from_arrays(e, w, v, routing.num_experts, capacity, priority))(
+        split(routing.expert_index), split(routing.weight), split(routing.valid))
 
 
 def make_plan(routing: Routing | ExpertChoiceRouting, capacity: int, priority: str = "position") -> CapacityPlan:

@@ -116,7 +116,8 @@ def gmm_blocked(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, tile:
         block = jax.lax.dynamic_slice_in_dim(out, t * tm, tm)
         return jax.lax.dynamic_update_slice_in_dim(out, block + y, t * tm, axis=0), None
 
-    out, _ = jax.lax.scan(step, jnp.zeros((num_tiles * tm, n), jnp.float32), (tile_of, group_of, active))
+    init = padded_gmm.vary_like(jnp.zeros((num_tiles * tm, n), jnp.float32), lhs, rhs)
+    out, _ = jax.lax.scan(step, init, (tile_of, group_of, active))
     return out[:m].astype(lhs.dtype)
 
 

@@ -98,13 +98,43 @@ def _forward(lhs, rhs, group_sizes, tb, unroll):
     return y.astype(lhs.dtype), (xb, rhs, lay)
 
 
+def vary_like(init: jax.Array, *operands: jax.Array) -> jax.Array:
+    """``init`` marked as varying over the manual mesh axes any operand varies over (inside ``shard_map``).
+
+    A scan carry must keep its type; under ``shard_map`` the per-device contributions vary over the axes their
+    inputs vary over, so a zero initial carry has to be cast to match. Outside ``shard_map`` this is a no-op.
+    """
+    axes = set().union(*(_varying(o) for o in operands)) - _varying(init)
+    return jax.lax.pcast(init, tuple(sorted(axes)), to="varying") if axes else init
+
+
+def reduce_like(grad: jax.Array, primal: jax.Array) -> jax.Array:
+    """A hand-written cotangent summed over the manual axes it varies over and its primal does not.
+
+    Under ``shard_map`` a primal that is invariant over an axis (weights replicated over ``data``) was
+    implicitly broadcast to the varying computation; the transpose of that broadcast is a ``psum``, which
+    autodiff inserts by itself but a custom VJP must do explicitly. Outside ``shard_map`` this is a no-op.
+    """
+    extra = _varying(grad) - _varying(primal)
+    return jax.lax.psum(grad, tuple(sorted(extra))) if extra else grad
+
+
+def _varying(x: jax.Array) -> set[str]:
+    """The manual mesh axes ``x`` varies over (empty outside ``shard_map``); the attribute moved across versions."""
+    aval = jax.typeof(x)
+    mat = getattr(aval, "manual_axis_type", None)
+    if mat is not None:
+        return set(mat.varying)
+    return set(getattr(aval, "vma", frozenset()))
+
+
 def _fwd(lhs, rhs, group_sizes, tb, unroll):
     out, (xb, rhs, lay) = _forward(lhs, rhs, group_sizes, tb, unroll)
-    return out, (xb, rhs, lay, lhs.shape[0])
+    return out, (xb, rhs, lay, vary_like(jnp.zeros((), lhs.dtype), lhs))
 
 
 def _bwd(tb, unroll, res, g):
-    xb, rhs, lay, _ = res
+    xb, rhs, lay, lhs_like = res
     e = rhs.shape[0]
     # Gap rows of the padded cotangent are zero, so padding adds nothing to either gradient.
     gb = _to_blocks(g.astype(xb.dtype), lay.src, tb)
@@ -117,9 +147,9 @@ def _bwd(tb, unroll, res, g):
         block = jax.lax.dot_general(x, gg, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
         return jax.lax.dynamic_update_index_in_dim(dw, dw[grp] + block, grp, 0), None
 
-    dw0 = jnp.zeros((e, rhs.shape[1], rhs.shape[2]), jnp.float32)
+    dw0 = vary_like(jnp.zeros((e, rhs.shape[1], rhs.shape[2]), jnp.float32), xb, gb, rhs)
     dw, _ = jax.lax.scan(step, dw0, (xb, gb, lay.block_group), unroll=unroll)
-    return d_lhs.astype(xb.dtype), dw.astype(rhs.dtype), None
+    return reduce_like(d_lhs, lhs_like).astype(xb.dtype), reduce_like(dw, rhs).astype(rhs.dtype), None
 
 
 _padded_gmm.defvjp(_fwd, _bwd)

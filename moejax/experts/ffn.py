@@ -148,6 +148,10 @@ class Experts(nn.Module):
 
     Call with tokens grouped by expert and the matching grouping: ``Experts(...)(x[E, C, D], Padded())`` or
     ``Experts(...)(x[M, D], Ragged(group_sizes, gmm))``.
+
+    With ``merge_weights`` float[N, E] (SMEAR), the experts are merged instead of routed: group ``n`` of
+    ``x[N, L, D]`` goes through one FFN whose parameters (weights and biases alike) are
+    ``sum_e merge_weights[n, e] * params[e]``; the grouping must be :class:`Padded` over the ``N`` groups.
     """
 
     num_experts: int
@@ -159,10 +163,22 @@ class Experts(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, grouping: Grouping) -> jax.Array:
+    def __call__(self, x: jax.Array, grouping: Grouping, merge_weights: jax.Array | None = None) -> jax.Array:
         params = make_ffn_params(self, self.kind, x.shape[-1], self.hidden_dim, self.use_bias, self.num_experts,
                               self.param_dtype)
+        if merge_weights is not None:
+            if not isinstance(grouping, Padded):
+                raise ValueError("merge_weights: merged experts need the Padded grouping over x[N, L, D]")
+            params = merge_params(params, merge_weights)
+        if hasattr(grouping, "apply_experts"):
+            # A grouping that runs the whole FFN itself (expert parallelism: moejax.parallel.expert_parallel).
+            return grouping.apply_experts(params, x.astype(self.dtype), kind=self.kind, activation=self.activation)
         return ffn(params, x.astype(self.dtype), grouping, kind=self.kind, activation=self.activation)
+
+
+def merge_params(stacked: dict[str, jax.Array], weights: jax.Array) -> dict[str, jax.Array]:
+    """``{name: sum_e weights[n, e] * stacked[name][e]}``: N merged parameter sets [N, ...] from stacked [E, ...]."""
+    return {name: jnp.tensordot(weights.astype(p.dtype), p, axes=(-1, 0)) for name, p in stacked.items()}
 
 
 class FFN(nn.Module):

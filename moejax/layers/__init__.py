@@ -1,5 +1,29 @@
-"""Flax layers: the MoE layer and the dense FFN baseline with the same interface."""
+"""Flax layers: the MoE layer, the layer-level mechanisms built on it, and the dense FFN baseline.
+
+Every layer takes x: [..., D] and returns ``(y, RoutingStats)``. ``LAYERS`` maps ``MoEConfig.layer`` to the
+module class that builds it (:func:`make_layer`).
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+
+from moejax.config import MoEConfig
+from moejax.layers.chain import ChainOfExpertsLayer, chain_stats
 from moejax.layers.dense import DenseLayer
 from moejax.layers.moe import MoELayer
+from moejax.layers.smear import SMEARLayer
+from moejax.layers.soft_moe import SoftMoELayer, SoftRouting, soft_logits, soft_routing
 
-__all__ = ["DenseLayer", "MoELayer"]
+LAYERS: dict[str, type[nn.Module]] = {"sparse": MoELayer, "soft": SoftMoELayer, "smear": SMEARLayer,
+                                      "chain": ChainOfExpertsLayer}
+# Layers that take ``router_logits`` / ``return_logits`` (MoE++ gating residuals).
+LOGIT_LAYERS = ("sparse", "chain")
+
+
+def make_layer(config: MoEConfig, name: str | None = None) -> nn.Module:
+    """The layer ``config.layer`` selects: MoELayer, SoftMoELayer, SMEARLayer or ChainOfExpertsLayer."""
+    return LAYERS[config.layer](config, name=name)
+
+
+__all__ = ["LAYERS", "LOGIT_LAYERS", "ChainOfExpertsLayer", "DenseLayer", "MoELayer", "SMEARLayer", "SoftMoELayer",
+           "SoftRouting", "chain_stats", "make_layer", "soft_logits", "soft_routing"]

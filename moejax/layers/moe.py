@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
@@ -10,8 +11,10 @@ import jax.numpy as jnp
 from moejax import dispatch
 from moejax.config import MoEConfig
 from moejax.experts.ffn import FFN, Experts
+from moejax.parallel import expert_parallel
+from moejax.experts.zero_computation import ZeroComputationExperts, heterogeneous_load_balance, split_routing
 from moejax.routing.router import Router
-from moejax.routing.types import RoutingStats
+from moejax.routing.types import Routing, RoutingStats
 
 
 class MoELayer(nn.Module):
@@ -29,9 +32,22 @@ class MoELayer(nn.Module):
     ``deterministic=False`` (training) selects the training capacity factor and enables router jitter,
     Gumbel selection noise and gate dropout, which need a ``'jitter'`` RNG. The routing mechanisms
     (top-p, hash, random, noise, frozen routers, gating residuals) are listed in docs/routing_mechanisms.md.
+
+    MoE++ zero-computation experts (``zero_experts``, ``copy_experts``, ``constant_experts``): the router has
+    ``num_routed`` outputs (FFN experts first); :func:`~moejax.experts.split_routing` hands dispatch only the
+    copies sent to FFN experts, so the others occupy no buffer slot and no capacity, and
+    ``zero_computation/...`` (:class:`~moejax.experts.ZeroComputationExperts`) adds their outputs. Then
+    ``stats.expert_load`` has ``num_routed`` entries (processed copies per router output, zero-computation
+    copies are never dropped), ``stats.dropped_fraction`` is dropped FFN copies / all valid copies, and
+    ``stats.experts_per_token`` counts FFN experts only (the compute per token).
+
+    ``experts_module`` and ``shared_module`` let a parent share one set of experts between several layers
+    (Chain-of-Experts iterations); by default the layer owns ``experts`` and ``shared``.
     """
 
     config: MoEConfig
+    experts_module: nn.Module | None = None
+    shared_module: nn.Module | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, *, deterministic: bool = True, token_ids: jax.Array | None = None,
@@ -57,19 +73,44 @@ class MoELayer(nn.Module):
         if k is not None and k != cfg.router.k:
             cfg = dataclasses.replace(cfg, router=dataclasses.replace(cfg.router, k=k))
         cap = cfg.capacity(num_tokens, train=not deterministic)
+        groups = cfg.dispatch.groups if cfg.dispatch.mode == "capacity" else 1
+        if num_tokens % groups:
+            raise ValueError(f"dispatch.groups={groups}: must divide the {num_tokens} tokens routed together "
+                             f"(x shape {shape})")
+        group_cap = cfg.capacity(num_tokens // groups, train=not deterministic)
         prev = None if router_logits is None else router_logits.reshape(num_tokens, -1)
-        routing, logits = Router(cfg.num_experts, cfg.router, param_dtype=jnp.dtype(cfg.param_dtype), name="router")(
+        routing, logits = Router(cfg.num_routed, cfg.router, param_dtype=jnp.dtype(cfg.param_dtype), name="router")(
             tokens, capacity=cap, deterministic=deterministic, token_ids=token_ids, prev_logits=prev,
             return_logits=True)
-        experts = Experts(cfg.num_experts, cfg.hidden_dim, cfg.expert_kind, cfg.activation, cfg.use_bias,
-                          dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype), name="experts")
+        ffn_routing = routing
+        if cfg.num_zero_computation:
+            ffn_routing, zc_index, zc_weight = split_routing(routing, cfg.num_experts)
+        experts = self.experts_module
+        if experts is None:
+            experts = Experts(cfg.num_experts, cfg.hidden_dim, cfg.expert_kind, cfg.activation, cfg.use_bias,
+                              dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype), name="experts")
         gmm = dispatch.get_gmm(cfg.dispatch.gmm, tile=cfg.dispatch.gmm_tile) if cfg.dispatch.mode == "dropless" else None
-        y, info = dispatch.apply(tokens, routing, experts, mode=cfg.dispatch.mode, capacity=cap,
-                                 capacity_impl=cfg.dispatch.capacity_impl, priority=cfg.dispatch.priority,
-                                 grouped_matmul=gmm)
+        apply = dispatch.apply
+        ep_mesh = expert_parallel.expert_mesh()
+        if ep_mesh is not None:     # inside jax.set_mesh with an expert axis > 1: shard_map + all-to-all
+            apply = functools.partial(expert_parallel.apply, mesh=ep_mesh)
+        y, info = apply(tokens, ffn_routing, experts, mode=cfg.dispatch.mode, capacity=group_cap,
+                        capacity_impl=cfg.dispatch.capacity_impl, priority=cfg.dispatch.priority,
+                        grouped_matmul=gmm, groups=groups)
+        if cfg.num_zero_computation:
+            y = y + ZeroComputationExperts(cfg.zero_experts, cfg.copy_experts, cfg.constant_experts,
+                                           dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
+                                           name="zero_computation")(tokens, zc_index, zc_weight)
+            info = _with_zero_computation(info, routing, ffn_routing)
+            if cfg.zero_computation_tau != 1.0:
+                routing = routing.replace(aux=routing.aux.replace(load_balance=heterogeneous_load_balance(
+                    routing, cfg.num_experts, cfg.zero_computation_tau)))
         if cfg.num_shared_experts:
-            shared = FFN(cfg.shared_width, cfg.expert_kind, cfg.activation, cfg.use_bias, dtype=jnp.dtype(cfg.dtype),
-                         param_dtype=jnp.dtype(cfg.param_dtype), name="shared")(tokens)
+            shared_ffn = self.shared_module
+            if shared_ffn is None:
+                shared_ffn = FFN(cfg.shared_width, cfg.expert_kind, cfg.activation, cfg.use_bias,
+                                 dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype), name="shared")
+            shared = shared_ffn(tokens)
             if cfg.shared_gate:
                 gate = nn.Dense(1, use_bias=False, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
                                 kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", None)),
@@ -83,3 +124,17 @@ class MoELayer(nn.Module):
         if return_logits:
             return y, stats, None if logits is None else logits.reshape(*shape[:-1], logits.shape[-1])
         return y, stats
+
+
+def _with_zero_computation(info: dispatch.DispatchInfo, routing: Routing, ffn_routing: Routing) -> dispatch.DispatchInfo:
+    """Dispatch statistics of the FFN experts extended to all ``num_routed`` router outputs (see MoELayer)."""
+    num_ffn, num_routed = ffn_routing.num_experts, routing.num_experts
+    kept_ffn = info.experts_per_token * routing.num_tokens
+    to_zc = routing.valid & ~ffn_routing.valid
+    zc_counts = jnp.einsum("tk,tke->e", to_zc.astype(jnp.float32),
+                           jax.nn.one_hot(routing.expert_index - num_ffn, num_routed - num_ffn, dtype=jnp.float32))
+    counts = jnp.concatenate([info.expert_load * kept_ffn, zc_counts])
+    valid_ffn = ffn_routing.valid.sum().astype(jnp.float32)
+    return info.replace(
+        expert_load=counts / jnp.maximum(counts.sum(), 1.0),
+        dropped_fraction=(valid_ffn - kept_ffn) / jnp.maximum(routing.valid.sum().astype(jnp.float32), 1.0))

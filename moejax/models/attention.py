@@ -71,13 +71,10 @@ class SelfAttention(nn.Module):
         if d % self.num_heads:
             raise ValueError(f"num_heads={self.num_heads}: must divide the input width D={d}")
         dh = d // self.num_heads
-        # DenseGeneral initialises the flattened [fan_in, fan_out] kernel, then reshapes it.
-        init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
 
         def proj(name: str) -> jax.Array:
-            return nn.DenseGeneral((self.num_heads, dh), use_bias=False, dtype=self.dtype,
-                                   param_dtype=self.param_dtype, name=name,
-                                   kernel_init=nn.with_logical_partitioning(init, ("embed", "heads", "kv")))(x)
+            kernel = _HeadsKernel((d, self.num_heads, dh), ("embed", "heads", "kv"), 1, self.param_dtype, name=name)()
+            return jnp.einsum("bld,dhk->blhk", x.astype(self.dtype), kernel.astype(self.dtype))
 
         q, k, v = proj("query"), proj("key"), proj("value")          # [B, L, H, Dh]
         if self.rope_base is not None:
@@ -86,6 +83,27 @@ class SelfAttention(nn.Module):
         mask = causal_mask(length)[None, None] if self.causal else None
         w = attention_weights(q, k, mask)                              # [B, H, L, L]
         out = jnp.einsum("bhqk,bkhd->bqhd", w.astype(self.dtype), v)
-        return nn.DenseGeneral(d, axis=(-2, -1), use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-                               kernel_init=nn.with_logical_partitioning(init, ("heads", "kv", "embed")),
-                               name="out")(out)
+        kernel = _HeadsKernel((self.num_heads, dh, d), ("heads", "kv", "embed"), 2, self.param_dtype, name="out")()
+        return jnp.einsum("blhk,hkd->bld", out, kernel.astype(self.dtype))
+
+
+class _HeadsKernel(nn.Module):
+    """A projection kernel declared at its true rank (``kernel``, e.g. float[D, H, Dh]) with logical axes.
+
+    ``nn.DenseGeneral`` would initialise a flattened 2-D kernel through the boxed initializer, whose sharding
+    constraint then fails under a mesh (rank 2 vs 3 names). Same distribution: fan-in over the first
+    ``fan_in_axes`` axes, truncated normal, variance 1 / fan_in.
+    """
+
+    shape: tuple[int, ...]
+    names: tuple[str, ...]
+    fan_in_axes: int
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self) -> jax.Array:
+        n = len(self.shape)
+        init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
+                                                in_axis=tuple(range(self.fan_in_axes)),
+                                                out_axis=tuple(range(self.fan_in_axes, n)))
+        return self.param("kernel", nn.with_logical_partitioning(init, self.names), self.shape, self.param_dtype)

@@ -71,6 +71,21 @@ def moe_from_any(field: str, value: Any) -> MoEConfig:
         raise ValueError(f"{PREFIX}{field}.{e}") from e
 
 
+def _check_gating_residuals(specs: tuple[FFNSpec, ...]) -> None:
+    """MoE++ gating residuals add the router logits of the most recent sparse/chain MoE layer (the models thread
+    them, see ``moejax.models.blocks.apply_ffn``) to a layer's own: both must have the same number of router
+    outputs. Hash and random routers produce no logits, so the layer after one receives none."""
+    prev: tuple[int, int] | None = None
+    for i, spec in enumerate(specs):
+        if not isinstance(spec, MoEConfig) or spec.layer not in ("sparse", "chain"):
+            continue
+        if spec.router.gating_residual and prev is not None and prev[1] != spec.num_routed:
+            _fail(f"layers[{i}].router.gating_residual", True,
+                  f"adds the router logits of {PREFIX}layers[{prev[0]}] ({prev[1]} router outputs) to this "
+                  f"layer's, which has num_routed={spec.num_routed}")
+        prev = None if spec.router.kind in ("hash", "random") else (i, spec.num_routed)
+
+
 def _kwargs(cls: type, d: Mapping[str, Any]) -> dict[str, Any]:
     """Plain kwargs for ``cls`` from a mapping; rejects unknown keys and a mismatched ``kind`` by name."""
     d = dict(d.items())
@@ -128,6 +143,7 @@ class MLPConfig:
         for i, spec in enumerate(self.layers):
             if not isinstance(spec, MoEConfig):
                 _positive_int(f"layers[{i}]", spec)
+        _check_gating_residuals(self.layers)
         _bool("residual", self.residual)
         if self.norm is not None:
             _choice("norm", self.norm, ("layernorm", "rmsnorm"))

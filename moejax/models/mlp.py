@@ -5,7 +5,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from moejax.models.blocks import dense_init, make_ffn, make_norm
+from moejax.models.blocks import apply_ffn, check_moe_k, dense_init, make_ffn, make_norm
 from moejax.models.config import MLPConfig
 from moejax.routing.types import RoutingStats
 
@@ -16,7 +16,14 @@ class MLPClassifier(nn.Module):
     x: float[B, ...] is flattened to [B, F_in] and projected to [B, D]; layer ``i`` computes
     ``x + ffn_i(norm_i(x))`` (``residual=True``) or ``ffn_i(norm_i(x))``, with ``ffn_i`` the MoE or dense layer
     of ``config.layers[i]``; each example is one token for routing (``T = B``). Returns logits
-    float32[B, num_classes] and one RoutingStats per layer.
+    float32[B, num_classes] and one RoutingStats per layer. MoE++ gating-residual router logits flow from each
+    sparse/chain MoE layer to the next one (:func:`~moejax.models.blocks.apply_ffn`).
+
+    ``moe_k`` (static, optional): the number of experts per token of every routed MoE layer (``layer='sparse'``
+    or ``'chain'``), clipped to each layer's number of router outputs
+    (:func:`~moejax.models.blocks.layer_k`); None keeps each layer's ``router.k``. SMoE-Dropout (Chen et al.
+    2023) trains with a frozen router and a growing k and evaluates at any k; a ``ValueError`` naming
+    ``moe_k`` is raised for anything but None or an int >= 1.
 
     Parameters (logical axes): ``input/kernel`` [F_in, D] (None, embed); ``layer_{i}_norm/scale`` [D] (embed);
     ``layer_{i}/...`` (the MoE or dense layer); ``final_norm/scale`` [D] (embed); ``head/kernel``
@@ -26,8 +33,10 @@ class MLPClassifier(nn.Module):
     config: MLPConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, deterministic: bool = True) -> tuple[jax.Array, tuple[RoutingStats, ...]]:
+    def __call__(self, x: jax.Array, *, deterministic: bool = True,
+                 moe_k: int | None = None) -> tuple[jax.Array, tuple[RoutingStats, ...]]:
         cfg = self.config
+        check_moe_k(moe_k)
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         if x.ndim < 2:
             raise ValueError(f"x: expected [B, ...] with at least 2 axes, got shape {x.shape}")
@@ -35,15 +44,15 @@ class MLPClassifier(nn.Module):
         x = nn.Dense(cfg.d_model, dtype=dtype, param_dtype=pdtype, kernel_init=dense_init(("embed",), (None,)),
                      bias_init=bias_init, name="input")(x.reshape(x.shape[0], -1).astype(dtype))
         drop = nn.Dropout(cfg.dropout_rate, deterministic=deterministic)
-        stats = []
+        stats, logits = [], None
         for i, spec in enumerate(cfg.layers):
             h = x
             norm = make_norm(cfg.norm, cfg.dtype, cfg.param_dtype, f"layer_{i}_norm")
             if norm is not None:
                 h = norm(h)
-            h, s = make_ffn(spec, kind=cfg.ffn_kind, activation=cfg.activation, use_bias=cfg.use_bias,
-                            dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=f"layer_{i}")(
-                h, deterministic=deterministic)
+            ffn = make_ffn(spec, kind=cfg.ffn_kind, activation=cfg.activation, use_bias=cfg.use_bias,
+                           dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=f"layer_{i}")
+            h, s, logits = apply_ffn(ffn, spec, h, deterministic=deterministic, router_logits=logits, moe_k=moe_k)
             h = nn.with_logical_constraint(drop(h), ("batch", "embed"))
             x = x + h if cfg.residual else h
             stats.append(s)

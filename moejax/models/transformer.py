@@ -5,7 +5,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from moejax.models.blocks import Encoder, constrain
+from moejax.models.blocks import Encoder, check_moe_k, constrain
 from moejax.models.config import LMConfig
 from moejax.routing.types import RoutingStats
 
@@ -29,15 +29,20 @@ class TransformerLM(nn.Module):
 
     ``deterministic=False`` (training): dropout (RNG ``'dropout'``), router jitter (RNG ``'jitter'``) and the
     training capacity factor.
+
+    ``moe_k`` (static, optional): experts per token of every routed MoE FFN (``layer='sparse'`` or ``'chain'``),
+    clipped to each layer's number of router outputs (:func:`~moejax.models.blocks.layer_k`); None keeps each
+    layer's ``router.k`` (SMoE-Dropout's inference-time k; ``ValueError`` naming ``moe_k`` unless None or >= 1).
     """
 
     config: LMConfig
 
     @nn.compact
-    def __call__(self, tokens: jax.Array, *, deterministic: bool = True,
-                 positions: jax.Array | None = None) -> tuple[jax.Array, tuple[RoutingStats, ...]]:
+    def __call__(self, tokens: jax.Array, *, deterministic: bool = True, positions: jax.Array | None = None,
+                 moe_k: int | None = None) -> tuple[jax.Array, tuple[RoutingStats, ...]]:
         """tokens: int[B, L]; positions: int[L] or int[B, L] for the rotary embeddings (default arange(L))."""
         cfg = self.config
+        check_moe_k(moe_k)
         if tokens.ndim != 2:
             raise ValueError(f"tokens: expected int[B, L], got shape {tokens.shape}")
         embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=jnp.dtype(cfg.dtype),
@@ -48,7 +53,7 @@ class TransformerLM(nn.Module):
         x = constrain(embed(tokens))                                   # [B, L, D]
         x = nn.Dropout(cfg.dropout_rate, deterministic=deterministic)(x)
         x, stats = Encoder(cfg, causal=True, rope_base=cfg.rope_base, name="decoder")(
-            x, deterministic=deterministic, positions=positions)
+            x, deterministic=deterministic, positions=positions, moe_k=moe_k)
         if cfg.tie_embeddings:
             logits = embed.attend(x)
         else:

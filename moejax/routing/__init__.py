@@ -1,4 +1,7 @@
 """Routing: pure functions from router scores to a typed ``Routing`` value, plus the learned router."""
+from moejax.routing.attention import attention_router_logits
+from moejax.routing.balanced import (balanced_assignment, base_routing, capped_transport_plan, expert_slots,
+                                     sinkhorn_plan, sinkhorn_routing, sparse_ot_routing)
 from moejax.routing.dynamic import active_experts_histogram, top_p_routing
 from moejax.routing.expert_choice import expert_choice_routing
 from moejax.routing.fixed import consistency_loss, hash_routing, hash_scores, random_routing, routing_from_assignment
@@ -6,11 +9,16 @@ from moejax.routing.losses import (aux_free_bias_update, expert_fraction, import
                                    mean_confidence, mean_entropy, router_z_loss)
 from moejax.routing.noise import drop_gates, gumbel_noise
 from moejax.routing.router import Router
-from moejax.routing.schedules import smoe_dropout_k
+from moejax.routing.schedules import (SCHEDULES, layer_budget, schedule_weights, scheduled_moe_layers,
+                                      smoe_dropout_k)
+from moejax.routing.threshold import threshold_routing
 from moejax.routing.topk import finish_token_choice, limit_to_top_groups, scores_from_logits, top_k_routing
 from moejax.routing.types import AnyRouting, AuxLosses, ExpertChoiceRouting, Routing, RoutingStats
 
 __all__ = [
+    "SCHEDULES", "attention_router_logits", "balanced_assignment", "base_routing", "capped_transport_plan",
+    "expert_slots", "layer_budget", "schedule_weights", "scheduled_moe_layers", "sinkhorn_plan", "sinkhorn_routing",
+    "sparse_ot_routing", "threshold_routing",
     "AnyRouting", "AuxLosses", "active_experts_histogram", "consistency_loss", "drop_gates", "gumbel_noise",
     "hash_routing", "hash_scores", "random_routing", "routing_from_assignment", "smoe_dropout_k", "top_p_routing", "ExpertChoiceRouting", "Router", "Routing", "RoutingStats",
     "aux_free_bias_update", "expert_choice_routing", "expert_fraction", "finish_token_choice",

@@ -5,12 +5,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from moejax.config import RouterConfig
+from moejax.config import BALANCED_KINDS, RouterConfig
+from moejax.routing.attention import attention_router_logits
+from moejax.routing.balanced import base_routing, sinkhorn_routing, sparse_ot_routing
 from moejax.routing.dynamic import top_p_routing
 from moejax.routing.expert_choice import expert_choice_routing
 from moejax.routing.fixed import hash_routing, random_routing
 from moejax.routing.losses import aux_free_bias_update
 from moejax.routing.noise import drop_gates, gumbel_noise
+from moejax.routing.threshold import threshold_routing
 from moejax.routing.topk import top_k_routing
 from moejax.routing.types import AnyRouting
 
@@ -19,6 +22,10 @@ class Router(nn.Module):
     """Linear router ``logits = x W`` (float32) followed by the configured routing function.
 
     Parameters: ``kernel`` float32[D, E] with logical axes ``('embed', 'expert')``. With
+    ``config.logits='attention'`` (Yuan 2.0-M32's attention router, :mod:`moejax.routing.attention`) the
+    logits are ``softmax(q k^T) v`` with ``q = x kernel``, ``k = x key_kernel``, ``v = x value_kernel``, all
+    three float32[D, E] with the same logical axes (``kernel`` stays the query projection, so code that reads
+    or sets the router kernel keeps working). With
     ``config.frozen`` (SMoE-Dropout) the same kernel lives in ``moe_state/kernel`` instead: randomly
     initialised, never trained (no gradient, no optimiser update, no weight decay), but checkpointed
     with the rest of the non-gradient state. ``kind='hash'`` and ``kind='random'`` have no kernel.
@@ -32,6 +39,10 @@ class Router(nn.Module):
     draws from the ``'jitter'`` RNG stream and, except for ``kind='random'``, is applied only when
     ``deterministic`` is False. ``kind='random'`` routes randomly in evaluation too (THOR); without a
     ``'jitter'`` RNG (the trainer's evaluation passes none) it uses a fixed draw from ``config.seed``.
+
+    The balanced kinds (``sinkhorn``, ``base``, ``sparse_ot``) use their plan in training and, unless
+    ``config.balance_in_eval``, greedy top-k of the ordinary scores in evaluation (BASE's inference rule).
+    ``sparse_ot`` needs ``capacity`` (its ``C`` tokens per expert).
     """
 
     num_experts: int
@@ -80,6 +91,12 @@ class Router(nn.Module):
             if capacity is None:
                 raise ValueError("capacity: expert-choice routing needs the expert capacity C")
             return expert_choice_routing(logits, capacity), logits
+        if cfg.kind in BALANCED_KINDS and (train or cfg.balance_in_eval):
+            return self._maybe_drop(self._balanced(logits, k, capacity), train), logits
+        if cfg.kind == "threshold":
+            routing = threshold_routing(logits, cfg.threshold, k, mode=cfg.threshold_mode, score=cfg.score,
+                                        renormalize=cfg.renormalize, routed_scaling=cfg.routed_scaling)
+            return self._maybe_drop(routing, train), logits
         noise = None
         if cfg.gumbel_noise > 0 and train:
             noise = gumbel_noise(self.make_rng("jitter"), logits.shape, cfg.gumbel_noise)
@@ -99,6 +116,18 @@ class Router(nn.Module):
             bias_var.value = aux_free_bias_update(bias_var.value, routing.expert_load, cfg.bias_update_rate)
         return self._maybe_drop(routing, train), logits
 
+    def _balanced(self, logits: jax.Array, k: int, capacity: int | None) -> AnyRouting:
+        cfg = self.config
+        if cfg.kind == "base":
+            return base_routing(logits, score=cfg.score, routed_scaling=cfg.routed_scaling)
+        common = dict(iterations=cfg.balance_iterations, temperature=cfg.balance_temperature, score=cfg.score,
+                      renormalize=cfg.renormalize, routed_scaling=cfg.routed_scaling)
+        if cfg.kind == "sinkhorn":
+            return sinkhorn_routing(logits, k, **common)
+        if capacity is None:
+            raise ValueError("capacity: router.kind='sparse_ot' needs the expert capacity C")
+        return sparse_ot_routing(logits, k, capacity, **common)
+
     def logits(self, x: jax.Array, train: bool) -> jax.Array:
         """float32[T, E] router logits of x: [T, D] (with Switch jitter on x in training)."""
         cfg = self.config
@@ -107,17 +136,22 @@ class Router(nn.Module):
             noise = jax.random.uniform(self.make_rng("jitter"), x.shape, jnp.float32,
                                        1.0 - cfg.jitter_noise, 1.0 + cfg.jitter_noise)
             x = x * noise
-        shape = (x.shape[-1], self.num_experts)
-        if cfg.frozen:
-            # A non-param variable: the optimiser never sees it, so it stays at its random init.
-            init = nn.with_logical_partitioning(self.kernel_init, ("embed", "expert"))
-            kernel = self.variable("moe_state", "kernel",
-                                   lambda: nn.unbox(init(self.make_rng("params"), shape, self.param_dtype))).value
-            kernel = jax.lax.stop_gradient(kernel)
-        else:
-            kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, ("embed", "expert")),
-                                shape, self.param_dtype)
+        kernel = self._kernel("kernel", x.shape[-1])
+        if cfg.logits == "attention":
+            return attention_router_logits(x, kernel, self._kernel("key_kernel", x.shape[-1]),
+                                           self._kernel("value_kernel", x.shape[-1]))
         return x @ kernel.astype(jnp.float32)
+
+    def _kernel(self, name: str, d: int) -> jax.Array:
+        """A float[D, E] router projection: a param, or a frozen ``moe_state`` variable (SMoE-Dropout)."""
+        shape = (d, self.num_experts)
+        init = nn.with_logical_partitioning(self.kernel_init, ("embed", "expert"))
+        if self.config.frozen:
+            # A non-param variable: the optimiser never sees it, so it stays at its random init.
+            kernel = self.variable("moe_state", name,
+                                   lambda: nn.unbox(init(self.make_rng("params"), shape, self.param_dtype))).value
+            return jax.lax.stop_gradient(kernel)
+        return self.param(name, init, shape, self.param_dtype)
 
     def _maybe_drop(self, routing: AnyRouting, train: bool) -> AnyRouting:
         if self.config.gate_dropout > 0 and train:

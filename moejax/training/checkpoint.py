@@ -81,7 +81,11 @@ class Checkpointer:
         step = self.manager.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"workdir: no checkpoint in {self.directory}")
-        return self.manager.restore(step, args=ocp.args.StandardRestore())
+        # Onto this process's first device, whatever mesh or process count wrote it.
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        abstract = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                                          self.manager.item_metadata(step).tree)
+        return self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
 
     def _quarantine(self, step: int, err: Exception) -> None:
         dest = self.workdir / "corrupt_checkpoints" / f"{step}-{int(time.time())}"

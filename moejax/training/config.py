@@ -16,14 +16,23 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "z_loss_weight": 0.001,
     "importance_weight": 0.0,
     "tensorboard": True,
+    # Routing mechanisms that live in the trainer (docs/routing_mechanisms.md):
+    "moe_k_start": None,           # SMoE-Dropout k schedule (with moe_k_end): routed layers' k grows over training
+    "moe_k_end": None,
+    "eval_moe_k": None,            # k of every routed layer in evaluation (None: each layer's router.k)
+    "consistency_weight": 0.0,     # THOR: two stochastic passes + weight * symmetric KL between their outputs
+    "router_entropy_weight": 0.0,  # Huang et al. 2024's dynamic loss: weight * sum over layers of router entropy
 }
+# Fields whose default None is an "unset" integer (ml_collections placeholders, overridable on the command line).
+_OPTIONAL_INTS = ("eval_steps", "moe_k_start", "moe_k_end", "eval_moe_k")
 
 
 def train_config(**overrides: Any):
     """The ``train`` section with every field present, so that each can be overridden on the command line."""
     from ml_collections import config_dict
     cfg = config_dict.ConfigDict({k: v for k, v in TRAIN_DEFAULTS.items() if v is not None})
-    cfg.eval_steps = config_dict.placeholder(int)
+    for name in _OPTIONAL_INTS:
+        cfg[name] = config_dict.placeholder(int)
     cfg.update(overrides)
     return cfg
 
@@ -37,6 +46,39 @@ def optimizer_config(**overrides: Any):
     cfg.grad_clip_norm = config_dict.placeholder(float)
     cfg.update(overrides)
     return cfg
+
+
+def mesh_config(**overrides: Any):
+    """The ``mesh`` section with every field present (see :class:`moejax.parallel.MeshConfig`)."""
+    from ml_collections import config_dict
+    cfg = config_dict.ConfigDict({"data": -1, "fsdp": 1, "expert": 1, "tensor": 1, "distributed": "auto",
+                                  "rules": ()})
+    for name, kind in (("coordinator_address", str), ("num_processes", int), ("process_id", int),
+                       ("num_devices", int)):
+        cfg[name] = config_dict.placeholder(kind)
+    cfg.update(overrides)
+    return cfg
+
+
+def digits_mlp_config(layers: list, *, steps: int = 200):
+    """A complete small experiment config: an MLP classifier with ``layers`` (FFN specs) on the offline ``digits``.
+
+    The shared skeleton of the one-mechanism example configs in ``configs/mechanisms/`` (about 15 s on 2 cores).
+    """
+    import ml_collections
+    from ml_collections import config_dict
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    config.data = ml_collections.ConfigDict({"name": "digits", "batch_size": 64, "eval_batch_size": 360, "seed": 0})
+    config.data.data_dir = config_dict.placeholder(str)
+    config.model = ml_collections.ConfigDict({"kind": "mlp", "d_model": 64, "layers": list(layers), "residual": True,
+                                              "norm": "layernorm"})
+    config.optimizer = optimizer_config(name="adamw", learning_rate=3e-3, schedule="warmup_cosine", warmup_steps=20,
+                                        weight_decay=1e-4, grad_clip_norm=1.0)
+    config.train = train_config(steps=steps, log_every=50, eval_every=steps // 2, checkpoint_every=steps // 2,
+                                keep_checkpoints=1, load_balance_weight=0.01, z_loss_weight=0.001)
+    config.mesh = mesh_config()
+    return config
 
 
 def _int_at_least(name: str, value: Any, low: int) -> None:
@@ -60,10 +102,31 @@ def train_settings(config: Mapping[str, Any]) -> dict[str, Any]:
     s = {**TRAIN_DEFAULTS, **train}
     for name in ("steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
         _int_at_least(f"train.{name}", s[name], 1)
-    if s["eval_steps"] is not None:
-        _int_at_least("train.eval_steps", s["eval_steps"], 1)
-    for name in ("load_balance_weight", "z_loss_weight", "importance_weight"):
+    for name in _OPTIONAL_INTS:
+        if s[name] is not None:
+            _int_at_least(f"train.{name}", s[name], 1)
+    if (s["moe_k_start"] is None) != (s["moe_k_end"] is None):
+        unset = "moe_k_end" if s["moe_k_end"] is None else "moe_k_start"
+        raise ValueError(f"train.{unset}: the k schedule needs both train.moe_k_start and train.moe_k_end "
+                         f"(got moe_k_start={s['moe_k_start']!r}, moe_k_end={s['moe_k_end']!r})")
+    if s["moe_k_start"] is not None and s["moe_k_start"] > s["moe_k_end"]:
+        raise ValueError(f"train.moe_k_end={s['moe_k_end']!r}: must be >= train.moe_k_start={s['moe_k_start']!r}")
+    for name in ("load_balance_weight", "z_loss_weight", "importance_weight", "consistency_weight",
+                 "router_entropy_weight"):
         v = s[name]
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
             raise ValueError(f"train.{name}={v!r}: must be a number >= 0")
     return s
+
+
+def scheduled_moe_k(settings: Mapping[str, Any], step: int) -> int | None:
+    """The ``k`` of every routed MoE layer for train step ``step`` (0-based): None without a schedule, else
+    :func:`moejax.routing.smoe_dropout_k` ``(step, train.steps, train.moe_k_start, train.moe_k_end)``.
+
+    A function of the step alone, so a resumed run continues with the k of a run that was never interrupted.
+    Models clip it to each layer's number of experts (``moejax.models.blocks.layer_k``).
+    """
+    if settings["moe_k_start"] is None:
+        return None
+    from moejax.routing.schedules import smoe_dropout_k
+    return smoe_dropout_k(step, settings["steps"], settings["moe_k_start"], settings["moe_k_end"])

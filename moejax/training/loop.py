@@ -7,7 +7,7 @@ import logging
 import pathlib
 import signal
 import time
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -15,9 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from moejax import parallel
+from moejax.config import MoEConfig
 from moejax.training import optim
 from moejax.training.checkpoint import Checkpointer
-from moejax.training.config import train_settings
+from moejax.training.config import scheduled_moe_k, train_settings
 from moejax.training.metrics import MetricWriter, progress_bar, to_python
 from moejax.training.steps import AuxWeights, TrainState, make_eval_step, make_train_step, split_batch
 
@@ -58,18 +60,37 @@ def build(config: Mapping[str, Any]):
     return model, train_data, eval_data, meta
 
 
-def init_state(model: nn.Module, tx, example_inputs: jax.Array, seed: int) -> TrainState:
+def _init_fn(model: nn.Module, tx, example_inputs: jax.Array, boxed: bool):
+    """key -> TrainState; with ``boxed`` the parameters (and optimiser state) keep flax's logical-axis boxes."""
+
+    def init(key: jax.Array) -> TrainState:
+        init_key, run_key = jax.random.split(key)
+        variables = dict(model.init({"params": init_key, "dropout": init_key, "jitter": init_key}, example_inputs,
+                                    deterministic=True))
+        params = variables.pop("params")
+        if not boxed:
+            params, variables = nn.unbox(params), nn.unbox(variables)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                          moe_state=variables, rng=jax.random.key_data(run_key))
+
+    return init
+
+
+def init_state(model: nn.Module, tx, example_inputs: jax.Array, seed: int, mesh: Mesh | None = None,
+               rules: Any = ()) -> tuple[TrainState, Any]:
+    """(train state, its shardings): parameters and optimiser state sharded over ``mesh`` by their logical axes.
+
+    Without a mesh, everything is on the default device (shardings None). Call inside ``jax.set_mesh(mesh)``
+    and ``nn.logical_axis_rules(rules)`` so that expert-parallel layers see the mesh while tracing.
+    """
     key = jax.random.key(seed)
-    init_key, run_key = jax.random.split(key)
-
-    @jax.jit
-    def init(k):
-        return nn.unbox(model.init({"params": k, "dropout": k, "jitter": k}, example_inputs, deterministic=True))
-
-    variables = dict(init(init_key))
-    params = variables.pop("params")
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      moe_state=variables, rng=jax.random.key_data(run_key))
+    if mesh is None:
+        return jax.jit(_init_fn(model, tx, example_inputs, boxed=False))(key), None
+    abstract = jax.eval_shape(_init_fn(model, tx, example_inputs, boxed=True), key)
+    shardings = parallel.state_shardings(abstract, mesh, rules)
+    for line in parallel.describe(shardings):
+        log.debug("moejax: sharding %s", line)
+    return jax.jit(_init_fn(model, tx, example_inputs, boxed=False), out_shardings=shardings)(key), shardings
 
 
 def _state_dict(state: TrainState) -> dict[str, Any]:
@@ -114,17 +135,33 @@ def evaluate(eval_fn, state: TrainState, eval_data, task: str, max_batches: int 
     return result
 
 
-def data_mesh() -> Mesh:
-    """All devices on one ``data`` axis: batches are split over it, the train state is replicated."""
-    return Mesh(np.asarray(jax.devices()), ("data",))
+def check_model_on_mesh(model: nn.Module, mesh: Mesh) -> None:
+    """Rejects, before compiling, MoE layers that cannot be split over ``mesh`` (errors name the field)."""
+    cfg = getattr(model, "config", None)
+    specs = cfg.ffn_specs() if hasattr(cfg, "ffn_specs") else ()
+    n_exp = mesh.shape.get("expert", 1)
+    shards = parallel.token_shards(mesh)
+    for i, spec in enumerate(specs):
+        if not isinstance(spec, MoEConfig):
+            continue
+        if spec.num_experts % n_exp:
+            raise ValueError(f"model layer {i}: num_experts={spec.num_experts} must be divisible by mesh.expert={n_exp}")
+        if n_exp > 1 and spec.dispatch.mode == "capacity" and spec.dispatch.groups % shards:
+            raise ValueError(f"model layer {i}: dispatch.groups={spec.dispatch.groups}: capacity dispatch with expert "
+                             f"parallelism needs routing groups divisible by the {shards} token shards "
+                             f"(data*fsdp*expert); set dispatch.groups={shards} (or a multiple)")
+        if n_exp > 1 and spec.router.kind == "expert_choice":
+            raise ValueError(f"model layer {i}: router.kind='expert_choice' is not supported with mesh.expert > 1 "
+                             "(expert choice picks tokens across all devices)")
 
 
 def _check_divisible(config: Mapping[str, Any], mesh: Mesh) -> None:
-    n = mesh.devices.size
+    n = parallel.token_shards(mesh)
     for field in ("batch_size", "eval_batch_size"):
         value = config["data"][field] if field in config["data"] else None
         if value is not None and value % n:
-            raise ValueError(f"data.{field}={value}: must be divisible by the {n} devices of the data axis")
+            raise ValueError(f"data.{field}={value}: must be divisible by the {n} token shards of the mesh "
+                             f"(data*fsdp*expert)")
 
 
 def _put_batch(batch: Mapping[str, Any], sharding: NamedSharding) -> dict[str, jax.Array]:
@@ -148,21 +185,36 @@ def train_and_evaluate(config: Mapping[str, Any], workdir: str | pathlib.Path) -
     settings = train_settings(config)
     total = settings["steps"]
     optim.validate(config.get("optimizer", {}), total)
-    mesh = data_mesh()
+    mesh_cfg = parallel.MeshConfig.from_dict(config.get("mesh"))
+    parallel.maybe_initialize(mesh_cfg)
+    mesh = parallel.make_mesh(mesh_cfg)
+    rules = mesh_cfg.all_rules()
     _check_divisible(config, mesh)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        return _train(config, pathlib.Path(workdir), settings, mesh, rules)
+
+
+def _train(config: Mapping[str, Any], workdir: pathlib.Path, settings: dict[str, Any], mesh: Mesh,
+           rules: Any) -> dict[str, Any]:
+    total = settings["steps"]
     replicated = NamedSharding(mesh, PartitionSpec())
-    batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
+    batch_sharding = parallel.batch_sharding(mesh)
     model, train_data, eval_data, meta = build(config)
+    check_model_on_mesh(model, mesh)
     task = meta.task
-    workdir = pathlib.Path(workdir)
+    lead = jax.process_index() == 0
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(json.dumps(to_jsonable(config), indent=2, sort_keys=True))
+    if lead:
+        (workdir / "config.json").write_text(json.dumps(to_jsonable(config), indent=2, sort_keys=True))
 
     tx = optim.make_optimizer(config.get("optimizer", {}), total)
     example_inputs, _ = split_batch(train_data.batch(0), task)
-    state = jax.device_put(init_state(model, tx, jnp.asarray(example_inputs), int(config.get("seed", 0))), replicated)
+    # The global batch shape (this process holds 1/process_count of it): expert-parallel layers trace with it.
+    example = jnp.zeros((np.shape(example_inputs)[0] * jax.process_count(), *np.shape(example_inputs)[1:]),
+                        np.asarray(example_inputs).dtype)
+    state, state_sharding = init_state(model, tx, example, int(config.get("seed", 0)), mesh, rules)
     ckpt = Checkpointer(workdir, keep=settings["keep_checkpoints"], async_save=settings["async_checkpoints"])
-    writer = MetricWriter(workdir, tensorboard=settings["tensorboard"])
+    writer = MetricWriter(workdir, tensorboard=settings["tensorboard"], enabled=lead)
     restored = ckpt.restore_latest(_state_dict(state))
     if restored is not None:
         state = _state_from_dict(restored[0], state)
@@ -170,11 +222,21 @@ def train_and_evaluate(config: Mapping[str, Any], workdir: str | pathlib.Path) -
         log.info("moejax: resumed from step %d in %s", restored[1], ckpt.directory)
     start = int(state.step)
 
-    weights = AuxWeights(settings["load_balance_weight"], settings["z_loss_weight"], settings["importance_weight"])
-    train_step = jax.jit(make_train_step(model, tx, task, weights), in_shardings=(replicated, batch_sharding),
-                         out_shardings=(replicated, replicated))
-    eval_step = jax.jit(make_eval_step(model, task), in_shardings=(replicated, batch_sharding),
-                        out_shardings=replicated)
+    weights = AuxWeights(settings["load_balance_weight"], settings["z_loss_weight"], settings["importance_weight"],
+                         settings["router_entropy_weight"])
+    # k is a static shape: one jitted train step per distinct scheduled k (SMoE-Dropout), built on first use.
+    train_steps: dict[int | None, Any] = {}
+
+    def train_step_at(step: int):
+        k = scheduled_moe_k(settings, step)
+        if k not in train_steps:
+            train_steps[k] = jax.jit(
+                make_train_step(model, tx, task, weights, moe_k=k, consistency_weight=settings["consistency_weight"]),
+                in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, replicated))
+        return train_steps[k]
+
+    eval_step = jax.jit(make_eval_step(model, task, moe_k=settings["eval_moe_k"]),
+                        in_shardings=(state_sharding, batch_sharding), out_shardings=replicated)
     bar = progress_bar(total, start)
     preempted = False
     window_start, window_items = time.perf_counter(), 0
@@ -182,7 +244,7 @@ def train_and_evaluate(config: Mapping[str, Any], workdir: str | pathlib.Path) -
         with _sigterm_flag() as sigterm:
             for step in range(start, total):
                 batch = _put_batch(train_data.batch(step), batch_sharding)
-                state, metrics = train_step(state, batch)
+                state, metrics = train_step_at(step)(state, batch)
                 if not int(metrics["finite"]):
                     ckpt.wait()
                     good = ckpt.steps()
@@ -223,6 +285,54 @@ def train_and_evaluate(config: Mapping[str, Any], workdir: str | pathlib.Path) -
             bar.close()
         writer.close()
         ckpt.close()
+
+
+def evaluate_at_k(config: Mapping[str, Any], workdir: str | pathlib.Path, ks: Sequence[int | None], *,
+                  max_batches: int | None = None) -> dict[int | None, dict[str, Any]]:
+    """Evaluates the newest checkpoint in ``workdir`` (trained with ``config``) at each inference ``k`` of ``ks``.
+
+    SMoE-Dropout's inference-time sweep: ``k`` is passed as the model's ``moe_k`` (every routed MoE layer uses
+    ``min(k, its number of experts)``; None: each layer's ``router.k``). Returns ``{k: metrics}`` with the
+    metrics of :func:`evaluate` plus ``step`` (of the checkpoint) and ``moe_k``, over at most ``max_batches``
+    eval batches (None: ``train.eval_steps``). One compilation per ``k``; nothing is trained or written.
+    Raises ``ValueError`` naming ``ks`` for a k that is not None or an int >= 1, ``FileNotFoundError`` when
+    ``workdir`` has no checkpoint.
+    """
+    for k in ks:
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+            raise ValueError(f"ks: {k!r} is not None or an int >= 1")
+    settings = train_settings(config)
+    mesh_cfg = parallel.MeshConfig.from_dict(config.get("mesh"))
+    parallel.maybe_initialize(mesh_cfg)
+    mesh = parallel.make_mesh(mesh_cfg)
+    rules = mesh_cfg.all_rules()
+    _check_divisible(config, mesh)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        model, train_data, eval_data, meta = build(config)
+        check_model_on_mesh(model, mesh)
+        tx = optim.make_optimizer(config.get("optimizer", {}), settings["steps"])
+        example_inputs, _ = split_batch(train_data.batch(0), meta.task)
+        example = jnp.zeros((np.shape(example_inputs)[0] * jax.process_count(), *np.shape(example_inputs)[1:]),
+                            np.asarray(example_inputs).dtype)
+        state, state_sharding = init_state(model, tx, example, int(config.get("seed", 0)), mesh, rules)
+        ckpt = Checkpointer(pathlib.Path(workdir), keep=settings["keep_checkpoints"], async_save=False)
+        try:
+            restored = ckpt.restore_latest(_state_dict(state))
+        finally:
+            ckpt.close()
+        if restored is None:
+            raise FileNotFoundError(f"workdir: no checkpoint to evaluate in {ckpt.directory}")
+        state = _state_from_dict(restored[0], state)
+        batch_sharding = parallel.batch_sharding(mesh)
+        replicated = NamedSharding(mesh, PartitionSpec())
+        batches = settings["eval_steps"] if max_batches is None else max_batches
+        results: dict[int | None, dict[str, Any]] = {}
+        for k in ks:
+            eval_step = jax.jit(make_eval_step(model, meta.task, moe_k=k),
+                                in_shardings=(state_sharding, batch_sharding), out_shardings=replicated)
+            results[k] = {**evaluate(eval_step, state, eval_data, meta.task, batches, batch_sharding),
+                          "step": restored[1], "moe_k": k}
+    return results
 
 
 def to_jsonable(config: Any) -> Any:

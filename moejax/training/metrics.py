@@ -20,25 +20,32 @@ def to_python(value: Any) -> Any:
 
 
 class MetricWriter:
-    """Appends ``{"step": ..., "split": ..., **metrics}`` to ``metrics.jsonl`` and scalars to TensorBoard."""
+    """Appends ``{"step": ..., "split": ..., **metrics}`` to ``metrics.jsonl`` and scalars to TensorBoard.
 
-    def __init__(self, workdir: str | pathlib.Path, *, tensorboard: bool = True):
+    With ``enabled=False`` (every process but the first of a multi-process run) nothing is written, but
+    ``write`` still returns the record.
+    """
+
+    def __init__(self, workdir: str | pathlib.Path, *, tensorboard: bool = True, enabled: bool = True):
         self.path = pathlib.Path(workdir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.enabled = enabled
         self._tb = None
-        if tensorboard:
+        if tensorboard and enabled:
             from tensorboardX import SummaryWriter
             self._tb = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"))
 
     def truncate_after(self, step: int) -> None:
         """Drops records past ``step``: after a resume they would otherwise appear twice."""
-        if not self.path.exists():
+        if not self.enabled or not self.path.exists():
             return
         keep = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
         self.path.write_text("".join(line + "\n" for line in keep))
 
     def write(self, step: int, split: str, metrics: dict[str, Any]) -> dict[str, Any]:
         record = {"step": int(step), "split": split, **{k: to_python(v) for k, v in metrics.items()}}
+        if not self.enabled:
+            return record
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         if self._tb is not None:

@@ -1,4 +1,12 @@
-"""Train state, losses and the jitted train/eval steps (task: ``classification`` or ``lm``)."""
+"""Train state, losses and the jitted train/eval steps (task: ``classification`` or ``lm``).
+
+Training objective of one step (all terms averaged over the batch's targets):
+
+    L = CE + sum_layers (w_lb * load_balance + w_z * z_loss + w_imp * importance + w_ent * router_entropy)
+
+and with THOR's consistency regulariser (``consistency_weight = alpha > 0``) two forward passes ``a``, ``b``
+under different RNG keys, ``L = L_a + L_b + alpha * consistency_loss(logits_a, logits_b)``.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -10,6 +18,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
+from moejax.routing.fixed import consistency_loss
 from moejax.routing.types import RoutingStats
 
 
@@ -30,11 +39,19 @@ class TrainState:
 
 @dataclasses.dataclass(frozen=True)
 class AuxWeights:
-    """Weights of the per-layer auxiliary losses in the training objective (summed over MoE layers)."""
+    """Weights of the per-layer auxiliary losses in the training objective (summed over MoE layers).
+
+    ``router_entropy`` weighs ``RoutingStats.router_entropy`` (the mean entropy of each layer's router
+    distribution): Huang et al. 2024's "dynamic loss" for top-p routing, which pushes the router to concentrate
+    its mass so that fewer experts reach the threshold ``p`` (the paper adds it as ``beta * L_d`` to the objective;
+    we leave ``beta`` to the config). It is differentiable through the router probabilities; for layers without
+    a learned router (hash, random, dense) the term is a constant and adds no gradient.
+    """
 
     load_balance: float = 0.01
     z_loss: float = 0.001
     importance: float = 0.0
+    router_entropy: float = 0.0
 
 
 def split_batch(batch: dict[str, jax.Array], task: str) -> tuple[jax.Array, jax.Array]:
@@ -59,8 +76,10 @@ def aux_loss(stats: Sequence[RoutingStats], w: AuxWeights) -> tuple[jax.Array, d
         "load_balance": sum((s.aux.load_balance for s in stats), jnp.zeros(())),
         "z_loss": sum((s.aux.z_loss for s in stats), jnp.zeros(())),
         "importance": sum((s.aux.importance for s in stats), jnp.zeros(())),
+        "router_entropy": sum((s.router_entropy for s in stats), jnp.zeros(())),
     }
-    total = w.load_balance * terms["load_balance"] + w.z_loss * terms["z_loss"] + w.importance * terms["importance"]
+    total = (w.load_balance * terms["load_balance"] + w.z_loss * terms["z_loss"] + w.importance * terms["importance"]
+             + w.router_entropy * terms["router_entropy"])
     return total, terms
 
 
@@ -75,36 +94,77 @@ def layer_metrics(stats: Sequence[RoutingStats]) -> dict[str, Any]:
     }
 
 
-def _apply(model: nn.Module, params: Any, moe_state: Any, inputs: jax.Array, *, train: bool, rng: jax.Array | None):
+def pass_rngs(rng: jax.Array, index: int = 0) -> dict[str, jax.Array]:
+    """The ``{'dropout', 'jitter'}`` RNGs of forward pass ``index`` of a train step whose key is ``rng``.
+
+    Pass 0 is the only pass of an ordinary step; THOR's second pass (``index=1``) uses ``fold_in(rng, 1)``,
+    so its dropout masks, router jitter and random routing differ from pass 0's.
+    """
+    key = rng if index == 0 else jax.random.fold_in(rng, index)
+    dropout, jitter = jax.random.split(key)
+    return {"dropout": dropout, "jitter": jitter}
+
+
+def _apply(model: nn.Module, params: Any, moe_state: Any, inputs: jax.Array, *, train: bool,
+           rngs: dict[str, jax.Array] | None, moe_k: int | None = None):
     variables = {"params": params, **moe_state}
-    rngs = None
-    if rng is not None:
-        dropout, jitter = jax.random.split(rng)
-        rngs = {"dropout": dropout, "jitter": jitter}
+    kwargs = {} if moe_k is None else {"moe_k": moe_k}
     if moe_state:
         (logits, stats), new_state = model.apply(variables, inputs, deterministic=not train, rngs=rngs,
-                                                 mutable=list(moe_state.keys()))
+                                                 mutable=list(moe_state.keys()), **kwargs)
         return logits, stats, dict(new_state)
-    logits, stats = model.apply(variables, inputs, deterministic=not train, rngs=rngs)
+    logits, stats = model.apply(variables, inputs, deterministic=not train, rngs=rngs, **kwargs)
     return logits, stats, moe_state
 
 
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation, task: str, weights: AuxWeights
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, task: str, weights: AuxWeights, *,
+                    moe_k: int | None = None, consistency_weight: float = 0.0
                     ) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, Any]]]:
-    """A pure train step. A non-finite loss or gradient leaves the state unchanged and reports ``finite=0``."""
+    """A pure train step. A non-finite loss or gradient leaves the state unchanged and reports ``finite=0``.
+
+    Args:
+      moe_k: a static ``k`` for every routed MoE layer (the model's ``moe_k``; None: each ``router.k``), e.g.
+        SMoE-Dropout's scheduled k. One step function per value; it is reported as metric ``moe_k``.
+      consistency_weight: ``alpha`` of THOR (Zuo et al. 2022). When > 0 the model runs twice on the batch with
+        the RNGs of :func:`pass_rngs` (``0`` and ``1``) and the objective is
+        ``L_a + L_b + alpha * consistency_loss(logits_a, logits_b)``, each ``L`` the single-pass objective
+        (mean CE plus the weighted auxiliary losses of that pass). The two cross-entropies are *summed*, not
+        averaged, as in the paper's objective ``CE(p1) + CE(p2) + alpha CR(p1, p2)`` and the authors' code
+        (``loss1 + loss2 + alpha * consistency``; their CE and CR are both summed over tokens, ours both
+        averaged, so ``alpha`` has the same meaning). Gradient flows through both passes and both directions
+        of the KL. Metrics: ``ce`` and ``accuracy`` are the means over the two passes (comparable with a
+        single-pass run), ``consistency`` the unweighted regulariser; the non-gradient state (e.g. selection
+        biases) is taken from pass ``a``.
+    """
+    if consistency_weight < 0:
+        raise ValueError(f"train.consistency_weight={consistency_weight!r}: must be >= 0")
+    passes = 2 if consistency_weight > 0 else 1
 
     def step_fn(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, Any]]:
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         inputs, targets = split_batch(batch, task)
 
-        def loss_fn(params):
-            logits, stats, new_moe_state = _apply(model, params, state.moe_state, inputs, train=True, rng=rng)
+        def one_pass(params, index):
+            logits, stats, new_moe_state = _apply(model, params, state.moe_state, inputs, train=True,
+                                                  rngs=pass_rngs(rng, index), moe_k=moe_k)
             ce, correct = token_losses(logits, targets)
             aux, terms = aux_loss(stats, weights)
-            loss = ce.mean() + aux
-            return loss, (ce.mean(), correct.mean(), terms, stats, new_moe_state)
+            return logits, ce.mean() + aux, ce.mean(), correct.mean(), terms, stats, new_moe_state
 
-        (loss, (ce, acc, terms, stats, new_moe_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        def loss_fn(params):
+            runs = [one_pass(params, i) for i in range(passes)]
+            logits, _, _, _, terms, stats, new_moe_state = runs[0]
+            loss = sum(r[1] for r in runs)
+            ce = sum(r[2] for r in runs) / passes
+            acc = sum(r[3] for r in runs) / passes
+            extra = {}
+            if passes == 2:
+                extra["consistency"] = consistency_loss(logits, runs[1][0])
+                loss = loss + consistency_weight * extra["consistency"]
+            return loss, (ce, acc, terms, stats, new_moe_state, extra)
+
+        (loss, (ce, acc, terms, stats, new_moe_state, extra)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -115,18 +175,23 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, task: st
         new = jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, state)
         metrics = {"loss": loss, "ce": ce, "accuracy": acc, "grad_norm": grad_norm,
                    "finite": finite.astype(jnp.int32), **{f"aux/{k}": v for k, v in terms.items()},
-                   **layer_metrics(stats)}
+                   **extra, **layer_metrics(stats)}
+        if moe_k is not None:
+            metrics["moe_k"] = jnp.asarray(moe_k, jnp.int32)
         return new, metrics
 
     return step_fn
 
 
-def make_eval_step(model: nn.Module, task: str) -> Callable[[TrainState, dict[str, jax.Array]], dict[str, Any]]:
-    """Sums over one padded eval batch (``mask`` float32[B] marks real examples)."""
+def make_eval_step(model: nn.Module, task: str, *, moe_k: int | None = None
+                   ) -> Callable[[TrainState, dict[str, jax.Array]], dict[str, Any]]:
+    """Sums over one padded eval batch (``mask`` float32[B] marks real examples), at the model's ``moe_k``
+    (static; None: each layer's ``router.k``)."""
 
     def eval_fn(state: TrainState, batch: dict[str, jax.Array]) -> dict[str, Any]:
         inputs, targets = split_batch(batch, task)
-        logits, stats, _ = _apply(model, state.params, state.moe_state, inputs, train=False, rng=None)
+        logits, stats, _ = _apply(model, state.params, state.moe_state, inputs, train=False, rngs=None,
+                                  moe_k=moe_k)
         ce, correct = token_losses(logits, targets)
         mask = batch["mask"].astype(jnp.float32)
         mask = mask.reshape(mask.shape + (1,) * (ce.ndim - mask.ndim))

@@ -1,0 +1,23 @@
+"""Hash routing (Roller et al. 2021, arXiv:2106.04426): a fixed random hash picks each token's expert.
+
+python -m moejax.main --config=configs/mechanisms/hash.py --workdir=/tmp/moejax_hash
+
+No router is learned; top-1 with weight 1, as in the paper. The MLP classifier has no token ids, so the
+router hashes each example's position in its batch (``MoELayer`` without ``token_ids``): a fixed
+pseudo-random assignment, the paper's "random hash" baseline at the level of examples, not its token-id
+hash (which needs a model that passes token ids to the layer). The load-balancing loss has nothing to act on.
+
+A small MLP classifier on scikit-learn's digits (no network), 200 steps; see docs/routing_mechanisms.md.
+"""
+import ml_collections
+
+from moejax.training.config import digits_mlp_config
+
+
+def get_config() -> ml_collections.ConfigDict:
+    layer = {"num_experts": 8, "hidden_dim": 64, "router": {"kind": "hash", "k": 1, "seed": 0},
+             "dispatch": {"mode": "dropless"}}
+    config = digits_mlp_config([layer, {**layer, "router": {"kind": "hash", "k": 1, "seed": 1}}])
+    config.train.load_balance_weight = 0.0
+    config.train.z_loss_weight = 0.0
+    return config

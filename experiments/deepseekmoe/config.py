@@ -1,0 +1,91 @@
+"""DeepSeekMoE (Dai et al. 2024) vs GShard top-2 on a byte-level LM: fine-grained + shared experts.
+
+python -m moejax.main --config=experiments/deepseekmoe/config.py:full,fine_shared --workdir=/tmp/dsmoe
+python experiments/deepseekmoe/run.py --preset=full          # the sweep behind README.md
+
+``get_config(arg)``, ``arg = "<preset>"`` or ``"<preset>,<variant>"``:
+
+presets
+  ``tiny``   a few steps of a 1-block model (the smoke test, seconds).
+  ``full``   the README table: D=64, 2 blocks, 4 heads, L=128, batch 8, 500 steps on ``stdlib_bytes``; the
+             baseline MoE FFN has N=8 SwiGLU experts of width F=64 (no biases) in every block. Sized so that
+             the 15 runs fit in ~45 minutes on one contended CPU core.
+  ``long``   ``full`` trained 4x longer (2000 steps): does the ranking change with more training?
+  ``lm1b``   ``full``'s variants at a larger width (D=256, 4 blocks, F=512, L=256, batch 32) on the TFDS ``lm1b``
+             dataset, for a machine with a network and an accelerator (never run here).
+variants (the MoE FFN of every block; built with :mod:`moejax.presets`)
+  ``gshard``        ``gshard_top2(N, F)``: 8 experts of width F, top-2, renormalised gates.
+  ``fine``          ``deepseekmoe(N, F, 2, segments=4, shared=0)``: 32 experts of width F/4, top-8.
+  ``fine_shared``   ``deepseekmoe(N, F, 2, segments=4, shared=1)``: 31 routed experts of width F/4, top-7, plus
+                    1 shared expert of width F/4 (the paper's construction: the shared expert is carved out of
+                    the fine-grained ones, so total and active expert parameters stay those of ``gshard``).
+  ``gshard_x1.5``   ``gshard_top2(N, 1.5 F)``: the paper's "GShard x1.5", 1.5x the expert parameters and
+                    the expert computation of ``gshard``.
+  ``dense``         no MoE: a dense SwiGLU FFN of width ``N F`` in every block, i.e. the total parameters of the
+                    MoE models with all of them active (the paper's upper bound, "Dense x16" there).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+from ml_collections import config_dict
+
+from moejax import presets
+from moejax.config import DispatchConfig
+from moejax.training.config import optimizer_config, train_config
+
+PRESETS = ("tiny", "full", "long", "lm1b")
+VARIANTS = ("gshard", "fine", "fine_shared", "gshard_x1.5", "dense")
+SEEDS = {"tiny": (0,), "full": (0, 1, 2), "long": (0, 1, 2), "lm1b": (0, 1, 2)}
+EXPERT = {"expert_kind": "glu", "activation": "silu", "use_bias": False}
+
+
+def moe_spec(variant: str, num_experts: int, hidden_dim: int) -> dict | None:
+    """The ``model.moe`` mapping of ``variant`` (None for ``dense``), from the presets."""
+    common = dict(EXPERT, dispatch=DispatchConfig(mode="dropless"))
+    if variant == "gshard":
+        cfg = presets.gshard_top2(num_experts, hidden_dim, **common)
+    elif variant == "gshard_x1.5":
+        cfg = presets.gshard_top2(num_experts, hidden_dim * 3 // 2, **common)
+    elif variant == "fine":
+        cfg = presets.deepseekmoe(num_experts, hidden_dim, 2, segments=4, shared=0, **common)
+    elif variant == "fine_shared":
+        cfg = presets.deepseekmoe(num_experts, hidden_dim, 2, segments=4, shared=1, **common)
+    elif variant == "dense":
+        return None
+    else:
+        raise ValueError(f"variant={variant!r}: must be one of {list(VARIANTS)}")
+    return dataclasses.asdict(cfg)  # a plain mapping: overridable from the command line, JSON-able
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    preset, _, variant = (arg or "full").partition(",")
+    variant = variant or "fine_shared"
+    if preset not in PRESETS:
+        raise ValueError(f"preset={preset!r}: must be one of {list(PRESETS)}")
+    size = {"tiny": dict(d=32, layers=1, heads=2, f=32, seq=32, batch=8, steps=10),
+            "full": dict(d=64, layers=2, heads=4, f=64, seq=128, batch=8, steps=500),
+            "long": dict(d=64, layers=2, heads=4, f=64, seq=128, batch=8, steps=2000),
+            "lm1b": dict(d=256, layers=4, heads=8, f=512, seq=256, batch=32, steps=20000)}[preset]
+    experts = 8
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    config.data = ml_collections.ConfigDict({
+        "name": "lm1b" if preset == "lm1b" else "stdlib_bytes", "batch_size": size["batch"],
+        "eval_batch_size": 2 * size["batch"], "seq_len": size["seq"], "seed": 0})
+    config.data.data_dir = config_dict.placeholder(str)
+    config.model = ml_collections.ConfigDict({
+        "kind": "transformer_lm", "d_model": size["d"], "num_layers": size["layers"], "num_heads": size["heads"],
+        "moe_every": 1, "ffn_kind": "glu", "activation": "silu", "use_bias": False,
+        "dense_hidden_dim": experts * size["f"],  # used only by dense blocks, i.e. by the dense variant
+    })
+    config.model.moe = moe_spec(variant, experts, size["f"])
+    steps = size["steps"]
+    config.optimizer = optimizer_config(name="adamw", learning_rate=2e-3, schedule="warmup_cosine",
+                                        warmup_steps=max(steps // 20, 1), weight_decay=0.01, grad_clip_norm=1.0)
+    config.train = train_config(steps=steps, log_every=max(steps // 10, 1), eval_every=steps,
+                                checkpoint_every=steps, keep_checkpoints=1, async_checkpoints=False,
+                                tensorboard=False, eval_steps=2 if preset == "tiny" else 20,
+                                load_balance_weight=0.01, z_loss_weight=0.001)
+    return config

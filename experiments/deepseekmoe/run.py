@@ -1,0 +1,203 @@
+"""The DeepSeekMoE sweep: variants x seeds -> results/<preset>/*.json and summary.json (+ a plot).
+
+nice -n 10 python experiments/deepseekmoe/run.py --preset=full [--variants=gshard,fine_shared] [--seeds=0,1,2]
+                                                 [--threads=1]
+
+Each run trains with ``moejax.training.loop.train_and_evaluate`` (the library's trainer) in its own workdir;
+then the final checkpoint is restored and the redundancy test (redundancy.py) is run on the same validation
+batches: the validation loss with each token's top 1/8 and 2/8 of routed experts disabled, minus the loss
+without masking. A run whose JSON already exists is skipped, so a killed sweep continues where it stopped.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="full")
+    p.add_argument("--variants", default=None, help="comma-separated; default: all of config.VARIANTS")
+    p.add_argument("--seeds", default=None, help="comma-separated; default: config.SEEDS[preset]")
+    p.add_argument("--workdir", default="/tmp/moejax_experiments/deepseekmoe")
+    p.add_argument("--results", default=None, help="default: experiments/deepseekmoe/results/<preset>")
+    p.add_argument("--threads", type=int, default=None, help="pin XLA:CPU to one thread when 1 (set before jax)")
+    p.add_argument("--table", action="store_true", help="only print the markdown table of the existing results")
+    return p.parse_args(argv)
+
+
+def load_sibling(name: str):
+    """This directory's ``<name>.py`` as module ``deepseekmoe_<name>`` (both experiment dirs have a ``config.py``)."""
+    import importlib.util
+    here = os.path.dirname(os.path.abspath(__file__))
+    full = f"deepseekmoe_{name}"
+    if full not in sys.modules:
+        spec = importlib.util.spec_from_file_location(full, os.path.join(here, f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[full] = module
+        spec.loader.exec_module(module)
+    return sys.modules[full]
+
+
+def code_version() -> dict:
+    """Which moejax ran: its path, the git commit of its checkout (if any), or $MOEJAX_CODE_VERSION."""
+    import subprocess
+
+    import moejax
+    root = os.path.dirname(os.path.dirname(os.path.abspath(moejax.__file__)))
+    try:
+        commit = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10).stdout.strip() or None
+    except OSError:
+        commit = None
+    return {"moejax_path": root, "git_commit": commit, "note": os.environ.get("MOEJAX_CODE_VERSION")}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse(argv)
+    if args.threads == 1:  # must happen before jax initialises its CPU client
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1").strip()
+    here = os.path.dirname(os.path.abspath(__file__))
+    import json
+    import pathlib
+    import shutil
+    import time
+
+    import jax
+    import jax.numpy as jnp
+
+    from moejax import data as data_lib
+    from moejax.models import build_model, param_counts
+    from moejax.training.checkpoint import Checkpointer
+    from moejax.training.loop import to_jsonable, train_and_evaluate
+    from moejax.training.metrics import to_python
+
+    config_lib = load_sibling("config")
+    redundancy = load_sibling("redundancy")
+
+    variants = args.variants.split(",") if args.variants else list(config_lib.VARIANTS)
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(config_lib.SEEDS[args.preset])
+    results = pathlib.Path(args.results or os.path.join(here, "results", args.preset))
+    results.mkdir(parents=True, exist_ok=True)
+    machine = {"platform": jax.default_backend(), "devices": jax.device_count(), "cpu_count": os.cpu_count(),
+               "uname": " ".join(os.uname()), "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")}
+    command = " ".join(["experiments/deepseekmoe/run.py", *(sys.argv[1:] if argv is None else argv)])
+    if args.table:
+        import json
+        runs = [json.loads(f.read_text()) for f in sorted(results.glob("*_seed*.json"))]
+        order = {v: i for i, v in enumerate(config_lib.VARIANTS)}
+        runs.sort(key=lambda r: (order.get(r["variant"], 99), r["seed"]))
+        return summarize(runs)
+    code = code_version()
+    runs = []
+    for variant in variants:
+        for seed in seeds:
+            out = results / f"{variant}_seed{seed}.json"
+            if out.exists():
+                runs.append(json.loads(out.read_text()))
+                continue
+            config = config_lib.get_config(f"{args.preset},{variant}")
+            config.seed = seed
+            config.data.seed = seed
+            workdir = pathlib.Path(args.workdir) / args.preset / f"{variant}_seed{seed}"
+            shutil.rmtree(workdir, ignore_errors=True)
+            start = time.perf_counter()
+            final = train_and_evaluate(config, workdir)
+            train_s = time.perf_counter() - start
+            ckpt = Checkpointer(workdir, keep=1, async_save=False)
+            state = ckpt.restore_raw()
+            ckpt.close()
+            pipeline = data_lib.from_config(config.data)
+            model = build_model(config.model, vocab_size=pipeline.meta.vocab_size)
+            variables = {"params": state["params"], **state["moe_state"]}
+            counts = param_counts(model, jax.ShapeDtypeStruct((1, config.data.seq_len), jnp.int32))
+            n_eval = int(config.train.eval_steps)
+            masking = {}
+            if config.model.moe is not None:
+                base, *masked = redundancy.eval_losses(model, variables, pipeline.eval, n_eval,
+                                                       (0.0, *redundancy.RATIOS))
+                for ratio, loss in zip(redundancy.RATIOS, masked):
+                    masking[f"{ratio:.3f}"] = {"loss": loss, "increase": loss - base}
+                masking["unmasked_loss"] = base
+            record = {
+                "experiment": "deepseekmoe", "preset": args.preset, "variant": variant, "seed": seed,
+                "final_eval": {k: to_python(v) for k, v in final.items()},
+                "params": {"total": counts.total, "active": counts.active, "routed_experts": counts.routed_experts},
+                "redundancy": masking,
+                "wall_clock_s": time.perf_counter() - start, "train_wall_clock_s": train_s,
+                "jax_version": jax.__version__, "machine": machine, "code": code, "command": command,
+                "config": to_jsonable(config),
+            }
+            out.write_text(json.dumps(record, indent=2))
+            extra = "" if not masking else "; loss increase " + ", ".join(
+                f"{k}: {v['increase']:+.4f}" for k, v in masking.items() if k != "unmasked_loss")
+            print(f"{variant} seed {seed}: val loss {final['loss']:.4f}{extra} ({record['wall_clock_s']:.0f} s)",
+                  flush=True)
+            runs.append(record)
+    summary = summarize(runs)
+    (results / "summary.json").write_text(json.dumps(summary, indent=2))
+    (results / "table.md").write_text(table(summary) + "\n")
+    plot(summary, str(results / "val_loss.png"))
+    return summary
+
+
+def summarize(runs: list[dict]) -> dict:
+    """Per variant: mean and sample std (ddof=1) over seeds of the validation loss, loss increases, wall-clock."""
+    import numpy as np
+
+    def stat(values):
+        v = np.asarray(values, float)
+        return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0}
+
+    out: dict = {}
+    for variant in dict.fromkeys(r["variant"] for r in runs):
+        rs = [r for r in runs if r["variant"] == variant]
+        row = {"seeds": [r["seed"] for r in rs], "params": rs[0]["params"],
+               "val_loss": stat([r["final_eval"]["loss"] for r in rs]),
+               "wall_clock_s": stat([r["wall_clock_s"] for r in rs])}
+        for key in rs[0]["redundancy"]:
+            if key != "unmasked_loss":
+                row[f"increase_{key}"] = stat([r["redundancy"][key]["increase"] for r in rs])
+        out[variant] = row
+    return out
+
+
+def plot(summary: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(summary)
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.bar(names, [summary[n]["val_loss"]["mean"] for n in names],
+           yerr=[summary[n]["val_loss"]["std"] for n in names], capsize=4)
+    lo = min(summary[n]["val_loss"]["mean"] for n in names)
+    hi = max(summary[n]["val_loss"]["mean"] for n in names)
+    ax.set_ylim(lo - 0.1 * (hi - lo + 1e-3) - 0.02, hi + 0.1 * (hi - lo + 1e-3) + 0.02)
+    ax.set_ylabel("validation loss (nats/byte)")
+    ax.set_title("mean ± std over seeds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def table(summary: dict) -> str:
+    """Markdown rows: variant, params, seeds, validation loss, redundancy loss increases, wall-clock."""
+    def pm(s, digits=4):
+        return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"
+
+    lines = ["| variant | total params | active params | seeds | validation loss (nats/byte) "
+             "| loss increase, top 1/8 routed disabled | top 2/8 disabled | wall-clock per run (s) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, r in summary.items():
+        inc = [pm(r[k]) if k in r else "—" for k in ("increase_0.125", "increase_0.250")]
+        lines.append(f"| {name} | {r['params']['total']:,} | {r['params']['active']:,} | "
+                     f"{','.join(map(str, r['seeds']))} | {pm(r['val_loss'])} | {inc[0]} | {inc[1]} | "
+                     f"{r['wall_clock_s']['mean']:.0f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(table(main()))

@@ -12,51 +12,21 @@ import argparse
 import os
 import sys
 
+from moejax import sweep
+
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--preset", default="full")
-    p.add_argument("--variants", default=None, help="comma-separated; default: all of config.VARIANTS")
-    p.add_argument("--seeds", default=None, help="comma-separated; default: config.SEEDS[preset]")
-    p.add_argument("--workdir", default="/tmp/moejax_experiments/deep_moe")
-    p.add_argument("--results", default=None, help="default: experiments/deep_moe/results/<preset>")
-    p.add_argument("--threads", type=int, default=None, help="pin XLA:CPU to one thread when 1 (set before jax)")
-    p.add_argument("--table", action="store_true", help="only print the markdown table of the existing results")
-    return p.parse_args(argv)
+    return sweep.parser("deep_moe", __doc__.splitlines()[0]).parse_args(argv)
 
 
 def load_sibling(name: str):
-    """This directory's ``<name>.py`` as module ``deep_moe_<name>`` (both experiment dirs have a ``config.py``)."""
-    import importlib.util
-    here = os.path.dirname(os.path.abspath(__file__))
-    full = f"deep_moe_{name}"
-    if full not in sys.modules:
-        spec = importlib.util.spec_from_file_location(full, os.path.join(here, f"{name}.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[full] = module
-        spec.loader.exec_module(module)
-    return sys.modules[full]
-
-
-def code_version() -> dict:
-    """Which moejax ran: its path, the git commit of its checkout (if any), or $MOEJAX_CODE_VERSION."""
-    import subprocess
-
-    import moejax
-    root = os.path.dirname(os.path.dirname(os.path.abspath(moejax.__file__)))
-    try:
-        commit = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True,
-                                timeout=10).stdout.strip() or None
-    except OSError:
-        commit = None
-    return {"moejax_path": root, "git_commit": commit, "note": os.environ.get("MOEJAX_CODE_VERSION")}
+    return sweep.load_sibling(__file__, "deep_moe", name)
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse(argv)
     if args.threads == 1:  # must happen before jax initialises its CPU client
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                                   " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1").strip()
+        sweep.pin_one_thread()
     here = os.path.dirname(os.path.abspath(__file__))
     import json
     import pathlib
@@ -78,18 +48,16 @@ def main(argv: list[str] | None = None) -> dict:
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(config_lib.SEEDS[args.preset])
     results = pathlib.Path(args.results or os.path.join(here, "results", args.preset))
     results.mkdir(parents=True, exist_ok=True)
-    machine = {"platform": jax.default_backend(), "devices": jax.device_count(), "cpu_count": os.cpu_count(),
-               "uname": " ".join(os.uname()), "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")}
+    machine = sweep.machine()
     command = " ".join([os.path.relpath(sys.argv[0]) if argv is None else "run.py", *(sys.argv[1:] if argv is None
                                                                                       else argv)])
     test = None
     if args.table:
-        import json
         runs = [json.loads(f.read_text()) for f in sorted(results.glob("*_seed*.json"))]
         order = {v: i for i, v in enumerate(config_lib.VARIANTS)}
         runs.sort(key=lambda r: (order.get(r["variant"], 99), r["seed"]))
         return summarize(runs)
-    code = code_version()
+    code = sweep.code_version()
     runs = []
     for variant in variants:
         for seed in seeds:
@@ -144,22 +112,16 @@ def main(argv: list[str] | None = None) -> dict:
 
 def summarize(runs: list[dict]) -> dict:
     """Mean and std (sample std, ddof=1, over seeds) per variant of accuracy, wall-clock and each layer's MI."""
-    import numpy as np
     out: dict = {}
     for variant in dict.fromkeys(r["variant"] for r in runs):
         rs = [r for r in runs if r["variant"] == variant]
         row = {"seeds": [r["seed"] for r in rs]}
-
-        def stat(values):
-            v = np.asarray(values, float)
-            return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0}
-
-        row["accuracy"] = stat([r["final_eval"]["accuracy"] for r in rs])
-        row["wall_clock_s"] = stat([r["wall_clock_s"] for r in rs])
+        row["accuracy"] = sweep.mean_std([r["final_eval"]["accuracy"] for r in rs])
+        row["wall_clock_s"] = sweep.mean_std([r["wall_clock_s"] for r in rs])
         for layer in range(len(rs[0]["gating"])):
             for key in rs[0]["gating"][layer]:
                 if key.startswith("mi_") or key == "mean_gate_entropy":
-                    row[f"layer{layer + 1}_{key}"] = stat([r["gating"][layer][key] for r in rs])
+                    row[f"layer{layer + 1}_{key}"] = sweep.mean_std([r["gating"][layer][key] for r in rs])
         out[variant] = row
     return out
 

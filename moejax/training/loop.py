@@ -20,7 +20,7 @@ from moejax.config import MoEConfig
 from moejax.training import optim
 from moejax.training.checkpoint import Checkpointer
 from moejax.training.config import scheduled_moe_k, train_settings
-from moejax.training.metrics import MetricWriter, progress_bar, to_python
+from moejax.training.metrics import MetricWriter, progress_bar
 from moejax.training.steps import AuxWeights, TrainState, make_eval_step, make_train_step, split_batch
 
 log = logging.getLogger("moejax")
@@ -185,13 +185,33 @@ def train_and_evaluate(config: Mapping[str, Any], workdir: str | pathlib.Path) -
     settings = train_settings(config)
     total = settings["steps"]
     optim.validate(config.get("optimizer", {}), total)
+    with _mesh_context(config) as (mesh, rules):
+        return _train(config, pathlib.Path(workdir), settings, mesh, rules)
+
+
+@contextlib.contextmanager
+def _mesh_context(config: Mapping[str, Any]) -> Iterator[tuple[Mesh, Any]]:
+    """The config's mesh (joining other processes first if asked) and rules, entered for tracing: (mesh, rules)."""
     mesh_cfg = parallel.MeshConfig.from_dict(config.get("mesh"))
     parallel.maybe_initialize(mesh_cfg)
     mesh = parallel.make_mesh(mesh_cfg)
     rules = mesh_cfg.all_rules()
     _check_divisible(config, mesh)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        return _train(config, pathlib.Path(workdir), settings, mesh, rules)
+        yield mesh, rules
+
+
+def _model_and_state(config: Mapping[str, Any], total_steps: int, mesh: Mesh, rules: Any):
+    """(model, train data, eval data, meta, optimiser, fresh sharded state, its shardings) for ``config``."""
+    model, train_data, eval_data, meta = build(config)
+    check_model_on_mesh(model, mesh)
+    tx = optim.make_optimizer(config.get("optimizer", {}), total_steps)
+    example_inputs, _ = split_batch(train_data.batch(0), meta.task)
+    # The global batch shape (this process holds 1/process_count of it): expert-parallel layers trace with it.
+    example = jnp.zeros((np.shape(example_inputs)[0] * jax.process_count(), *np.shape(example_inputs)[1:]),
+                        np.asarray(example_inputs).dtype)
+    state, state_sharding = init_state(model, tx, example, int(config.get("seed", 0)), mesh, rules)
+    return model, train_data, eval_data, meta, tx, state, state_sharding
 
 
 def _train(config: Mapping[str, Any], workdir: pathlib.Path, settings: dict[str, Any], mesh: Mesh,
@@ -199,20 +219,13 @@ def _train(config: Mapping[str, Any], workdir: pathlib.Path, settings: dict[str,
     total = settings["steps"]
     replicated = NamedSharding(mesh, PartitionSpec())
     batch_sharding = parallel.batch_sharding(mesh)
-    model, train_data, eval_data, meta = build(config)
-    check_model_on_mesh(model, mesh)
+    model, train_data, eval_data, meta, tx, state, state_sharding = _model_and_state(config, total, mesh, rules)
     task = meta.task
     lead = jax.process_index() == 0
     workdir.mkdir(parents=True, exist_ok=True)
     if lead:
         (workdir / "config.json").write_text(json.dumps(to_jsonable(config), indent=2, sort_keys=True))
 
-    tx = optim.make_optimizer(config.get("optimizer", {}), total)
-    example_inputs, _ = split_batch(train_data.batch(0), task)
-    # The global batch shape (this process holds 1/process_count of it): expert-parallel layers trace with it.
-    example = jnp.zeros((np.shape(example_inputs)[0] * jax.process_count(), *np.shape(example_inputs)[1:]),
-                        np.asarray(example_inputs).dtype)
-    state, state_sharding = init_state(model, tx, example, int(config.get("seed", 0)), mesh, rules)
     ckpt = Checkpointer(workdir, keep=settings["keep_checkpoints"], async_save=settings["async_checkpoints"])
     writer = MetricWriter(workdir, tensorboard=settings["tensorboard"], enabled=lead)
     restored = ckpt.restore_latest(_state_dict(state))
@@ -302,19 +315,8 @@ def evaluate_at_k(config: Mapping[str, Any], workdir: str | pathlib.Path, ks: Se
         if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
             raise ValueError(f"ks: {k!r} is not None or an int >= 1")
     settings = train_settings(config)
-    mesh_cfg = parallel.MeshConfig.from_dict(config.get("mesh"))
-    parallel.maybe_initialize(mesh_cfg)
-    mesh = parallel.make_mesh(mesh_cfg)
-    rules = mesh_cfg.all_rules()
-    _check_divisible(config, mesh)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        model, train_data, eval_data, meta = build(config)
-        check_model_on_mesh(model, mesh)
-        tx = optim.make_optimizer(config.get("optimizer", {}), settings["steps"])
-        example_inputs, _ = split_batch(train_data.batch(0), meta.task)
-        example = jnp.zeros((np.shape(example_inputs)[0] * jax.process_count(), *np.shape(example_inputs)[1:]),
-                            np.asarray(example_inputs).dtype)
-        state, state_sharding = init_state(model, tx, example, int(config.get("seed", 0)), mesh, rules)
+    with _mesh_context(config) as (mesh, rules):
+        model, _, eval_data, meta, _, state, state_sharding = _model_and_state(config, settings["steps"], mesh, rules)
         ckpt = Checkpointer(pathlib.Path(workdir), keep=settings["keep_checkpoints"], async_save=False)
         try:
             restored = ckpt.restore_latest(_state_dict(state))

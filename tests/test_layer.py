@@ -9,6 +9,7 @@ import pytest
 
 from moejax import DenseLayer, DispatchConfig, MoEConfig, MoELayer, RouterConfig, reference
 from moejax.routing import Router
+from trees import assert_trees_close
 
 ROUTERS = {
     "switch_top1": RouterConfig(k=1),
@@ -91,14 +92,6 @@ def values_and_grads(cfg: MoEConfig, use_reference: bool, params, state, x, cot)
 
     (_, y), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, x)
     return y, grads
-
-
-def assert_trees_close(a, b, rtol=2e-5, atol=2e-5):
-    flat_a, tree_a = jax.tree_util.tree_flatten_with_path(a)
-    flat_b, tree_b = jax.tree_util.tree_flatten(b)
-    assert tree_a == tree_b
-    for (path, va), vb in zip(flat_a, flat_b):
-        np.testing.assert_allclose(va, vb, rtol=rtol, atol=atol, err_msg=jax.tree_util.keystr(path))
 
 
 @pytest.mark.parametrize("disp", list(DISPATCHES))

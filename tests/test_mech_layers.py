@@ -17,6 +17,7 @@ from moejax.models import build_model
 from moejax.models.blocks import make_ffn
 from moejax.models.config import MLPConfig
 from moejax.routing import Router, top_k_routing
+from trees import assert_trees_close
 
 D = 6
 
@@ -28,14 +29,6 @@ def unboxed_init(layer, x, seed=1):
 def jitted(layer, **kw):
     """``layer.apply(variables, x, **kw)`` compiled once (eager op-by-op Flax is slower than one compile here)."""
     return jax.jit(lambda variables, x: layer.apply(variables, x, **kw))
-
-
-def assert_trees_close(a, b, rtol=2e-5, atol=2e-5):
-    flat_a, tree_a = jax.tree_util.tree_flatten_with_path(a)
-    flat_b, tree_b = jax.tree_util.tree_flatten(b)
-    assert tree_a == tree_b
-    for (path, va), vb in zip(flat_a, flat_b):
-        np.testing.assert_allclose(va, vb, rtol=rtol, atol=atol, err_msg=jax.tree_util.keystr(path))
 
 
 # -------------------------------------------------------------------------------------------------- Soft MoE

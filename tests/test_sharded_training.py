@@ -19,6 +19,7 @@ from moejax.training import loop, optim
 from moejax.training.checkpoint import Checkpointer
 from moejax.training.config import mesh_config, optimizer_config, train_config
 from moejax.training.steps import AuxWeights, make_train_step, split_batch
+from trees import assert_trees_close
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MESHES = {
@@ -100,17 +101,11 @@ def test_one_sharded_step_equals_the_single_device_step(data_dir, mesh_name, mod
     want_loss, want = single_device(data_dir, mode, skewed)
     loss, got = one_step(lm_config(data_dir, mode, skewed), MESHES[mesh_name], skewed)
     np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
-    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree_util.tree_leaves(want)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-6, err_msg=jax.tree_util.keystr(path))
+    assert_trees_close(got, want, rtol=1e-4, atol=2e-6)
 
 
 def final_params(workdir: pathlib.Path):
     return Checkpointer(workdir).restore_raw()["params"]
-
-
-def assert_params_close(a, b):
-    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves(b)):
-        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5, err_msg=jax.tree_util.keystr(path))
 
 
 def test_checkpoint_restores_onto_another_mesh_and_training_continues(tmp_path, data_dir):
@@ -121,7 +116,7 @@ def test_checkpoint_restores_onto_another_mesh_and_training_continues(tmp_path, 
     result = loop.train_and_evaluate(lm_config(data_dir, steps=4, mesh=dict(data=1, expert=2, num_devices=2)),
                                      tmp_path / "moved")
     assert result["step"] == 4
-    assert_params_close(final_params(tmp_path / "moved"), final_params(tmp_path / "straight"))
+    assert_trees_close(final_params(tmp_path / "moved"), final_params(tmp_path / "straight"), rtol=1e-4, atol=1e-5)
 
 
 def test_mesh_errors_are_raised_before_compiling(tmp_path, data_dir):
@@ -158,4 +153,4 @@ def test_two_processes_match_one_process(tmp_path, data_dir):
     for i, r in enumerate(results):
         assert r.returncode == 0, f"process {i} failed:\n{r.stdout[-4000:]}"
     assert "final step 3" in results[0].stdout
-    assert_params_close(final_params(tmp_path / "two"), final_params(tmp_path / "one"))
+    assert_trees_close(final_params(tmp_path / "two"), final_params(tmp_path / "one"), rtol=1e-4, atol=1e-5)

@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
+import pathlib
+import shutil
 import subprocess
 import sys
+import time
 from types import ModuleType
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 
 def parser(name: str, description: str) -> argparse.ArgumentParser:
@@ -68,3 +72,71 @@ def mean_std(values: Sequence[float]) -> dict[str, float]:
     import numpy as np
     v = np.asarray(values, float)
     return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0}
+
+
+def selection(args: argparse.Namespace, config_lib: ModuleType, run_file: str
+              ) -> tuple[list[str], list[int], pathlib.Path]:
+    """(variants, seeds, results directory) from the flags, defaulting to ``config.VARIANTS`` / ``config.SEEDS``."""
+    variants = args.variants.split(",") if args.variants else list(config_lib.VARIANTS)
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(config_lib.SEEDS[args.preset])
+    here = os.path.dirname(os.path.abspath(run_file))
+    results = pathlib.Path(args.results or os.path.join(here, "results", args.preset))
+    results.mkdir(parents=True, exist_ok=True)
+    return variants, seeds, results
+
+
+def load_runs(results: pathlib.Path, variant_order: Sequence[str]) -> list[dict[str, Any]]:
+    """The run JSONs already in ``results``, ordered by variant (as in ``variant_order``) then seed."""
+    runs = [json.loads(f.read_text()) for f in sorted(results.glob("*_seed*.json"))]
+    order = {v: i for i, v in enumerate(variant_order)}
+    runs.sort(key=lambda r: (order.get(r["variant"], 99), r["seed"]))
+    return runs
+
+
+def run_all(args: argparse.Namespace, experiment: str, config_lib: ModuleType, variants: Sequence[str],
+            seeds: Sequence[int], results: pathlib.Path, command: str,
+            measure: Callable[..., dict[str, Any]],
+            after: Callable[[dict[str, Any], pathlib.Path], None] | None = None) -> list[dict[str, Any]]:
+    """Trains every (variant, seed) not already in ``results`` and writes ``<variant>_seed<seed>.json``.
+
+    Each run: ``config.get_config('<preset>,<variant>')`` with ``seed`` and ``data.seed`` set, trained from scratch
+    in ``<workdir>/<preset>/<variant>_seed<seed>`` with the library's trainer, final checkpoint restored, then
+    ``measure(config=, state=, final=, variant=, seed=)`` returns the experiment's own record fields. The record
+    adds wall-clock (training and total, measure included), jax version, machine, code version, command and
+    config. ``after(record, workdir)`` (plots, logs; not timed) runs once the JSON is written.
+    """
+    import jax
+
+    from moejax.training.checkpoint import Checkpointer
+    from moejax.training.loop import to_jsonable, train_and_evaluate
+    host, code = machine(), code_version()
+    runs = []
+    for variant in variants:
+        for seed in seeds:
+            out = results / f"{variant}_seed{seed}.json"
+            if out.exists():
+                runs.append(json.loads(out.read_text()))
+                continue
+            config = config_lib.get_config(f"{args.preset},{variant}")
+            config.seed = seed
+            config.data.seed = seed
+            workdir = pathlib.Path(args.workdir) / args.preset / f"{variant}_seed{seed}"
+            shutil.rmtree(workdir, ignore_errors=True)
+            start = time.perf_counter()
+            final = train_and_evaluate(config, workdir)
+            train_s = time.perf_counter() - start
+            ckpt = Checkpointer(workdir, keep=1, async_save=False)
+            state = ckpt.restore_raw()
+            ckpt.close()
+            fields = measure(config=config, state=state, final=final, variant=variant, seed=seed)
+            record = {
+                "experiment": experiment, "preset": args.preset, "variant": variant, "seed": seed, **fields,
+                "wall_clock_s": time.perf_counter() - start, "train_wall_clock_s": train_s,
+                "jax_version": jax.__version__, "machine": host, "code": code, "command": command,
+                "config": to_jsonable(config),
+            }
+            out.write_text(json.dumps(record, indent=2))
+            if after is not None:
+                after(record, workdir)
+            runs.append(record)
+    return runs

@@ -27,83 +27,53 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse(argv)
     if args.threads == 1:  # must happen before jax initialises its CPU client
         sweep.pin_one_thread()
-    here = os.path.dirname(os.path.abspath(__file__))
     import json
-    import pathlib
-    import shutil
-    import time
 
     import jax
     import numpy as np
 
     from moejax import data as data_lib
     from moejax.models import build_model, param_counts
-    from moejax.training.checkpoint import Checkpointer
-    from moejax.training.loop import to_jsonable, train_and_evaluate
 
     analysis = load_sibling("analysis")
     config_lib = load_sibling("config")
-
-    variants = args.variants.split(",") if args.variants else list(config_lib.VARIANTS)
-    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(config_lib.SEEDS[args.preset])
-    results = pathlib.Path(args.results or os.path.join(here, "results", args.preset))
-    results.mkdir(parents=True, exist_ok=True)
-    machine = sweep.machine()
+    variants, seeds, results = sweep.selection(args, config_lib, __file__)
+    if args.table:
+        return summarize(sweep.load_runs(results, config_lib.VARIANTS))
     command = " ".join([os.path.relpath(sys.argv[0]) if argv is None else "run.py", *(sys.argv[1:] if argv is None
                                                                                       else argv)])
-    test = None
-    if args.table:
-        runs = [json.loads(f.read_text()) for f in sorted(results.glob("*_seed*.json"))]
-        order = {v: i for i, v in enumerate(config_lib.VARIANTS)}
-        runs.sort(key=lambda r: (order.get(r["variant"], 99), r["seed"]))
-        return summarize(runs)
-    code = sweep.code_version()
-    runs = []
-    for variant in variants:
-        for seed in seeds:
-            out = results / f"{variant}_seed{seed}.json"
-            if out.exists():
-                runs.append(json.loads(out.read_text()))
-                continue
-            config = config_lib.get_config(f"{args.preset},{variant}")
-            config.seed = seed
-            config.data.seed = seed
-            workdir = pathlib.Path(args.workdir) / args.preset / f"{variant}_seed{seed}"
-            shutil.rmtree(workdir, ignore_errors=True)
-            start = time.perf_counter()
-            final = train_and_evaluate(config, workdir)
-            train_s = time.perf_counter() - start
-            ckpt = Checkpointer(workdir, keep=1, async_save=False)
-            state = ckpt.restore_raw()
-            ckpt.close()
-            if test is None:
-                test = data_lib.materialize(data_lib.load_split(config.data.name, "test", config.data.data_dir),
-                                            ("image", "label", "position", "position_class")).columns
-            model = build_model(config.model, num_classes=10, input_shape=test["image"].shape[1:])
-            variables = {"params": state["params"], **state["moe_state"]}
-            gates = analysis.gate_distributions(model, variables, test["image"])
-            counts = param_counts(model, jax.ShapeDtypeStruct((1, *test["image"].shape[1:]), np.float32))
-            record = {
-                "experiment": "deep_moe", "preset": args.preset, "variant": variant, "seed": seed,
-                "final_eval": {k: v for k, v in final.items() if k != "expert_load"},
-                "gating": analysis.gating_summary(gates, {
-                    "quadrant": (test["position_class"], 4), "position": analysis.position_ids(test["position"]),
-                    "class": (test["label"], 10)}),
-                "params": {"total": counts.total, "active": counts.active},
-                "wall_clock_s": time.perf_counter() - start, "train_wall_clock_s": train_s,
-                "jax_version": jax.__version__, "machine": machine, "code": code, "command": command,
-                "config": to_jsonable(config),
-            }
-            if seed == seeds[0]:
-                analysis.plot_gating(gates, test["position"], test["label"], str(results / f"gating_{variant}.png"),
-                                     f"deep MoE, {variant}, seed {seed}, test accuracy {final['accuracy']:.3f}")
-            out.write_text(json.dumps(record, indent=2))
-            np.savez_compressed(workdir / "test_gates.npz", *gates)  # to re-analyse without retraining
-            print(f"{variant} seed {seed}: accuracy {final['accuracy']:.4f}, " + "; ".join(
-                f"layer {i + 1} MI quadrant {g['mi_quadrant_soft_corrected']:.3f} position "
-                f"{g['mi_position_soft_corrected']:.3f} class {g['mi_class_soft_corrected']:.3f}"
-                for i, g in enumerate(record["gating"])) + f" ({record['wall_clock_s']:.0f} s)", flush=True)
-            runs.append(record)
+    cache: dict = {}
+
+    def measure(config, state, final, variant, seed) -> dict:
+        if "test" not in cache:
+            cache["test"] = data_lib.materialize(data_lib.load_split(config.data.name, "test", config.data.data_dir),
+                                                 ("image", "label", "position", "position_class")).columns
+        test = cache["test"]
+        model = build_model(config.model, num_classes=10, input_shape=test["image"].shape[1:])
+        variables = {"params": state["params"], **state["moe_state"]}
+        gates = cache["gates"] = analysis.gate_distributions(model, variables, test["image"])
+        counts = param_counts(model, jax.ShapeDtypeStruct((1, *test["image"].shape[1:]), np.float32))
+        return {
+            "final_eval": {k: v for k, v in final.items() if k != "expert_load"},
+            "gating": analysis.gating_summary(gates, {
+                "quadrant": (test["position_class"], 4), "position": analysis.position_ids(test["position"]),
+                "class": (test["label"], 10)}),
+            "params": {"total": counts.total, "active": counts.active},
+        }
+
+    def after(record: dict, workdir) -> None:
+        test, gates, variant, seed = cache["test"], cache["gates"], record["variant"], record["seed"]
+        accuracy = record["final_eval"]["accuracy"]
+        if seed == seeds[0]:
+            analysis.plot_gating(gates, test["position"], test["label"], str(results / f"gating_{variant}.png"),
+                                 f"deep MoE, {variant}, seed {seed}, test accuracy {accuracy:.3f}")
+        np.savez_compressed(workdir / "test_gates.npz", *gates)  # to re-analyse without retraining
+        print(f"{variant} seed {seed}: accuracy {accuracy:.4f}, " + "; ".join(
+            f"layer {i + 1} MI quadrant {g['mi_quadrant_soft_corrected']:.3f} position "
+            f"{g['mi_position_soft_corrected']:.3f} class {g['mi_class_soft_corrected']:.3f}"
+            for i, g in enumerate(record["gating"])) + f" ({record['wall_clock_s']:.0f} s)", flush=True)
+
+    runs = sweep.run_all(args, "deep_moe", config_lib, variants, seeds, results, command, measure, after)
     summary = summarize(runs)
     (results / "summary.json").write_text(json.dumps(summary, indent=2))
     (results / "table.md").write_text(table(summary) + "\n")

@@ -11,7 +11,6 @@ without masking. A run whose JSON already exists is skipped, so a killed sweep c
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from moejax import sweep
@@ -29,81 +28,48 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse(argv)
     if args.threads == 1:  # must happen before jax initialises its CPU client
         sweep.pin_one_thread()
-    here = os.path.dirname(os.path.abspath(__file__))
     import json
-    import pathlib
-    import shutil
-    import time
 
     import jax
     import jax.numpy as jnp
 
     from moejax import data as data_lib
     from moejax.models import build_model, param_counts
-    from moejax.training.checkpoint import Checkpointer
-    from moejax.training.loop import to_jsonable, train_and_evaluate
     from moejax.training.metrics import to_python
 
     config_lib = load_sibling("config")
     redundancy = load_sibling("redundancy")
-
-    variants = args.variants.split(",") if args.variants else list(config_lib.VARIANTS)
-    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(config_lib.SEEDS[args.preset])
-    results = pathlib.Path(args.results or os.path.join(here, "results", args.preset))
-    results.mkdir(parents=True, exist_ok=True)
-    machine = sweep.machine()
-    command = " ".join(["experiments/deepseekmoe/run.py", *(sys.argv[1:] if argv is None else argv)])
+    variants, seeds, results = sweep.selection(args, config_lib, __file__)
     if args.table:
-        runs = [json.loads(f.read_text()) for f in sorted(results.glob("*_seed*.json"))]
-        order = {v: i for i, v in enumerate(config_lib.VARIANTS)}
-        runs.sort(key=lambda r: (order.get(r["variant"], 99), r["seed"]))
-        return summarize(runs)
-    code = sweep.code_version()
-    runs = []
-    for variant in variants:
-        for seed in seeds:
-            out = results / f"{variant}_seed{seed}.json"
-            if out.exists():
-                runs.append(json.loads(out.read_text()))
-                continue
-            config = config_lib.get_config(f"{args.preset},{variant}")
-            config.seed = seed
-            config.data.seed = seed
-            workdir = pathlib.Path(args.workdir) / args.preset / f"{variant}_seed{seed}"
-            shutil.rmtree(workdir, ignore_errors=True)
-            start = time.perf_counter()
-            final = train_and_evaluate(config, workdir)
-            train_s = time.perf_counter() - start
-            ckpt = Checkpointer(workdir, keep=1, async_save=False)
-            state = ckpt.restore_raw()
-            ckpt.close()
-            pipeline = data_lib.from_config(config.data)
-            model = build_model(config.model, vocab_size=pipeline.meta.vocab_size)
-            variables = {"params": state["params"], **state["moe_state"]}
-            counts = param_counts(model, jax.ShapeDtypeStruct((1, config.data.seq_len), jnp.int32))
-            n_eval = int(config.train.eval_steps)
-            masking = {}
-            if config.model.moe is not None:
-                base, *masked = redundancy.eval_losses(model, variables, pipeline.eval, n_eval,
-                                                       (0.0, *redundancy.RATIOS))
-                for ratio, loss in zip(redundancy.RATIOS, masked):
-                    masking[f"{ratio:.3f}"] = {"loss": loss, "increase": loss - base}
-                masking["unmasked_loss"] = base
-            record = {
-                "experiment": "deepseekmoe", "preset": args.preset, "variant": variant, "seed": seed,
-                "final_eval": {k: to_python(v) for k, v in final.items()},
-                "params": {"total": counts.total, "active": counts.active, "routed_experts": counts.routed_experts},
-                "redundancy": masking,
-                "wall_clock_s": time.perf_counter() - start, "train_wall_clock_s": train_s,
-                "jax_version": jax.__version__, "machine": machine, "code": code, "command": command,
-                "config": to_jsonable(config),
-            }
-            out.write_text(json.dumps(record, indent=2))
-            extra = "" if not masking else "; loss increase " + ", ".join(
-                f"{k}: {v['increase']:+.4f}" for k, v in masking.items() if k != "unmasked_loss")
-            print(f"{variant} seed {seed}: val loss {final['loss']:.4f}{extra} ({record['wall_clock_s']:.0f} s)",
-                  flush=True)
-            runs.append(record)
+        return summarize(sweep.load_runs(results, config_lib.VARIANTS))
+    command = " ".join(["experiments/deepseekmoe/run.py", *(sys.argv[1:] if argv is None else argv)])
+
+    def measure(config, state, final, variant, seed) -> dict:
+        pipeline = data_lib.from_config(config.data)
+        model = build_model(config.model, vocab_size=pipeline.meta.vocab_size)
+        variables = {"params": state["params"], **state["moe_state"]}
+        counts = param_counts(model, jax.ShapeDtypeStruct((1, config.data.seq_len), jnp.int32))
+        n_eval = int(config.train.eval_steps)
+        masking = {}
+        if config.model.moe is not None:
+            base, *masked = redundancy.eval_losses(model, variables, pipeline.eval, n_eval, (0.0, *redundancy.RATIOS))
+            for ratio, loss in zip(redundancy.RATIOS, masked):
+                masking[f"{ratio:.3f}"] = {"loss": loss, "increase": loss - base}
+            masking["unmasked_loss"] = base
+        return {
+            "final_eval": {k: to_python(v) for k, v in final.items()},
+            "params": {"total": counts.total, "active": counts.active, "routed_experts": counts.routed_experts},
+            "redundancy": masking,
+        }
+
+    def after(record: dict, workdir) -> None:
+        masking = record["redundancy"]
+        extra = "" if not masking else "; loss increase " + ", ".join(
+            f"{k}: {v['increase']:+.4f}" for k, v in masking.items() if k != "unmasked_loss")
+        print(f"{record['variant']} seed {record['seed']}: val loss {record['final_eval']['loss']:.4f}{extra} "
+              f"({record['wall_clock_s']:.0f} s)", flush=True)
+
+    runs = sweep.run_all(args, "deepseekmoe", config_lib, variants, seeds, results, command, measure, after)
     summary = summarize(runs)
     (results / "summary.json").write_text(json.dumps(summary, indent=2))
     (results / "table.md").write_text(table(summary) + "\n")

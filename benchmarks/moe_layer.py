@@ -1,19 +1,22 @@
 """MoE layer (routed part) forward+backward against a dense FFN with the same active FLOPs, in one process.
 
-For each setting and routing (balanced: every expert gets ``T * K / E`` copies; zipf: expert ``i`` is
-chosen with probability ``~ 1 / (i + 1)``, K distinct experts per token) the routing is forced (an explicit
+For each setting and routing (balanced: every expert gets ``T * K / E`` copies; random: K distinct experts
+drawn uniformly per token, so loads vary by sampling noise; zipf: expert ``i`` is chosen with probability
+``~ 1 / (i + 1)``, K distinct experts per token) the routing is forced (an explicit
 ``Routing`` into ``moejax.dispatch.apply``), and every implementation is timed interleaved with the dense
 FFN of hidden width ``K * F``, round after round. Printed: ``dense_time / moe_time`` (median and min-max
 over rounds; > 1 means the MoE is faster) and the FLOPs XLA reports for the compiled fwd+bwd divided by the
 useful FLOPs ``12 * T * K * D * F`` (MLP experts: two matmuls, forward and two backward products each).
-XLA's cost analysis counts a while loop's body once, so for the scan-based gmms (``blocked``, ``padded``)
-the analytic work of the padded blocks is printed as well.
+XLA's cost analysis counts a while loop's body once, so for the loop-based gmms (``blocked``, ``padded``,
+``bulk``) the work of the rows their matmuls actually process for this routing is printed as well
+("block work/useful").
 
     python benchmarks/moe_layer.py [--json PATH] [--rounds 7] [--smoke]
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import statistics
@@ -35,12 +38,13 @@ KIND, ACT = "mlp", "gelu"
 
 
 def forced_routing(t: int, e: int, k: int, skew: str, seed: int = 0):
-    """A token-choice Routing with K distinct experts per token: ``balanced`` round-robin or ``zipf``."""
+    """A token-choice Routing with K distinct experts per token: ``balanced`` round-robin, ``random`` (uniform)
+    or ``zipf``."""
     if skew == "balanced":
         idx = (np.arange(t)[:, None] * k + np.arange(k)[None, :]) % e
     else:
         rng = np.random.default_rng(seed)
-        p = 1.0 / np.arange(1, e + 1)
+        p = np.ones(e) if skew == "random" else 1.0 / np.arange(1, e + 1)
         idx = np.stack([rng.choice(e, size=k, replace=False, p=p / p.sum()) for _ in range(t)])
     weight = np.full((t, k), 1.0 / k, np.float32)
     probs = jnp.full((t, e), 1.0 / e)
@@ -66,20 +70,22 @@ def dense_loss(params, x, routing, cot):
     return jnp.sum(ffn(params, x, Dense(), kind=KIND, activation=ACT) * cot)
 
 
-def implementations(s: dict) -> dict[str, tuple[Callable, float | None]]:
-    """name -> (loss fn, analytic fwd+bwd multiply-add FLOPs of padded blocks, or None)."""
-    t, d, f, e, k = s["t"], s["d"], s["f"], s["e"], s["k"]
+def implementations(s: dict) -> dict[str, tuple[Callable, Callable | None]]:
+    """name -> (loss fn, group sizes -> rows the padded gmm's matmuls process (None: not a padded gmm))."""
+    t, e, k = s["t"], s["e"], s["k"]
     m = t * k
     out = {}
     for tile in (8, 16, 32, 64):
         if tile > m // e * 2:
             continue
-        blocks = padded_gmm.num_blocks(m, e, tile)
         out[f"dropless_padded_t{tile}"] = (moe_loss("dropless", None, "index", dispatch.get_gmm("padded", tile=tile)),
-                                           12.0 * blocks * tile * d * f)
+                                           functools.partial(padded_gmm.padded_rows, tb=tile))
+        out[f"dropless_bulk_t{tile}"] = (moe_loss("dropless", None, "index", dispatch.get_gmm("bulk", tile=tile)),
+                                         functools.partial(padded_gmm.padded_rows, tb=tile,
+                                                           cb=padded_gmm.bulk_rows(m, e)))
     blocked_tile = 128
     out["dropless_blocked_t128"] = (moe_loss("dropless", None, "index", dispatch.get_gmm("blocked", tile=blocked_tile)),
-                                    12.0 * (-(-m // blocked_tile) + e - 1) * blocked_tile * d * f)
+                                    lambda sizes: (-(-m // blocked_tile) + e - 1) * blocked_tile)
     for cf in (1.0, 1.25):
         cap = math.ceil(cf * t * k / e)
         for impl in ("einsum", "index"):
@@ -98,6 +104,8 @@ def run_setting(name: str, s: dict, skew: str, rounds: int, only: list[str] | No
     useful = 12.0 * t * k * d * f
     fns: dict[str, tuple[Callable, object, float | None]] = {}
 
+    sizes = np.bincount(np.asarray(routing.expert_index).reshape(-1), minlength=e)
+
     def add(label, loss, params, analytic):
         fn = jax.jit(jax.grad(loss, argnums=(0, 1)))
         compiled = fn.lower(params, x, routing, cot).compile()
@@ -108,10 +116,10 @@ def run_setting(name: str, s: dict, skew: str, rounds: int, only: list[str] | No
         fns[label] = (lambda: compiled(params, x, routing, cot), flops, analytic)
 
     add("dense", dense_loss, dense_params, None)
-    for label, (loss, analytic) in implementations(s).items():
+    for label, (loss, rows) in implementations(s).items():
         if only and not any(o in label for o in only):
             continue
-        add(label, loss, moe_params, analytic)
+        add(label, loss, moe_params, None if rows is None else 12.0 * rows(sizes) * d * f)
     times: dict[str, list[float]] = {label: [] for label in fns}
     ratios: dict[str, list[float]] = {label: [] for label in fns if label != "dense"}
     for round_ in range(rounds + 1):

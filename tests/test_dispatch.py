@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from moejax import reference
-from moejax.dispatch import capacity, dropless, get_gmm, gmm
+from moejax.dispatch import capacity, dropless, get_gmm, gmm, padded_gmm
 from moejax.routing import finish_token_choice, top_k_routing
 
 
@@ -157,7 +157,7 @@ def test_dropless_plan_groups_every_valid_copy_once(case):
 
 # ---------------------------------------------------------------- grouped matmul
 
-GMMS = ["blocked", "padded", "pallas", "ragged_dot", "reference"]
+GMMS = ["blocked", "bulk", "padded", "pallas", "ragged_dot", "reference"]
 
 
 GMM_ROWS = 48
@@ -214,6 +214,41 @@ def test_gmm_odd_row_counts(name, m):
     np.testing.assert_allclose(get_gmm(name, tile=4)(lhs, rhs, gs), reference.gmm(lhs, rhs, gs), rtol=1e-6)
 
 
+@functools.lru_cache(maxsize=None)
+def _padded_value_and_grads(bulk, tile):
+    def run(f, lhs, rhs, gs, cot):
+        return f(lhs, rhs, gs), jax.grad(lambda a, b: jnp.sum(f(a, b, gs) * cot), argnums=(0, 1))(lhs, rhs)
+
+    fast = functools.partial(padded_gmm.gmm_padded, tile=tile, bulk=bulk)
+    return jax.jit(functools.partial(run, fast)), jax.jit(functools.partial(run, reference.gmm))
+
+
+_jit_layout = jax.jit(padded_gmm.layout, static_argnums=(1, 2, 3))
+
+
+@given(st.lists(st.sampled_from([0, 0, 1, 2, 5, 9, 17]), min_size=4, max_size=4), st.sampled_from([0, 1, 3, 8]),
+       st.sampled_from([1, 4]))
+def test_padded_gmm_bulk_and_overflow_match_reference(sizes, bulk, tile):
+    # The bulk slabs (first `bulk` rows of each group) and the tiled overflow split every group at `bulk`;
+    # sizes straddle it (empty groups, groups inside the slab, hot groups far past it).
+    rng = np.random.default_rng(sum(sizes) + bulk)
+    m = 70                                            # >= 4 * 17: rows past the last group stay unassigned
+    lhs = jnp.asarray(rng.normal(size=(m, 3)), jnp.float32)
+    rhs = jnp.asarray(rng.normal(size=(len(sizes), 3, 2)), jnp.float32)
+    cot = jnp.asarray(rng.normal(size=(m, 2)), jnp.float32)
+    gs = jnp.asarray(sizes, jnp.int32)
+    fast, slow = _padded_value_and_grads(bulk, tile)
+    out, g = fast(lhs, rhs, gs, cot)
+    want, g_ref = slow(lhs, rhs, gs, cot)
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+    for a, b in zip(g, g_ref):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    lay = _jit_layout(gs, m, tile, bulk)             # every row lands in exactly one padded row, in the counted work
+    src = np.asarray(lay.src)
+    np.testing.assert_array_equal(np.sort(src[src < m]), np.arange(sum(sizes)))
+    assert padded_gmm.padded_rows(sizes, tile, bulk) == len(sizes) * bulk + int(lay.num_blocks) * tile
+
+
 def test_blocked_gmm_work_is_not_e_times():
     # Work items are bounded by ceil(M / tile) + E - 1, whatever the group sizes.
     gs = jnp.array([0, 5, 0, 0, 30, 1, 0, 28], jnp.int32)
@@ -238,11 +273,11 @@ def test_gmm_rejects_mismatched_shapes():
 
 
 def test_auto_resolves_per_backend_and_logs(caplog):
-    assert gmm.resolve_name("auto", "cpu") == "padded"
+    assert gmm.resolve_name("auto", "cpu") == "bulk"
     assert gmm.resolve_name("auto", "gpu") == "ragged_dot"
     with caplog.at_level("INFO", logger="moejax"):
         get_gmm("auto")
-    assert "dispatch.gmm=auto -> padded" in caplog.text
+    assert "dispatch.gmm=auto -> bulk" in caplog.text
 
 
 def test_register_custom_gmm():

@@ -5,8 +5,9 @@
 ``sum(group_sizes)`` belong to no group and come out as zeros. Accumulation is in float32; the result has
 ``lhs``'s dtype.
 
-Registered here: ``padded`` (pure XLA, groups copied into tile-aligned blocks, a scan of unmasked block
-matmuls with a hand-written VJP; the CPU default, see :mod:`moejax.dispatch.padded_gmm` and
+Registered here: ``padded`` (pure XLA, groups copied into tile-aligned blocks, a loop over the non-empty
+blocks with a hand-written VJP, see :mod:`moejax.dispatch.padded_gmm`), ``bulk`` (the same with the first
+``M / E`` rows of every group in one batched matmul and only the overflow in blocks: the CPU default, see
 ``benchmarks/results/``), ``blocked`` (pure XLA, tiles of rows; work ``(M + E * tile) * K * N``),
 ``pallas`` (the Pallas kernel of ``moejax.kernels``; interpret mode on CPU, TPU lowering unverified),
 ``ragged_dot`` (``jax.lax.ragged_dot``: a real grouped kernel on GPU/TPU, but a dense matmul over all
@@ -31,7 +32,7 @@ log = logging.getLogger("moejax")
 
 _REGISTRY: dict[str, Callable[..., jax.Array]] = {}
 _TILED = set()
-_AUTO = {"cpu": "padded", "gpu": "ragged_dot", "tpu": "ragged_dot"}
+_AUTO = {"cpu": "bulk", "gpu": "ragged_dot", "tpu": "ragged_dot"}
 
 
 def register_gmm(name: str, fn: Callable[..., jax.Array], *, takes_tile: bool = False) -> None:
@@ -139,6 +140,7 @@ def gmm_pallas(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, tile: 
 
 register_gmm("blocked", gmm_blocked, takes_tile=True)
 register_gmm("padded", padded_gmm.gmm_padded, takes_tile=True)
+register_gmm("bulk", padded_gmm.gmm_bulk, takes_tile=True)
 register_gmm("pallas", gmm_pallas, takes_tile=True)
 register_gmm("ragged_dot", gmm_ragged_dot)
 register_gmm("reference", _gmm_reference)

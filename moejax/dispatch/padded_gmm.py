@@ -1,15 +1,23 @@
 """Grouped matmul over tile-aligned padded groups: the XLA formulation for CPU.
 
-The rows of each group are copied to a buffer in which every group starts on a multiple of the tile ``tb``
-(the gap is zero rows), so every ``[tb, K]`` block belongs to exactly one group and needs no mask. A
-``lax.scan`` over the blocks multiplies each by its group's weight, indexed in place (no ``[blocks, K, N]``
-weight gather). The copies in and out are ``O(M * K)``, small next to the ``O(M * K * N)`` matmul.
+Rows are copied (one gather) into a padded buffer in two regions:
 
-The VJP is written by hand: autodiff of a scan that reads ``rhs[e]`` would add a full ``[E, K, N]``
-cotangent into the carry on every step; here the weight gradient adds one ``[K, N]`` block per step.
+* the *bulk*: ``E`` slabs of ``cb`` rows, slab ``e`` holding the first ``min(g_e, cb)`` rows of group ``e``
+  (the rest of the slab is zero rows), multiplied by one batched matmul ``[E, cb, K] @ [E, K, N]``;
+* the *overflow*: the remaining rows of each group, each group starting on a multiple of the tile ``tb``, so
+  every ``[tb, K]`` block belongs to one group and needs no mask; a loop over the blocks that hold rows (a
+  dynamic trip count, so the padding blocks of the static bound cost nothing) multiplies each by its
+  group's weight, indexed in place (no ``[blocks, K, N]`` weight gather).
 
-Work: at most ``ceil(M / tb) + E - 1`` blocks of ``tb`` rows, i.e. ``(M + E * tb) * K * N`` multiply-adds
-(choose ``tb`` small next to ``M / E``).
+``cb = 0`` is the plain padded gmm (registered as ``padded``); ``cb ~ M / E`` (registered as ``bulk``) sends a
+balanced routing through the batched matmul, which XLA:CPU runs much faster than many small block matmuls,
+while skewed routings spill into the loop instead of being dropped. Bulk rows of an expert with fewer
+than ``cb`` rows are zeros and still cost work: ``(E * cb + (overflow blocks) * tb) * K * N`` multiply-adds.
+The copies in and out are ``O(M * K)``, small next to the ``O(M * K * N)`` matmul.
+
+The VJP is written by hand: autodiff of a loop that reads ``rhs[e]`` would add a full ``[E, K, N]``
+cotangent into the carry on every step; here the weight gradient adds one ``[K, N]`` block per step, and
+every copy (forward and backward) is a gather through the same layout, never a scatter.
 """
 from __future__ import annotations
 
@@ -23,79 +31,103 @@ from moejax.dispatch.gmm_args import check_gmm_args
 
 
 class PaddedLayout(NamedTuple):
-    """Where rows go in the padded buffer of ``B * tb`` rows.
+    """Where rows go in the padded buffer of ``P = E * cb + B * tb`` rows (bulk slabs, then overflow blocks).
 
-    src: int32[B * tb], the source row of each padded row (``M`` for a gap row); dst: int32[M], the padded
-    row of each source row (rows past all groups point at a gap row); block_group: int32[B].
+    src: int32[P], the source row of each padded row (``M`` for a gap row); dst: int32[M], the padded row of
+    each source row (rows past all groups point at ``P``, a zero row); block_group: int32[B], the group of
+    each overflow block; num_blocks: int32[], how many overflow blocks hold rows (a prefix of the B).
     """
 
     src: jax.Array
     dst: jax.Array
     block_group: jax.Array
+    num_blocks: jax.Array
 
 
-def num_blocks(m: int, e: int, tb: int) -> int:
-    """Static bound on the padded blocks: ``sum_e ceil(g_e / tb) <= ceil(M / tb) + E - 1``."""
-    return -(-m // tb) + e - 1
+def num_blocks(m: int, e: int, tb: int, cb: int = 0) -> int:
+    """Static bound on the overflow blocks: ``sum_e ceil(max(g_e - cb, 0) / tb) <= ceil((M - cb) / tb) + E - 1``."""
+    rest = max(m - cb, 0)
+    return max(-(-rest // tb) + e - 1, 1)
 
 
-def layout(group_sizes: jax.Array, m: int, tb: int) -> PaddedLayout:
+def layout(group_sizes: jax.Array, m: int, tb: int, cb: int = 0) -> PaddedLayout:
     e = group_sizes.shape[0]
     sizes = group_sizes.astype(jnp.int32)
     ends = jnp.cumsum(sizes)
     starts = ends - sizes
-    blocks = (sizes + tb - 1) // tb
+    over = jnp.maximum(sizes - cb, 0)
+    blocks = (over + tb - 1) // tb
     block_ends = jnp.cumsum(blocks)
-    pad_starts = (block_ends - blocks) * tb
-    nb = num_blocks(m, e, tb)
+    bulk_rows = e * cb
+    over_starts = bulk_rows + (block_ends - blocks) * tb
+    nb = num_blocks(m, e, tb, cb)
+    total = bulk_rows + nb * tb
     rows = jnp.arange(m, dtype=jnp.int32)
-    row_group = jnp.minimum(jnp.searchsorted(ends, rows, side="right"), e - 1)
-    in_group = rows < ends[-1]
-    # Rows past all groups point one past the buffer, where _from_blocks finds a zero row.
-    dst = jnp.where(in_group, pad_starts[row_group] + rows - starts[row_group], nb * tb)
-    block_group = jnp.minimum(jnp.searchsorted(block_ends, jnp.arange(nb, dtype=jnp.int32), side="right"), e - 1)
-    p = jnp.arange(nb * tb, dtype=jnp.int32)
-    g = block_group[p // tb]
-    offset = p - pad_starts[g]
-    src = jnp.where((p // tb < block_ends[-1]) & (offset < sizes[g]), starts[g] + offset, m)
-    return PaddedLayout(src.astype(jnp.int32), dst.astype(jnp.int32), block_group.astype(jnp.int32))
+    row_group = jnp.minimum(jnp.searchsorted(ends, rows, side="right"), e - 1).astype(jnp.int32)
+    offset = rows - starts[row_group]
+    dst = jnp.where(offset < cb, row_group * cb + offset, over_starts[row_group] + offset - cb)
+    dst = jnp.where(rows < ends[-1], dst, total)       # rows past all groups read the appended zero row
+    block_group = jnp.minimum(jnp.searchsorted(block_ends, jnp.arange(nb, dtype=jnp.int32), side="right"),
+                              e - 1).astype(jnp.int32)
+    # Bulk slab rows.
+    p = jnp.arange(bulk_rows, dtype=jnp.int32)
+    pg, po = p // max(cb, 1), p % max(cb, 1)
+    src_bulk = jnp.where(po < sizes[pg], starts[pg] + po, m)
+    # Overflow block rows.
+    q = jnp.arange(nb * tb, dtype=jnp.int32)
+    qg = block_group[q // tb]
+    qo = q - (over_starts[qg] - bulk_rows)
+    src_over = jnp.where((q // tb < block_ends[-1]) & (qo < over[qg]), starts[qg] + cb + qo, m)
+    return PaddedLayout(jnp.concatenate([src_bulk, src_over]).astype(jnp.int32), dst.astype(jnp.int32),
+                        block_group, block_ends[-1])
 
 
-def _blocks_times(xb: jax.Array, w: jax.Array, block_group: jax.Array, unroll: int) -> jax.Array:
-    """xb: [B, tb, K], w: [E, K, N] -> [B, tb, N], block b times ``w[block_group[b]]`` (float32)."""
-    def step(_, item):
-        x, g = item
-        return None, jnp.dot(x, w[g], preferred_element_type=jnp.float32)
+def _times(xp: jax.Array, w: jax.Array, lay: PaddedLayout, tb: int, cb: int, transpose: bool) -> jax.Array:
+    """Padded rows times their group's weight. xp: [P, K], w: [E, K, N] -> float32[P, N] (``transpose``: xp: [P, N]
+    times ``w[e]^T`` -> float32[P, K])."""
+    e = w.shape[0]
+    c = 2 if transpose else 1                           # the axis of w contracted with xp's columns
+    n = w.shape[3 - c]
+    over = xp[e * cb:]
 
-    return jax.lax.scan(step, None, (xb, block_group), unroll=unroll)[1]
+    def body(i, out):
+        x = jax.lax.dynamic_slice_in_dim(over, i * tb, tb)
+        y = jax.lax.dot_general(x, w[lay.block_group[i]], (((1,), (c - 1,)), ((), ())),
+                                preferred_element_type=jnp.float32)
+        return jax.lax.dynamic_update_slice_in_dim(out, y, i * tb, axis=0)
+
+    y_over = jax.lax.fori_loop(0, lay.num_blocks, body, vary_like(jnp.zeros((over.shape[0], n), jnp.float32), xp, w))
+    if cb == 0:
+        return y_over
+    bulk = xp[:e * cb].reshape(e, cb, xp.shape[1])
+    y_bulk = jax.lax.dot_general(bulk, w, (((2,), (c,)), ((0,), (0,))), preferred_element_type=jnp.float32)
+    return jnp.concatenate([y_bulk.reshape(e * cb, n), y_over])
 
 
 def _with_zero_row(x: jax.Array) -> jax.Array:
     return jnp.concatenate([x, jnp.zeros((1, x.shape[1]), x.dtype)])
 
 
-def _to_blocks(x: jax.Array, src: jax.Array, tb: int) -> jax.Array:
-    """[M, K] -> [B, tb, K] padded blocks (gap rows read the appended zero row)."""
-    return _with_zero_row(x)[src].reshape(-1, tb, x.shape[1])
+def _to_padded(x: jax.Array, src: jax.Array) -> jax.Array:
+    """[M, K] -> [P, K] (gap rows read the appended zero row)."""
+    return _with_zero_row(x)[src]
 
 
-def _from_blocks(xb: jax.Array, dst: jax.Array) -> jax.Array:
-    """[B, tb, N] -> [M, N] (rows past all groups read the appended zero row)."""
-    return _with_zero_row(xb.reshape(-1, xb.shape[-1]))[dst]
+def _from_padded(xp: jax.Array, dst: jax.Array) -> jax.Array:
+    """[P, N] -> [M, N] (rows past all groups read the appended zero row)."""
+    return _with_zero_row(xp)[dst]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _padded_gmm(lhs, rhs, group_sizes, tb, unroll):
-    return _forward(lhs, rhs, group_sizes, tb, unroll)[0]
+def _padded_gmm(lhs, rhs, group_sizes, tb, cb):
+    return _forward(lhs, rhs, group_sizes, tb, cb)[0]
 
 
-def _forward(lhs, rhs, group_sizes, tb, unroll):
-    m = lhs.shape[0]
-    lay = layout(group_sizes, m, tb)
-    xb = _to_blocks(lhs, lay.src, tb)
-    yb = _blocks_times(xb, rhs.astype(lhs.dtype), lay.block_group, unroll)
-    y = _from_blocks(yb, lay.dst)
-    return y.astype(lhs.dtype), (xb, rhs, lay)
+def _forward(lhs, rhs, group_sizes, tb, cb):
+    lay = layout(group_sizes, lhs.shape[0], tb, cb)
+    xp = _to_padded(lhs, lay.src)
+    y = _from_padded(_times(xp, rhs.astype(lhs.dtype), lay, tb, cb, False), lay.dst)
+    return y.astype(lhs.dtype), (xp, rhs, lay)
 
 
 def vary_like(init: jax.Array, *operands: jax.Array) -> jax.Array:
@@ -128,41 +160,65 @@ def _varying(x: jax.Array) -> set[str]:
     return set(getattr(aval, "vma", frozenset()))
 
 
-def _fwd(lhs, rhs, group_sizes, tb, unroll):
-    out, (xb, rhs, lay) = _forward(lhs, rhs, group_sizes, tb, unroll)
-    return out, (xb, rhs, lay, vary_like(jnp.zeros((), lhs.dtype), lhs))
+def _fwd(lhs, rhs, group_sizes, tb, cb):
+    out, (xp, rhs, lay) = _forward(lhs, rhs, group_sizes, tb, cb)
+    return out, (xp, rhs, lay, vary_like(jnp.zeros((), lhs.dtype), lhs))
 
 
-def _bwd(tb, unroll, res, g):
-    xb, rhs, lay, lhs_like = res
+def _bwd(tb, cb, res, g):
+    xp, rhs, lay, lhs_like = res
     e = rhs.shape[0]
     # Gap rows of the padded cotangent are zero, so padding adds nothing to either gradient.
-    gb = _to_blocks(g.astype(xb.dtype), lay.src, tb)
-    w_t = jnp.swapaxes(rhs, 1, 2).astype(xb.dtype)
-    dxb = _blocks_times(gb, w_t, lay.block_group, unroll).astype(xb.dtype)
-    d_lhs = _from_blocks(dxb, lay.dst)
+    gp = _to_padded(g.astype(xp.dtype), lay.src)
+    d_lhs = _from_padded(_times(gp, rhs.astype(xp.dtype), lay, tb, cb, True).astype(xp.dtype), lay.dst)
+    if cb:
+        dw_bulk = jax.lax.dot_general(xp[:e * cb].reshape(e, cb, xp.shape[1]), gp[:e * cb].reshape(e, cb, gp.shape[1]),
+                                      (((1,), (1,)), ((0,), (0,))), preferred_element_type=jnp.float32)
+    else:
+        dw_bulk = jnp.zeros(rhs.shape, jnp.float32)
+    x_over, g_over = xp[e * cb:], gp[e * cb:]
 
-    def step(dw, item):
-        x, gg, grp = item
+    def body(i, dw):
+        x = jax.lax.dynamic_slice_in_dim(x_over, i * tb, tb)
+        gg = jax.lax.dynamic_slice_in_dim(g_over, i * tb, tb)
         block = jax.lax.dot_general(x, gg, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-        return jax.lax.dynamic_update_index_in_dim(dw, dw[grp] + block, grp, 0), None
+        grp = lay.block_group[i]
+        return jax.lax.dynamic_update_index_in_dim(dw, dw[grp] + block, grp, 0)
 
-    dw0 = vary_like(jnp.zeros((e, rhs.shape[1], rhs.shape[2]), jnp.float32), xb, gb, rhs)
-    dw, _ = jax.lax.scan(step, dw0, (xb, gb, lay.block_group), unroll=unroll)
-    return reduce_like(d_lhs, lhs_like).astype(xb.dtype), reduce_like(dw, rhs).astype(rhs.dtype), None
+    dw = jax.lax.fori_loop(0, lay.num_blocks, body, vary_like(dw_bulk, xp, gp, rhs))
+    return reduce_like(d_lhs, lhs_like).astype(xp.dtype), reduce_like(dw, rhs).astype(rhs.dtype), None
 
 
 _padded_gmm.defvjp(_fwd, _bwd)
 
 
-def gmm_padded(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, tile: int = 32,
-               unroll: int = 1) -> jax.Array:
+def bulk_rows(m: int, e: int) -> int:
+    """The ``cb`` of :func:`gmm_bulk`: ``floor(M / E)``, a balanced routing's share of the rows."""
+    return m // e
+
+
+def padded_rows(group_sizes: jax.Array | list[int], tb: int, cb: int = 0) -> int:
+    """Rows the matmuls actually process for these group sizes: ``E * cb + sum_e ceil(max(g_e - cb, 0) / tb) * tb``."""
+    sizes = [int(g) for g in group_sizes]
+    return len(sizes) * cb + sum(-(-max(g - cb, 0) // tb) * tb for g in sizes)
+
+
+def gmm_padded(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, tile: int = 32, bulk: int = 0) -> jax.Array:
     """Grouped matmul lhs[M, K] @ rhs[E, K, N] over contiguous groups (see module doc); rows past all groups are 0.
 
-    ``tile`` is the block of rows ``tb`` each group is padded to. Accumulates in float32, returns ``lhs.dtype``.
+    ``tile`` is the block of rows ``tb`` each group's overflow is padded to; ``bulk`` the rows ``cb`` of each
+    group that go through the batched matmul (0: none). Accumulates in float32, returns ``lhs.dtype``.
     """
     m, k, e, n = check_gmm_args(lhs, rhs, group_sizes)
     if m == 0:
         return jnp.zeros((0, n), lhs.dtype)
+    if bulk < 0:
+        raise ValueError(f"gmm: bulk={bulk} must be >= 0")
     tb = max(1, min(int(tile), m))
-    return _padded_gmm(lhs, rhs, group_sizes, tb, int(unroll))
+    return _padded_gmm(lhs, rhs, group_sizes, tb, int(bulk))
+
+
+def gmm_bulk(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, tile: int = 32) -> jax.Array:
+    """:func:`gmm_padded` with ``bulk = floor(M / E)`` rows per group in one batched matmul, the rest in tiles."""
+    m, _, e, _ = check_gmm_args(lhs, rhs, group_sizes)
+    return gmm_padded(lhs, rhs, group_sizes, tile=tile, bulk=bulk_rows(m, e))

@@ -4,7 +4,7 @@
 ``[M, K] @ [K, N]``; printed is ``dense_time / gmm_time`` (median, min-max over interleaved rounds) per
 registered implementation, for balanced and Zipf-skewed group sizes.
 
-    python benchmarks/gmm.py [--m 4096 --k 512 --n 1024 --e 8] [--impls padded,blocked] [--rounds 7] [--json PATH]
+    python benchmarks/gmm.py [--m 4096 --k 512 --n 1024 --e 8] [--impls bulk,padded,blocked] [--rounds 7] [--json PATH]
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for name, default in (("m", 4096), ("k", 512), ("n", 1024), ("e", 8), ("rounds", 7), ("tile", 32)):
         parser.add_argument(f"--{name}", type=int, default=default)
-    parser.add_argument("--impls", default="padded,blocked")
+    parser.add_argument("--impls", default="bulk,padded,blocked")
     parser.add_argument("--json")
     args = parser.parse_args()
     keys = jax.random.split(jax.random.key(0), 4)

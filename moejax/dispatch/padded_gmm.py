@@ -82,25 +82,26 @@ def layout(group_sizes: jax.Array, m: int, tb: int, cb: int = 0) -> PaddedLayout
                         block_group, block_ends[-1])
 
 
-def _times(xp: jax.Array, w: jax.Array, lay: PaddedLayout, tb: int, cb: int, transpose: bool) -> jax.Array:
-    """Padded rows times their group's weight. xp: [P, K], w: [E, K, N] -> float32[P, N] (``transpose``: xp: [P, N]
-    times ``w[e]^T`` -> float32[P, K])."""
-    e = w.shape[0]
-    c = 2 if transpose else 1                           # the axis of w contracted with xp's columns
+def _times(xb: jax.Array, xo: jax.Array, w: jax.Array, lay: PaddedLayout, tb: int, transpose: bool) -> jax.Array:
+    """Padded rows times their group's weight -> float32[P, N'].
+
+    xb: [E, cb, K'] bulk slabs; xo: [B * tb, K'] overflow blocks; w: [E, K, N]; ``transpose``: multiply by
+    ``w[e]^T`` (K' = N, N' = K) instead of ``w[e]`` (K' = K, N' = N).
+    """
+    e, cb = xb.shape[0], xb.shape[1]
+    c = 2 if transpose else 1                           # the axis of w contracted with the rows' columns
     n = w.shape[3 - c]
-    over = xp[e * cb:]
 
     def body(i, out):
-        x = jax.lax.dynamic_slice_in_dim(over, i * tb, tb)
+        x = jax.lax.dynamic_slice_in_dim(xo, i * tb, tb)
         y = jax.lax.dot_general(x, w[lay.block_group[i]], (((1,), (c - 1,)), ((), ())),
                                 preferred_element_type=jnp.float32)
         return jax.lax.dynamic_update_slice_in_dim(out, y, i * tb, axis=0)
 
-    y_over = jax.lax.fori_loop(0, lay.num_blocks, body, vary_like(jnp.zeros((over.shape[0], n), jnp.float32), xp, w))
+    y_over = jax.lax.fori_loop(0, lay.num_blocks, body, vary_like(jnp.zeros((xo.shape[0], n), jnp.float32), xo, w))
     if cb == 0:
         return y_over
-    bulk = xp[:e * cb].reshape(e, cb, xp.shape[1])
-    y_bulk = jax.lax.dot_general(bulk, w, (((2,), (c,)), ((0,), (0,))), preferred_element_type=jnp.float32)
+    y_bulk = jax.lax.dot_general(xb, w, (((2,), (c,)), ((0,), (0,))), preferred_element_type=jnp.float32)
     return jnp.concatenate([y_bulk.reshape(e * cb, n), y_over])
 
 
@@ -108,9 +109,10 @@ def _with_zero_row(x: jax.Array) -> jax.Array:
     return jnp.concatenate([x, jnp.zeros((1, x.shape[1]), x.dtype)])
 
 
-def _to_padded(x: jax.Array, src: jax.Array) -> jax.Array:
-    """[M, K] -> [P, K] (gap rows read the appended zero row)."""
-    return _with_zero_row(x)[src]
+def _to_padded(x: jax.Array, src: jax.Array, e: int, cb: int) -> tuple[jax.Array, jax.Array]:
+    """[M, K] -> bulk slabs [E, cb, K] and overflow blocks [P - E * cb, K] (gap rows read the appended zero row)."""
+    x = _with_zero_row(x)
+    return x[src[:e * cb]].reshape(e, cb, x.shape[1]), x[src[e * cb:]]
 
 
 def _from_padded(xp: jax.Array, dst: jax.Array) -> jax.Array:
@@ -124,10 +126,11 @@ def _padded_gmm(lhs, rhs, group_sizes, tb, cb):
 
 
 def _forward(lhs, rhs, group_sizes, tb, cb):
+    e = rhs.shape[0]
     lay = layout(group_sizes, lhs.shape[0], tb, cb)
-    xp = _to_padded(lhs, lay.src)
-    y = _from_padded(_times(xp, rhs.astype(lhs.dtype), lay, tb, cb, False), lay.dst)
-    return y.astype(lhs.dtype), (xp, rhs, lay)
+    xb, xo = _to_padded(lhs, lay.src, e, cb)
+    y = _from_padded(_times(xb, xo, rhs.astype(lhs.dtype), lay, tb, False), lay.dst)
+    return y.astype(lhs.dtype), (xb, xo, rhs, lay)
 
 
 def vary_like(init: jax.Array, *operands: jax.Array) -> jax.Array:
@@ -161,32 +164,27 @@ def _varying(x: jax.Array) -> set[str]:
 
 
 def _fwd(lhs, rhs, group_sizes, tb, cb):
-    out, (xp, rhs, lay) = _forward(lhs, rhs, group_sizes, tb, cb)
-    return out, (xp, rhs, lay, vary_like(jnp.zeros((), lhs.dtype), lhs))
+    out, res = _forward(lhs, rhs, group_sizes, tb, cb)
+    return out, (*res, vary_like(jnp.zeros((), lhs.dtype), lhs))
 
 
 def _bwd(tb, cb, res, g):
-    xp, rhs, lay, lhs_like = res
+    xb, xo, rhs, lay, lhs_like = res
     e = rhs.shape[0]
     # Gap rows of the padded cotangent are zero, so padding adds nothing to either gradient.
-    gp = _to_padded(g.astype(xp.dtype), lay.src)
-    d_lhs = _from_padded(_times(gp, rhs.astype(xp.dtype), lay, tb, cb, True).astype(xp.dtype), lay.dst)
-    if cb:
-        dw_bulk = jax.lax.dot_general(xp[:e * cb].reshape(e, cb, xp.shape[1]), gp[:e * cb].reshape(e, cb, gp.shape[1]),
-                                      (((1,), (1,)), ((0,), (0,))), preferred_element_type=jnp.float32)
-    else:
-        dw_bulk = jnp.zeros(rhs.shape, jnp.float32)
-    x_over, g_over = xp[e * cb:], gp[e * cb:]
+    gb, go = _to_padded(g.astype(xo.dtype), lay.src, e, cb)
+    d_lhs = _from_padded(_times(gb, go, rhs.astype(xo.dtype), lay, tb, True).astype(xo.dtype), lay.dst)
+    dw_bulk = jax.lax.dot_general(xb, gb, (((1,), (1,)), ((0,), (0,))), preferred_element_type=jnp.float32)
 
     def body(i, dw):
-        x = jax.lax.dynamic_slice_in_dim(x_over, i * tb, tb)
-        gg = jax.lax.dynamic_slice_in_dim(g_over, i * tb, tb)
+        x = jax.lax.dynamic_slice_in_dim(xo, i * tb, tb)
+        gg = jax.lax.dynamic_slice_in_dim(go, i * tb, tb)
         block = jax.lax.dot_general(x, gg, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
         grp = lay.block_group[i]
         return jax.lax.dynamic_update_index_in_dim(dw, dw[grp] + block, grp, 0)
 
-    dw = jax.lax.fori_loop(0, lay.num_blocks, body, vary_like(dw_bulk, xp, gp, rhs))
-    return reduce_like(d_lhs, lhs_like).astype(xp.dtype), reduce_like(dw, rhs).astype(rhs.dtype), None
+    dw = jax.lax.fori_loop(0, lay.num_blocks, body, vary_like(dw_bulk, xo, go, rhs))
+    return reduce_like(d_lhs, lhs_like).astype(xo.dtype), reduce_like(dw, rhs).astype(rhs.dtype), None
 
 
 _padded_gmm.defvjp(_fwd, _bwd)

@@ -1,13 +1,21 @@
-"""moejax.kernels: Pallas kernels for grouped expert matmul (depends on jax only).
+"""moejax.kernels: Pallas kernels for grouped expert matmul and capacity dispatch/combine (depends on jax only).
 
 Installed from the top-level ``kernels/`` directory as the import path ``moejax.kernels``.
 
 * :func:`gmm` ``(lhs[M, K], rhs[E, K, N], group_sizes[E]) -> [M, N]``, with a custom VJP whose weight
   gradient is :func:`tgmm` ``(lhs[M, K], grad[M, N], group_sizes[E]) -> [E, K, N]``.
+* :func:`capacity_dispatch` ``(x[T, D], slot_of_copy[T, K], S) -> [S, D]`` and :func:`capacity_combine`
+  ``(y[S, D], slot_of_copy[T, K], weight[T, K]) -> [T, D]``, with custom VJPs (x, y and weight get gradients),
+  built on the row-gather kernels :func:`gather_rows` ``(x[T, D], src[R], scale[R]) -> [R, D]`` and
+  :func:`gather_sum` ``(y[R, D], idx[T, K], w[T, K]) -> [T, D]``.
 * :mod:`moejax.kernels.reference`: pure-jnp versions with the same signatures.
 
-Run with ``interpret=True`` on CPU. ``moejax.dispatch.gmm`` registers the kernel as ``dispatch.gmm=pallas``.
+Run with ``interpret=True`` on CPU. ``moejax.dispatch.gmm`` registers the grouped matmul as ``dispatch.gmm=pallas``;
+``moejax.dispatch.capacity`` uses the dispatch kernels for ``dispatch.capacity_impl=pallas``.
 """
+from .dispatch import (DEFAULT_ROW_TILING, capacity_combine, capacity_dispatch, gather_rows, gather_sum, slot_tokens,
+                       slot_values, varying_axes)
 from .gmm import DEFAULT_TILING, gmm, gmm_pallas, tgmm, work_items
 
-__all__ = ["DEFAULT_TILING", "gmm", "gmm_pallas", "tgmm", "work_items"]
+__all__ = ["DEFAULT_ROW_TILING", "DEFAULT_TILING", "capacity_combine", "capacity_dispatch", "gather_rows",
+           "gather_sum", "gmm", "gmm_pallas", "slot_tokens", "slot_values", "tgmm", "varying_axes", "work_items"]

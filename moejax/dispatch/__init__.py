@@ -79,7 +79,7 @@ def apply(
       expert_fn: ``(tokens grouped by expert, grouping) -> outputs`` (e.g. a bound :class:`~moejax.experts.Experts`).
       mode: ``capacity`` or ``dropless``.
       capacity: ``C`` for token-choice capacity mode (expert choice carries its own).
-      capacity_impl: ``einsum`` or ``index``.
+      capacity_impl: ``einsum``, ``index`` or ``pallas`` (see :mod:`moejax.dispatch.capacity`).
       priority: ``position`` or ``score`` (capacity mode, token choice).
       grouped_matmul: the gmm for dropless (default: ``get_gmm('auto')``).
       groups: ``G`` routing groups of ``T/G`` consecutive tokens, each with its own capacity-``C`` buffers

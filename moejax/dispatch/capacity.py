@@ -6,10 +6,14 @@ Token copies are flattened token-major (copy ``t * K + k``). A *plan* says where
 * expert choice -> the :class:`~moejax.routing.ExpertChoiceRouting` itself (it already names the
   token of every slot).
 
-Two implementations give identical results: ``einsum`` (one-hot dispatch and combine tensors
-``[T, E, C]``, the GShard/Switch formulation) and ``index`` (scatter into slots, gather back).
+Three implementations give the same results: ``einsum`` (one-hot dispatch and combine tensors
+``[T, E, C]``, the GShard/Switch formulation), ``index`` (scatter into slots, gather back) and ``pallas``
+(the row-gather kernels of :mod:`moejax.kernels` with their custom VJPs, on a table ``slot_of_copy[T, K]``;
+expert-choice plans become ``[T, E]`` tables; interpret mode on CPU, TPU lowering unverified, no GPU lowering).
 """
 from __future__ import annotations
+
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -122,6 +126,49 @@ def _expert_choice_tensor(plan: ExpertChoiceRouting, per_slot: jax.Array) -> jax
     return jnp.einsum("ec,ect->tec", jnp.where(plan.valid, per_slot, 0), t_hot)
 
 
+IMPLS = ("einsum", "index", "pallas")
+log = logging.getLogger("moejax")
+_logged_pallas = False
+
+
+def _pallas_interpret(x: jax.Array) -> bool:
+    """Interpret mode on CPU; the kernels need the TPU grid spec (DMAs), so other backends than TPU are refused."""
+    global _logged_pallas
+    from moejax import kernels  # local import: keeps Pallas out of ``import moejax``
+    backend = jax.default_backend()
+    if backend not in ("cpu", "tpu"):
+        raise ValueError(f"dispatch.capacity_impl='pallas': the capacity kernels lower only on TPU (interpret mode on "
+                         f"CPU); backend {backend!r} has no lowering, use 'index'")
+    if backend == "cpu" and kernels.varying_axes(x):
+        raise ValueError("dispatch.capacity_impl='pallas': on CPU the kernels run in the Pallas interpreter, which "
+                         "jax 0.10.2 cannot trace inside the expert-parallel shard_map (check_vma); use 'index' "
+                         "with mesh.expert > 1 on CPU")
+    if not _logged_pallas:
+        _logged_pallas = True
+        log.info("moejax: dispatch.capacity_impl=pallas -> %s on backend %s",
+                 "Pallas interpreter" if backend == "cpu" else "Mosaic kernels", backend)
+    return backend == "cpu"
+
+
+def copy_slots(plan: CapacityPlan) -> tuple[jax.Array, jax.Array]:
+    """int32[T, K'] slot ``e * C + c`` of every token copy (``E * C`` if none) and its float combine weight [T, K'].
+
+    Token choice: ``K' = K`` (dropped copies out of range, weight zero). Expert choice: ``K' = E``, copy ``(t, e)``
+    is token ``t`` in expert ``e`` (an expert holds a token at most once, as top-k over tokens guarantees); the
+    weights are scattered from ``plan.weight``, so their gradient flows back to it.
+    """
+    if isinstance(plan, TokenChoicePlan):
+        return _flat_slot(plan), plan.weight
+    e, c = plan.token_index.shape
+    t = plan.num_tokens
+    rows = jnp.where(plan.valid, plan.token_index, t)                     # invalid slots: dropped by the scatter
+    cols = jnp.broadcast_to(jnp.arange(e, dtype=jnp.int32)[:, None], (e, c))
+    slots = jnp.arange(e * c, dtype=jnp.int32).reshape(e, c)
+    slot = jnp.full((t, e), e * c, jnp.int32).at[rows, cols].set(slots, mode="drop", unique_indices=True)
+    weight = jnp.zeros((t, e), plan.weight.dtype).at[rows, cols].set(plan.weight, mode="drop", unique_indices=True)
+    return slot, weight
+
+
 def dispatch(plan: CapacityPlan, x: jax.Array, impl: str = "index") -> jax.Array:
     """Gathers tokens into expert buffers. x: [T, D] -> [E, C, D]; empty slots are zero."""
     if impl == "einsum":
@@ -138,7 +185,13 @@ def dispatch(plan: CapacityPlan, x: jax.Array, impl: str = "index") -> jax.Array
                 copies, mode="drop", unique_indices=True)
             return buf.reshape(e, c, d)
         return jnp.where(plan.valid[..., None], x[plan.token_index], 0)
-    raise ValueError(f"dispatch.capacity_impl={impl!r}: must be 'einsum' or 'index'")
+    if impl == "pallas":
+        from moejax import kernels
+        slot, _ = copy_slots(plan)
+        e, c = plan.num_experts, plan.capacity
+        buf = kernels.capacity_dispatch(x, slot, e * c, interpret=_pallas_interpret(x))
+        return buf.reshape(e, c, x.shape[-1])
+    raise ValueError(f"dispatch.capacity_impl={impl!r}: must be one of {list(IMPLS)}")
 
 
 def combine(plan: CapacityPlan, y: jax.Array, impl: str = "index") -> jax.Array:
@@ -158,4 +211,9 @@ def combine(plan: CapacityPlan, y: jax.Array, impl: str = "index") -> jax.Array:
         w = jnp.where(plan.valid, plan.weight, 0).astype(y.dtype)
         return jnp.zeros((plan.num_tokens, y.shape[-1]), y.dtype).at[plan.token_index.reshape(-1)].add(
             (w[..., None] * y).reshape(-1, y.shape[-1]))
-    raise ValueError(f"dispatch.capacity_impl={impl!r}: must be 'einsum' or 'index'")
+    if impl == "pallas":
+        from moejax import kernels
+        slot, weight = copy_slots(plan)
+        e, c, d = y.shape
+        return kernels.capacity_combine(y.reshape(e * c, d), slot, weight, interpret=_pallas_interpret(y))
+    raise ValueError(f"dispatch.capacity_impl={impl!r}: must be one of {list(IMPLS)}")

@@ -102,3 +102,93 @@ def test_every_preset_and_variant_config_is_valid(experiment, shape):
         config.get_config("huge")
     with pytest.raises(ValueError, match="^variant="):
         config.get_config("tiny,nope")
+
+
+def test_smoe_dropout_tiny_sweep_end_to_end(tmp_path):
+    run = _load("smoe_dropout", "run")
+    summary = run.main(["--preset=tiny", "--variants=smoe_dropout", f"--workdir={tmp_path / 'work'}",
+                        f"--results={tmp_path / 'results'}"])
+    record = json.loads((tmp_path / "results" / "smoe_dropout_seed0.json").read_text())
+    config = record["config"]
+    assert config["model"]["moe"]["router"]["frozen"] and config["train"]["moe_k_end"] == 2
+    assert record["final_eval"]["step"] == 8 and math.isfinite(record["final_eval"]["loss"])
+    assert list(record["eval_by_k"]) == ["1", "2"]
+    # The sweep at the trainer's evaluation k (all experts) is the trainer's own evaluation on the same batches.
+    assert record["eval_by_k"]["2"]["loss"] == pytest.approx(record["final_eval"]["loss"], rel=1e-4)
+    # At k = E every token goes to both experts: each gets exactly half of the token copies.
+    np.testing.assert_allclose(record["eval_by_k"]["2"]["expert_load"][0], [0.5, 0.5], atol=1e-6)
+    assert record["eval_by_k"]["1"]["loss"] != record["eval_by_k"]["2"]["loss"]
+    row = summary["smoe_dropout"]
+    assert row["loss_by_k"]["1"]["mean"] == record["eval_by_k"]["1"]["loss"]
+    assert row["monotone_seeds"] == int(record["eval_by_k"]["2"]["loss"] <= record["eval_by_k"]["1"]["loss"])
+    assert (tmp_path / "results" / "loss_vs_k.png").stat().st_size > 0
+
+
+def test_smoe_dropout_monotonicity_and_table_ks():
+    run = _load("smoe_dropout", "run")
+    assert run.monotone_steps([3.0, 2.5, 2.5, 2.0]) == (True, 0.0)
+    ok, rise = run.monotone_steps([3.0, 2.0, 2.25, 1.0])
+    assert not ok and rise == pytest.approx(0.25)
+    summary = {"a": {"loss_by_k": {str(k): None for k in range(1, 7)}}}
+    assert run.table_ks(summary) == ["1", "2", "4", "6"]
+    curve = {"a": {"loss_by_k": {"1": {"mean": 2.5, "std": 0.125}, "2": {"mean": 2.0, "std": 0.0}}}, "dense": {}}
+    assert run.curve_table(curve).splitlines()[-1] == "| a | 2.5000 ± 0.1250 | 2.0000 ± 0.0000 |"
+    config = _load("smoe_dropout", "config")
+    for preset in config.PRESETS:
+        for variant in config.VARIANTS:
+            cfg = config.get_config(f"{preset},{variant}")
+            assert model_config(cfg.model, vocab_size=256) is not None
+            moe = cfg.model.moe
+            assert (moe is None) == (variant not in config.MOE_VARIANTS)
+            dense_width = cfg.model.dense_hidden_dim
+            if moe is not None:  # same expert parameters as the dense FFN: E experts of width F = one of E F
+                assert moe.num_experts * moe.hidden_dim == dense_width
+                assert moe.router.frozen == (variant != "learned_top2")
+            assert (cfg.train.get("moe_k_end") is not None) == (variant == "smoe_dropout")
+    with pytest.raises(ValueError, match="^preset="):
+        config.get_config("huge")
+    with pytest.raises(ValueError, match="^variant="):
+        config.get_config("tiny,nope")
+
+
+def test_dynamoe_tiny_sweep_end_to_end(tmp_path):
+    run = _load("dynamoe", "run")
+    config = _load("dynamoe", "config")
+    summary = run.main(["--preset=tiny", "--variants=digits-dyn-descending", f"--workdir={tmp_path / 'work'}",
+                        f"--results={tmp_path / 'results'}"])
+    record = json.loads((tmp_path / "results" / "digits-dyn-descending_seed0.json").read_text())
+    assert record["final_eval"]["step"] == 30 and 0.0 <= record["final_eval"]["accuracy"] <= 1.0
+    assert [(l["num_experts"], l["k"]) for l in record["layers"]] == [(4, 2), (2, 1)]  # 6 experts, k total 3
+    assert [p["step"] for p in record["grad_noise"]] == config.measure_steps(30) == [4, 8, 16, 30]
+    for point in record["grad_noise"]:
+        assert set(point["groups"]) == {"router", "experts", "other", "all"}
+        assert all(g["noise"] > 0 and g["trace"] > 0 for g in point["groups"].values())
+        # Dynamic routing: between 1 and the layer's max k experts per token, measured on the same batches.
+        assert all(1.0 <= e <= l["k"] + 1e-6 for e, l in zip(point["experts_per_token"], record["layers"]))
+    assert record["experts_per_token_train"]["mean"][1] == pytest.approx(1.0)  # k = 1: exactly one expert
+    row = summary["variants"]["digits-dyn-descending"]
+    assert row["seeds"] == [0] and row["accuracy"]["mean"] == record["final_eval"]["accuracy"]
+    assert (tmp_path / "results" / "grad_noise.png").stat().st_size > 0
+    assert (tmp_path / "results" / "accuracy.png").stat().st_size > 0
+
+
+def test_dynamoe_configs_match_budgets_and_are_valid():
+    config = _load("dynamoe", "config")
+    for preset, variants in (("full", config.VARIANTS), ("paper", config.PAPER_VARIANTS)):
+        for variant in variants:
+            cfg = config.get_config(f"{preset},{variant}")
+            layers = cfg.model.layers
+            assert sum(l["num_experts"] for l in layers) == config.TOTAL_EXPERTS
+            assert sum(l["router"]["k"] for l in layers) == config.TOTAL_K
+            shape = {"mnist1d": (40, 1), "digits": (8, 8, 1), "cifar10": (32, 32, 3)}.get(cfg.data.name, (28, 28, 1))
+            assert model_config(cfg.model, num_classes=10, input_shape=shape) is not None
+            kind = "threshold" if "-dyn-" in variant else "topk"
+            assert all(l["router"]["kind"] == kind for l in layers)
+    # Dynamic and fixed routing at the same schedule have the same experts and max k per layer.
+    dyn, top = (config.get_config(f"full,mnist1d-{r}-descending").model.layers for r in ("dyn", "top"))
+    assert [(l["num_experts"], l["router"]["k"]) for l in dyn] == [(l["num_experts"], l["router"]["k"]) for l in top]
+    assert [l["num_experts"] for l in dyn] == [6, 5, 3, 2]
+    with pytest.raises(ValueError, match="^preset="):
+        config.get_config("huge")
+    with pytest.raises(ValueError, match="^variant="):
+        config.get_config("full,digits-dyn-nope")

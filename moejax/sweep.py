@@ -93,6 +93,18 @@ def load_runs(results: pathlib.Path, variant_order: Sequence[str]) -> list[dict[
     return runs
 
 
+def run_dir(args: argparse.Namespace, variant: str, seed: int) -> pathlib.Path:
+    """The trainer's workdir of one run: ``<workdir>/<preset>/<variant>_seed<seed>`` (checkpoints, metrics)."""
+    return pathlib.Path(args.workdir) / args.preset / f"{variant}_seed{seed}"
+
+
+def command_line(run_file: str, argv: Sequence[str] | None) -> str:
+    """The command recorded with each run: ``experiments/<name>/run.py`` and its arguments (``argv``, or the
+    process's own when None)."""
+    name = pathlib.Path(run_file).resolve().parent.name
+    return " ".join([f"experiments/{name}/run.py", *(sys.argv[1:] if argv is None else argv)])
+
+
 def run_all(args: argparse.Namespace, experiment: str, config_lib: ModuleType, variants: Sequence[str],
             seeds: Sequence[int], results: pathlib.Path, command: str,
             measure: Callable[..., dict[str, Any]],
@@ -120,7 +132,7 @@ def run_all(args: argparse.Namespace, experiment: str, config_lib: ModuleType, v
             config = config_lib.get_config(f"{args.preset},{variant}")
             config.seed = seed
             config.data.seed = seed
-            workdir = pathlib.Path(args.workdir) / args.preset / f"{variant}_seed{seed}"
+            workdir = run_dir(args, variant, seed)
             shutil.rmtree(workdir, ignore_errors=True)
             start = time.perf_counter()
             final = train_and_evaluate(config, workdir)

@@ -9,8 +9,6 @@ A run whose JSON already exists is skipped, so a killed sweep continues where it
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
 from moejax import sweep
 
@@ -40,8 +38,7 @@ def main(argv: list[str] | None = None) -> dict:
     variants, seeds, results = sweep.selection(args, config_lib, __file__)
     if args.table:
         return summarize(sweep.load_runs(results, config_lib.VARIANTS))
-    command = " ".join([os.path.relpath(sys.argv[0]) if argv is None else "run.py", *(sys.argv[1:] if argv is None
-                                                                                      else argv)])
+    command = sweep.command_line(__file__, argv)
     cache: dict = {}
 
     def measure(config, state, final, variant, seed) -> dict:

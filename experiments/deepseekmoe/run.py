@@ -11,7 +11,6 @@ without masking. A run whose JSON already exists is skipped, so a killed sweep c
 from __future__ import annotations
 
 import argparse
-import sys
 
 from moejax import sweep
 
@@ -42,7 +41,7 @@ def main(argv: list[str] | None = None) -> dict:
     variants, seeds, results = sweep.selection(args, config_lib, __file__)
     if args.table:
         return summarize(sweep.load_runs(results, config_lib.VARIANTS))
-    command = " ".join(["experiments/deepseekmoe/run.py", *(sys.argv[1:] if argv is None else argv)])
+    command = sweep.command_line(__file__, argv)
 
     def measure(config, state, final, variant, seed) -> dict:
         pipeline = data_lib.from_config(config.data)

@@ -16,7 +16,6 @@ is skipped, so a killed sweep continues where it stopped.
 from __future__ import annotations
 
 import argparse
-import sys
 
 from moejax import sweep
 
@@ -53,7 +52,6 @@ def main(argv: list[str] | None = None) -> dict:
     if args.compile_cache:
         use_compile_cache(args.compile_cache.replace("<workdir>", args.workdir))
     import json
-    import pathlib
 
     config_lib = load_sibling("config")
     report = load_sibling("report")
@@ -65,10 +63,10 @@ def main(argv: list[str] | None = None) -> dict:
         summary = report.summarize(sweep.load_runs(results, order))
         print(report.table(summary))
         return summary
-    command = " ".join(["experiments/dynamoe/run.py", *(sys.argv[1:] if argv is None else argv)])
+    command = sweep.command_line(__file__, argv)
 
     def measure(config, state, final, variant, seed) -> dict:
-        workdir = pathlib.Path(args.workdir) / args.preset / f"{variant}_seed{seed}"
+        workdir = sweep.run_dir(args, variant, seed)
         return measure_run(config_lib, config, workdir, final)
 
     def after(record: dict, workdir) -> None:

@@ -12,8 +12,6 @@ A run whose JSON already exists is skipped, so a killed sweep continues where it
 from __future__ import annotations
 
 import argparse
-import pathlib
-import sys
 
 from moejax import sweep
 
@@ -44,7 +42,7 @@ def main(argv: list[str] | None = None) -> dict:
     variants, seeds, results = sweep.selection(args, config_lib, __file__)
     if args.table:
         return summarize(sweep.load_runs(results, config_lib.VARIANTS))
-    command = " ".join(["experiments/smoe_dropout/run.py", *(sys.argv[1:] if argv is None else argv)])
+    command = sweep.command_line(__file__, argv)
 
     def measure(config, state, final, variant, seed) -> dict:
         vocab = data_lib.from_config(config.data).meta.vocab_size
@@ -52,7 +50,7 @@ def main(argv: list[str] | None = None) -> dict:
         counts = param_counts(model, jax.ShapeDtypeStruct((1, config.data.seq_len), jnp.int32))
         by_k = {}
         if config.model.moe is not None:
-            workdir = pathlib.Path(args.workdir) / args.preset / f"{variant}_seed{seed}"  # as sweep.run_all
+            workdir = sweep.run_dir(args, variant, seed)
             ks = config_lib.inference_ks(config.model.moe.num_experts)
             for k, m in evaluate_at_k(config, workdir, ks).items():
                 by_k[str(k)] = {"loss": m["loss"], "accuracy": m["accuracy"], "step": m["step"],

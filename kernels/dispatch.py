@@ -52,13 +52,11 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from .gmm import _round_up
+
 RowTiling = tuple[int, int]
 # 8 rows fill the sublanes of one float32 vreg; (8, 512) keeps gather_sum's float32 accumulator at four vregs.
 DEFAULT_ROW_TILING: RowTiling = (8, 512)
-
-
-def _round_up(x: int, m: int) -> int:
-    return -(-x // m) * m
 
 
 def _tiles(tiling: RowTiling, d: int) -> tuple[int, int, int]:

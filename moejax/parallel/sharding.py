@@ -14,7 +14,8 @@ from moejax.parallel.mesh import TOKEN_AXES, Rules
 log = logging.getLogger("moejax")
 
 
-def _path_str(path: tuple[Any, ...]) -> str:
+def path_name(path: tuple[Any, ...]) -> str:
+    """``'layer_0/router/kernel'`` for a pytree key path."""
     return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
@@ -53,7 +54,7 @@ def state_shardings(abstract_state: Any, mesh: Mesh, rules: Rules) -> Any:
     def one(path, leaf):
         if isinstance(leaf, nn.Partitioned):
             value = leaf.value
-            return NamedSharding(mesh, _mesh_spec(_path_str(path), tuple(value.shape), tuple(leaf.names), mesh, rules))
+            return NamedSharding(mesh, _mesh_spec(path_name(path), tuple(value.shape), tuple(leaf.names), mesh, rules))
         return NamedSharding(mesh, PartitionSpec())
 
     return jax.tree_util.tree_map_with_path(one, abstract_state, is_leaf=lambda x: isinstance(x, nn.Partitioned))
@@ -69,5 +70,5 @@ def describe(shardings: Any) -> list[str]:
     lines = []
     for path, s in jax.tree_util.tree_leaves_with_path(shardings):
         if isinstance(s, NamedSharding) and any(a is not None for a in s.spec):
-            lines.append(f"{_path_str(path)}: {s.spec}")
+            lines.append(f"{path_name(path)}: {s.spec}")
     return lines

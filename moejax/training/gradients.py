@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from moejax.parallel.sharding import path_name
 from moejax.training.steps import AuxWeights, TrainState, make_train_step
 
 
@@ -78,11 +79,6 @@ def minibatch_gradients(model: Any, task: str, weights: AuxWeights, state: Train
         grads.append(g)
         metrics.append(m)
     return grads, metrics
-
-
-def path_name(path: tuple) -> str:
-    """``'layer_0/router/kernel'`` for a pytree key path."""
-    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
 def default_groups(name: str) -> str:

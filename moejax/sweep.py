@@ -74,6 +74,11 @@ def mean_std(values: Sequence[float]) -> dict[str, float]:
     return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0}
 
 
+def pm(s: dict[str, float], digits: int = 3) -> str:
+    """``'mean ± std'`` of a :func:`mean_std` result, both to ``digits`` decimals (for the README tables)."""
+    return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"
+
+
 def selection(args: argparse.Namespace, config_lib: ModuleType, run_file: str
               ) -> tuple[list[str], list[int], pathlib.Path]:
     """(variants, seeds, results directory) from the flags, defaulting to ``config.VARIANTS`` / ``config.SEEDS``."""

@@ -96,8 +96,7 @@ def summarize(runs: list[dict]) -> dict:
 def table(summary: dict) -> str:
     """Markdown rows: variant, seeds, test accuracy, per layer the shuffle-corrected soft MI with quadrant,
     exact position and class (mean ± std over seeds)."""
-    def pm(s, digits=3):
-        return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"
+    pm = sweep.pm
 
     names = ("quadrant", "position", "class")
     lines = ["| routing | seeds | test accuracy | " + " | ".join(f"layer {l}: I(gate; {y})" for l in (1, 2)

@@ -11,6 +11,7 @@ without masking. A run whose JSON already exists is skipped, so a killed sweep c
 from __future__ import annotations
 
 import argparse
+import functools
 
 from moejax import sweep
 
@@ -112,8 +113,7 @@ def plot(summary: dict, path: str) -> None:
 
 def table(summary: dict) -> str:
     """Markdown rows: variant, params, seeds, validation loss, redundancy loss increases, wall-clock."""
-    def pm(s, digits=4):
-        return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"
+    pm = functools.partial(sweep.pm, digits=4)
 
     lines = ["| variant | total params | active params | seeds | validation loss (nats/byte) "
              "| loss increase, top 1/8 routed disabled | top 2/8 disabled | wall-clock per run (s) |",

@@ -99,8 +99,7 @@ def _compare(dataset: str, by_variant: dict[str, list[dict]]) -> dict[str, Any]:
     return out
 
 
-def pm(s: dict, digits: int = 3) -> str:
-    return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"
+pm = sweep.pm
 
 
 def table(summary: dict) -> str:

@@ -12,6 +12,7 @@ A run whose JSON already exists is skipped, so a killed sweep continues where it
 from __future__ import annotations
 
 import argparse
+import functools
 
 from moejax import sweep
 
@@ -123,8 +124,7 @@ def table(summary: dict) -> str:
     """Markdown rows: variant, params, seeds, validation loss at inference k = 1, 2, 4, ..., E, the k of lowest
     loss in each seed, monotone seeds, largest rise of loss from one k to the next (over all k = 1..E), loss at
     full k minus dense (paired by seed), wall-clock."""
-    def pm(s, digits=4):
-        return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"
+    pm = functools.partial(sweep.pm, digits=4)
 
     ks = table_ks(summary)
     lines = ["| variant | total params | seeds | " + " | ".join(f"k={k}" for k in ks)

@@ -4,6 +4,11 @@
 ``[M, K] @ [K, N]``; printed is ``dense_time / gmm_time`` (median, min-max over interleaved rounds) per
 registered implementation, for balanced and Zipf-skewed group sizes.
 
+``--impls`` may also name ``slabs``: not a grouped matmul but its ceiling for a balanced routing on this
+backend, one batched matmul ``[E, M/E, K] @ [E, K, N]`` of the rows as they are (no sort, no copies, no
+overflow), timed for the balanced sizes only. ``bulk`` on a balanced routing does exactly this matmul plus
+its row copies, so ``slabs`` bounds every slab-based formulation (``bulk``, capacity dispatch).
+
     python benchmarks/gmm.py [--m 4096 --k 512 --n 1024 --e 8] [--impls bulk,padded,blocked] [--rounds 7] [--json PATH]
 """
 from __future__ import annotations
@@ -27,6 +32,13 @@ def group_sizes(m: int, e: int, skew: str) -> jnp.ndarray:
     return jnp.asarray(sizes, jnp.int32)
 
 
+def slabs(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    """lhs[M, K] as E equal groups times rhs[E, K, N], one batched matmul (correct for equal group sizes only)."""
+    e, k, n = rhs.shape
+    out = jnp.einsum("egk,ekn->egn", lhs.reshape(e, -1, k), rhs, preferred_element_type=jnp.float32)
+    return out.reshape(-1, n).astype(lhs.dtype)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for name, default in (("m", 4096), ("k", 512), ("n", 1024), ("e", 8), ("rounds", 7), ("tile", 32)):
@@ -45,7 +57,12 @@ def main() -> None:
         gs = group_sizes(args.m, args.e, skew)
         calls = {"dense": lambda: dense(lhs, dense_w)}
         for name in args.impls.split(","):
-            f = get_gmm(name, tile=args.tile)
+            if name == "slabs":
+                if skew != "balanced" or args.m % args.e:
+                    continue
+                f = slabs
+            else:
+                f = get_gmm(name, tile=args.tile)
             g = jax.jit(jax.grad(lambda a, b, f=f: jnp.sum(f(a, b, gs) * cot), argnums=(0, 1)))
             calls[name] = lambda g=g: g(lhs, rhs)
         for call in calls.values():

@@ -156,18 +156,21 @@ def main() -> None:
     parser.add_argument("--json", help="write the results to this path")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--settings", default="S1,S2")
-    parser.add_argument("--routings", default="balanced,zipf")
+    parser.add_argument("--routings", default=None, help="default balanced,zipf (--smoke: zipf)")
     parser.add_argument("--only", default="", help="comma-separated substrings of implementation names")
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes, 2 rounds (for the test suite)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny shapes and at most 2 rounds (the test suite); default --only padded_t8,blocked,"
+                             "capacity_index_cf1.0")
     args = parser.parse_args()
     settings = SMOKE if args.smoke else {n: SETTINGS[n] for n in args.settings.split(",")}
-    rounds = 2 if args.smoke else args.rounds
+    rounds = min(2, args.rounds) if args.smoke else args.rounds
     only = [o for o in args.only.split(",") if o] or None
     if args.smoke:
-        only, args.routings = ["padded_t8", "blocked", "capacity_index_cf1.0"], "zipf"
+        only = only or ["padded_t8", "blocked", "capacity_index_cf1.0"]
+    routings = args.routings or ("zipf" if args.smoke else "balanced,zipf")
     print(f"jax {jax.__version__}, backend {jax.default_backend()}, devices {jax.devices()}")
     results = [run_setting(name, s, skew, rounds, only) for name, s in settings.items()
-               for skew in args.routings.split(",")]
+               for skew in routings.split(",")]
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"jax": jax.__version__, "backend": jax.default_backend(), "results": results}, fh, indent=1)

@@ -1,0 +1,49 @@
+"""The benchmark scripts run end to end on tiny shapes and write well-formed results (no timing is asserted)."""
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import runpy
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def run_script(name: str, argv: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "argv", [name, *argv])
+    runpy.run_path(str(ROOT / "benchmarks" / name), run_name="__main__")
+
+
+def test_moe_layer_benchmark_smoke(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "layer.json"
+    run_script("moe_layer.py", ["--smoke", "--rounds", "1", "--routings", "balanced,zipf",
+                                "--only", "bulk_t16,capacity_index_cf1.0", "--json", str(out)], monkeypatch)
+    results = json.loads(out.read_text())["results"]
+    assert [r["routing"] for r in results] == ["balanced", "zipf"]
+    for r in results:
+        assert any(impl.startswith("dropless_bulk") for impl in r["impls"])
+        assert any(impl.startswith("capacity_index") for impl in r["impls"])
+        assert not any(impl.startswith("capacity_einsum") for impl in r["impls"])
+        for row in r["impls"].values():
+            assert row["ratio_min"] <= row["ratio_median"] <= row["ratio_max"]
+            assert math.isfinite(row["ratio_median"]) and row["ratio_median"] > 0
+        # A balanced routing makes bulk's slabs exactly hold every row: no padding work.
+        if r["routing"] == "balanced":
+            bulk = [row for impl, row in r["impls"].items() if impl.startswith("dropless_bulk")]
+            assert all(row["block_work_ratio"] == pytest.approx(1.0) for row in bulk)
+    assert "dense/moe" in capsys.readouterr().out
+
+
+def test_gmm_benchmark_smoke(tmp_path, monkeypatch):
+    out = tmp_path / "gmm.json"
+    run_script("gmm.py", ["--m", "64", "--k", "8", "--n", "16", "--e", "4", "--tile", "4", "--rounds", "1",
+                          "--impls", "slabs,bulk,padded", "--json", str(out)], monkeypatch)
+    rows = json.loads(out.read_text())["results"]
+    got = {(r["skew"], r["impl"]) for r in rows}
+    # The slab ceiling is only defined (and timed) for equal group sizes.
+    assert got == {("balanced", "slabs"), ("balanced", "bulk"), ("balanced", "padded"), ("zipf", "bulk"),
+                   ("zipf", "padded")}
+    assert all(r["ms"] > 0 and r["ratio_min"] <= r["ratio_median"] <= r["ratio_max"] for r in rows)

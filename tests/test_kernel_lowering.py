@@ -1,9 +1,11 @@
-"""The Mosaic (TPU) kernels lower for TPU on this CPU-only machine.
+"""Accelerator code paths lower for TPU and GPU on this CPU-only machine.
 
 ``jax.jit(f).trace(...).lower(lowering_platforms=("tpu",))`` runs Pallas' Mosaic lowering (the kernel body to the
 Mosaic MLIR dialects, with their verifier) and embeds each kernel as a ``tpu_custom_call``; nothing is compiled by
 the TPU compiler or run. This catches what interpret mode cannot: block shapes Mosaic refuses, primitives without a
 Mosaic lowering, scalar-prefetch and DMA misuse. Forward and backward (through the custom VJPs) are lowered.
+The same for the expert-parallel dropless layer with the native ``ragged_all_to_all`` (XLA:CPU cannot run it, so
+the CPU tests use the emulation): forward and backward lower for TPU and CUDA.
 """
 from __future__ import annotations
 
@@ -11,7 +13,13 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from jax.sharding import NamedSharding, PartitionSpec as P
+
 from moejax import kernels
+from moejax.dispatch import get_gmm
+from moejax.parallel import expert_parallel
+from moejax.parallel.mesh import MeshConfig, make_mesh
+from moejax.routing import finish_token_choice
 
 S = jax.ShapeDtypeStruct
 
@@ -52,3 +60,30 @@ def test_capacity_kernels_and_their_vjps_lower_for_tpu(dtype):
     # Forward: dispatch (gather_rows), combine (gather_sum); backward: the rows of d out per slot (gather_rows),
     # the slot rows for d weight (gather_rows), d x (gather_sum).
     assert tpu_kernels(fwd_bwd, x, plan, w) == 5
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+def test_expert_parallel_dropless_with_native_ragged_all_to_all_lowers(platform):
+    t, d, f, e, k = 32, 8, 16, 8, 2
+    mesh = make_mesh(MeshConfig(data=2, expert=4))
+    tokens = NamedSharding(mesh, P(("data", "expert")))
+    idx = (jnp.arange(t)[:, None] * 3 + jnp.arange(k)[None, :]) % e
+    probs = jnp.full((t, e), 1.0 / e)
+    routing = finish_token_choice(jnp.log(probs), probs, idx.astype(jnp.int32), jnp.full((t, k), 0.5),
+                                  jnp.ones((t, k), bool))
+    routing = jax.tree.map(lambda a: jax.device_put(a, tokens) if a.ndim and a.shape[0] == t else a, routing)
+    x = jax.device_put(jnp.ones((t, d)), tokens)
+    experts = NamedSharding(mesh, P("expert"))
+    params = {"w_in": jax.device_put(jnp.ones((e, d, f)), experts),
+              "w_out": jax.device_put(jnp.ones((e, f, d)), experts)}
+
+    def loss(x, params):
+        y = expert_parallel.dropless_apply(x, routing, params, mesh, kind="mlp", activation="gelu",
+                                           gmm=get_gmm("ragged_dot"), native_ragged=True)
+        return jnp.sum(y ** 2)
+
+    with jax.set_mesh(mesh):
+        text = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).trace(x, params).lower(
+            lowering_platforms=(platform,)).as_text()
+    # Rows out and back in the forward pass; their transposes (again ragged all-to-alls) in the backward pass.
+    assert text.count("stablehlo.custom_call @ragged_all_to_all(") == 4

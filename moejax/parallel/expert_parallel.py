@@ -21,7 +21,9 @@ block ``j`` to device ``j`` (sizes differ per pair, so offsets are exchanged fir
 per-expert counts); the receiver re-sorts the rows it got from all sources by local expert, runs the grouped
 matmul, un-sorts, and a second ragged all-to-all returns them. ``jax.lax.ragged_all_to_all`` is used where the
 backend implements it (TPU, GPU); XLA:CPU does not, so there :func:`ragged_all_to_all_emulated` — the same
-semantics built from a padded dense ``all_to_all`` (``n`` times the buffer, exact) — stands in.
+semantics built from a padded dense ``all_to_all`` (``n`` times the buffer, exact) — stands in. The native path,
+forward and backward, is tested to lower for TPU and CUDA (``tests/test_kernel_lowering.py``) but has not run
+on an accelerator here.
 """
 from __future__ import annotations
 

@@ -301,3 +301,79 @@ def test_build_model_from_config_dict_and_data_sizes():
     mlp = build_model(ml_collections.ConfigDict(MLP_CFG), num_classes=10, vocab_size=99, input_shape=(4, 4))
     assert isinstance(mlp, MLPClassifier) and [type(s) for s in mlp.config.layers] == [MoEConfig, int, MoEConfig]
     assert model_config(mlp.config, num_classes=10) == mlp.config
+
+
+# --------------------------------------------------------------------------------- active parameters per layer kind
+# One MoE layer in an MLP classifier (D = 4, a batch of T = 8 examples = 8 routed tokens). A routed expert ``mlp``
+# of width 3 with biases has P = 4*3 + 3 + 3*4 + 4 = 31 parameters; a constant expert has v [4] + W_c [4, 2] = 12.
+# Each case: MoEConfig fields, the routed parameters NOT applied to a token at most (total - active_max) and on
+# average (total - active_mean; None: the average depends on the data).
+P = 31
+ACTIVE_CASES = {
+    "topk_k2": (dict(router=RouterConfig(k=2)), 2 * P, 2 * P),
+    "topk_k1_shared_gated": (dict(router=RouterConfig(k=1), num_shared_experts=1, shared_gate=True), 3 * P, 3 * P),
+    "hash_k1": (dict(router=RouterConfig(kind="hash", k=1)), 3 * P, 3 * P),
+    "top_p_k3": (dict(router=RouterConfig(kind="top_p", k=3, top_p=0.5)), P, None),       # k is the maximum
+    "top_p_k1": (dict(router=RouterConfig(kind="top_p", k=1, top_p=0.5)), 3 * P, 3 * P),
+    "threshold_k2": (dict(router=RouterConfig(kind="threshold", k=2, threshold=0.3)), 2 * P, None),
+    # C = ceil(1.5 * 8 * 1 / 4) = 3 tokens per expert: 3 * 4 / 8 = 1.5 experts per token on average.
+    "expert_choice": (dict(router=RouterConfig(kind="expert_choice", k=1),
+                           dispatch=DispatchConfig(mode="capacity", capacity_factor=1.5)), 0, 2.5 * P),
+    "soft": (dict(layer="soft", soft_slots=2), 0, 0),
+    "smear": (dict(layer="smear"), 0, 0),
+    "chain_i2_k1": (dict(layer="chain", chain_iterations=2, router=RouterConfig(k=1)), 2 * P, None),
+    "chain_i3_k2": (dict(layer="chain", chain_iterations=3, router=RouterConfig(k=2)), 0, None),   # min(6, 4) = 4
+    "chain_i2_k4": (dict(layer="chain", chain_iterations=2, router=RouterConfig(k=4)), 0, 0),
+    # 4 FFN + 1 zero + 1 copy + 2 constant outputs, k = 2: at most 2 FFN experts; all constant parameters idle.
+    "moe_plus_plus": (dict(zero_experts=1, copy_experts=1, constant_experts=2, router=RouterConfig(k=2)),
+                      2 * P + 2 * 12, None),
+}
+
+
+def _mlp_counts(fields: dict, *, train: bool = True):
+    spec = MoEConfig(**{"num_experts": 4, "hidden_dim": 3, "activation": "relu", **fields})
+    model = MLPClassifier(MLPConfig(num_classes=3, d_model=4, layers=(spec,)))
+    x = jax.ShapeDtypeStruct((8, 5), jnp.float32)
+    return param_counts(model, x, train=train), count_params(jax.eval_shape(model.init, key(0), x)["params"])
+
+
+@pytest.mark.parametrize("name", sorted(ACTIVE_CASES))
+def test_active_params_hand_computed_per_layer_kind(name):
+    fields, idle_max, idle_mean = ACTIVE_CASES[name]
+    counts, total = _mlp_counts(fields)
+    assert counts.total == total and counts.routed_experts == 4 * P
+    assert counts.total - counts.active_max == idle_max and counts.active == counts.active_max
+    if idle_mean is None:
+        assert counts.active_mean is None
+    else:
+        assert counts.total - counts.active_mean == pytest.approx(idle_mean, abs=1e-9)
+
+
+def test_active_params_expert_choice_eval_capacity_and_routed_tokens_per_model():
+    # Evaluation capacity factor 2.0: C = ceil(2 * 8 / 4) = 4, so 2 experts per token on average.
+    counts, _ = _mlp_counts(ACTIVE_CASES["expert_choice"][0], train=False)
+    assert counts.total - counts.active_mean == pytest.approx(2 * P)
+    # LM: T = B * L = 16 tokens, C = ceil(1.25 * 16 / 4) = 5, 5 * 4 / 16 = 1.25 experts per token; one MoE block;
+    # experts mlp D=16, F=16 with biases: 16*16*2 + 16 + 16 = 544.
+    lm = build_model({**LM_CFG, "moe": {"num_experts": 4, "hidden_dim": 16, "router": {"kind": "expert_choice",
+                                                                                         "k": 1}}}, vocab_size=32)
+    counts = param_counts(lm, jax.ShapeDtypeStruct((2, 8), jnp.int32))
+    assert counts.total - counts.active_mean == pytest.approx((4 - 1.25) * 544) and counts.active_max == counts.total
+    # ViT: T = B * (N + 1) = 2 * (4 patches + class token) = 10, C = ceil(1.5 * 10 / 4) = 4: 1.6 experts per token;
+    # GLU experts with biases: 3 * 16 * 16 + 16 + 16 + 16 = 816.
+    vit = build_model({**VIT_CFG, "moe": {**VIT_CFG["moe"], "router": {"kind": "expert_choice", "k": 1}}},
+                      num_classes=5, input_shape=(8, 8, 3))
+    counts = param_counts(vit, jax.ShapeDtypeStruct((2, 8, 8, 3), jnp.float32))
+    assert counts.total - counts.active_mean == pytest.approx((4 - 1.6) * 816)
+
+
+def test_active_params_when_constant_experts_are_dearer_than_ffn_experts():
+    # P = 4*1 + 1*4 = 8 (width 1, no biases) < 12 per constant expert; 2 FFN + 2 constant outputs, k = 3: the
+    # dearest choice is 1 FFN + 2 constant experts = 32 of the 2*8 + 2*12 = 40 routed parameters.
+    counts, _ = _mlp_counts(dict(num_experts=2, hidden_dim=1, use_bias=False, constant_experts=2,
+                                 router=RouterConfig(k=3)))
+    assert counts.routed_experts == 16 and counts.total - counts.active_max == 8 and counts.active_mean is None
+    model = MLPClassifier(MLPConfig(num_classes=3, d_model=4, layers=(
+        MoEConfig(num_experts=2, hidden_dim=1, use_bias=False, constant_experts=2, router=RouterConfig(k=3)),)))
+    params = jax.eval_shape(model.init, key(0), jnp.zeros((8, 5)))["params"]
+    assert count_params(params["layer_0"]["zero_computation"]) == 2 * 12

@@ -4,8 +4,9 @@ python -m moejax.main --config=configs/mechanisms/hash.py --workdir=/tmp/moejax_
 
 No router is learned; top-1 with weight 1, as in the paper. The MLP classifier has no token ids, so the
 router hashes each example's position in its batch (``MoELayer`` without ``token_ids``): a fixed
-pseudo-random assignment, the paper's "random hash" baseline at the level of examples, not its token-id
-hash (which needs a model that passes token ids to the layer). The load-balancing loss has nothing to act on.
+pseudo-random assignment at the level of examples, a baseline, not the paper's token-id hash. For that, see
+``configs/mechanisms/hash_lm.py``: the Transformer LM passes its input token ids to its hash layers. The
+load-balancing loss has nothing to act on.
 
 A small MLP classifier on scikit-learn's digits (no network), 200 steps; see docs/routing_mechanisms.md.
 """

@@ -62,9 +62,10 @@ def layer_k(spec: FFNSpec, moe_k: int | None) -> int | None:
 
 
 def apply_ffn(layer: nn.Module, spec: FFNSpec, h: jax.Array, *, deterministic: bool,
-              router_logits: jax.Array | None, moe_k: int | None = None
+              router_logits: jax.Array | None, moe_k: int | None = None, token_ids: jax.Array | None = None
               ) -> tuple[jax.Array, RoutingStats, jax.Array | None]:
-    """Calls an FFN layer from :func:`make_ffn`, with a model-level ``k`` and MoE++ gating-residual logits.
+    """Calls an FFN layer from :func:`make_ffn`, with a model-level ``k``, MoE++ gating-residual logits and
+    token ids.
 
     Layers with a router that produces logits (``layer='sparse'`` or ``'chain'``) receive ``router_logits``
     when their ``router.gating_residual`` is set, and return their own logits for the next MoE layer. Every
@@ -75,12 +76,17 @@ def apply_ffn(layer: nn.Module, spec: FFNSpec, h: jax.Array, *, deterministic: b
     ``moe_k`` (static; SMoE-Dropout's inference-time number of experts) is passed as ``k=`` to sparse and
     chain layers, clipped by :func:`layer_k`; Soft MoE, SMEAR and dense layers have no ``k`` and ignore it.
 
+    ``token_ids`` int[...] (``h``'s leading shape, e.g. int[B, L]): the vocabulary index of each token, passed
+    to sparse and chain layers, whose hash routers (``router.kind='hash'``, Roller et al. 2021) hash them; the
+    other routers ignore them. None (models without token ids) makes a hash router hash each token's index in
+    the routed group instead. Soft MoE, SMEAR and dense layers take no ids.
+
     Returns ``(y, stats, logits for the next MoE layer)``.
     """
     if isinstance(spec, MoEConfig) and spec.layer in LOGIT_LAYERS:
         prev = router_logits if spec.router.gating_residual else None
         return layer(h, deterministic=deterministic, router_logits=prev, return_logits=True,
-                     k=layer_k(spec, moe_k))
+                     k=layer_k(spec, moe_k), token_ids=token_ids)
     y, stats = layer(h, deterministic=deterministic)
     return y, stats, router_logits
 
@@ -102,7 +108,7 @@ class Block(nn.Module):
     The FFN routes all ``B * L`` tokens together. Dropout (rate ``config.dropout_rate``) on both branch
     outputs when not ``deterministic``. ``router_logits`` float32[B, L, E] in, logits out: the MoE++
     gating-residual logits threaded by :func:`apply_ffn`. ``moe_k``: a static model-level ``k`` for a routed
-    MoE FFN (:func:`layer_k`).
+    MoE FFN (:func:`layer_k`). ``token_ids`` int[B, L]: the input token ids, for a hash-routed FFN (:func:`apply_ffn`).
     """
 
     config: TransformerConfig
@@ -112,8 +118,8 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, *, deterministic: bool, positions: jax.Array | None = None,
-                 router_logits: jax.Array | None = None, moe_k: int | None = None
-                 ) -> tuple[jax.Array, RoutingStats, jax.Array | None]:
+                 router_logits: jax.Array | None = None, moe_k: int | None = None,
+                 token_ids: jax.Array | None = None) -> tuple[jax.Array, RoutingStats, jax.Array | None]:
         cfg = self.config
         drop = nn.Dropout(cfg.dropout_rate, deterministic=deterministic)
         h = make_norm(cfg.norm, cfg.dtype, cfg.param_dtype, "attn_norm")(x)
@@ -124,7 +130,7 @@ class Block(nn.Module):
         ffn = make_ffn(self.ffn, kind=cfg.ffn_kind, activation=cfg.activation, use_bias=cfg.use_bias,
                        dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="ffn")
         h, stats, logits = apply_ffn(ffn, self.ffn, h, deterministic=deterministic, router_logits=router_logits,
-                                     moe_k=moe_k)
+                                     moe_k=moe_k, token_ids=token_ids)
         return constrain(x + drop(h)), stats, logits
 
 
@@ -133,7 +139,9 @@ class Encoder(nn.Module):
 
     x: [B, L, D] -> (float[B, L, D], tuple of one RoutingStats per block). Blocks are named ``block_{i}``.
     MoE++ gating-residual logits flow from block to block (:func:`apply_ffn`); ``moe_k`` (static) overrides
-    ``router.k`` of every routed MoE FFN (:func:`layer_k`).
+    ``router.k`` of every routed MoE FFN (:func:`layer_k`). ``token_ids`` int[B, L] (optional; the LM passes its
+    input tokens) reach every sparse and chain MoE FFN, sharded like the activations' (batch, length) axes: hash
+    routers hash them. Without them (ViT) a hash router hashes each token's index among the ``B * L`` routed.
     """
 
     config: TransformerConfig
@@ -142,12 +150,19 @@ class Encoder(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, *, deterministic: bool, positions: jax.Array | None = None,
-                 moe_k: int | None = None) -> tuple[jax.Array, tuple[RoutingStats, ...]]:
+                 moe_k: int | None = None, token_ids: jax.Array | None = None
+                 ) -> tuple[jax.Array, tuple[RoutingStats, ...]]:
         cfg = self.config
         check_moe_k(moe_k)
+        if token_ids is not None:
+            if tuple(token_ids.shape) != tuple(x.shape[:-1]):
+                raise ValueError(f"token_ids: expected int[B, L] = {tuple(x.shape[:-1])} (x's leading axes), "
+                                 f"got shape {tuple(token_ids.shape)}")
+            token_ids = nn.with_logical_constraint(token_ids, ("batch", "length"))
         stats, logits = [], None
         for i, spec in enumerate(cfg.ffn_specs()):
             x, s, logits = Block(cfg, spec, self.causal, self.rope_base, name=f"block_{i}")(
-                x, deterministic=deterministic, positions=positions, router_logits=logits, moe_k=moe_k)
+                x, deterministic=deterministic, positions=positions, router_logits=logits, moe_k=moe_k,
+                token_ids=token_ids)
             stats.append(s)
         return make_norm(cfg.norm, cfg.dtype, cfg.param_dtype, "final_norm")(x), tuple(stats)

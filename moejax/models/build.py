@@ -78,15 +78,69 @@ def count_params(params: Any) -> int:
     return sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(params))
 
 
+# Routers whose number of experts per token varies between 1 and ``router.k`` (its maximum).
+DYNAMIC_K_ROUTERS = ("top_p", "threshold")
+
+
 @dataclasses.dataclass(frozen=True)
 class ParamCounts:
-    """total: all parameters; routed_experts: those of the routed experts; active: used per token
-    (``total`` minus ``(E - K) / E`` of each MoE layer's routed experts; expert choice: ``K`` on average).
-    Embeddings count in both."""
+    """Parameter counts of a model: all of them, and those *applied to one token in one forward pass*.
+
+    A parameter is applied to a token when that token's output depends on it in the pass (its loss would give
+    the parameter a gradient). Everything outside the routed experts counts as applied to every token: the
+    embedding table (in full, as is usual), attention, norms, dense FFNs, routers (every chain iteration's),
+    shared experts and their gate, Soft MoE's slot parameters. What varies is the routed experts' share, per
+    MoE layer (``E`` experts of ``P`` parameters each, ``K = router.k``, ``I`` chain iterations):
+
+    ==============================================  ==========================  ===================================
+    layer / router                                  ``active_max`` takes        ``active_mean`` takes
+    ==============================================  ==========================  ===================================
+    sparse, fixed k (topk, hash, random, sinkhorn,  ``K P``                     ``K P`` (exact unless copies are
+    base, sparse_ot)                                                            dropped: capacity, gate dropout)
+    sparse, dynamic k (top_p, threshold)            ``K P`` (K is the maximum)  None (data-dependent; 1 expert
+                                                                                when K = 1)
+    sparse, expert choice                           ``E P`` (every expert may   ``C E / T`` experts' P: ``C`` =
+                                                    choose the same token)      ``capacity(T, train)``, ``T`` the
+                                                                                tokens routed together for ``x``
+    MoE++ zero-computation experts (sparse, chain)  the ``K`` dearest outputs:  None (how many slots the zero,
+                                                    FFN ``P``, constant ``3D``  copy and constant experts take is
+                                                    (``v``, ``W_c``), zero and  data-dependent)
+                                                    copy 0
+    chain (shared experts over ``I`` iterations)    ``min(I K, E) P``: distinct None unless ``K = E`` (iterations
+                                                    experts along the chain     may pick the same experts)
+                                                    (expert choice: ``E P``)
+    Soft MoE                                        ``E P``: every slot mixes   ``E P``
+                                                    all tokens, every token
+                                                    combines all slots
+    SMEAR                                           ``E P``: the merged expert  ``E P``
+                                                    ``sum_e p_e theta_e`` reads
+                                                    all (``p_e > 0``)
+    ==============================================  ==========================  ===================================
+
+    These count parameters, not FLOPs: SMEAR runs one (merged) expert per example or token, a chain runs
+    ``I K`` expert evaluations per token even when they repeat an expert, Soft MoE runs ``E S`` slots per
+    group of ``M`` tokens.
+
+    Attributes:
+      total: all parameters (the ``params`` collection; a frozen router's kernel in ``moe_state`` is not one).
+      routed_experts: parameters of the routed FFN experts, ``E P`` per MoE layer (a chain's shared set once;
+        MoE++ zero-computation experts are not FFN experts).
+      active_max: an upper bound, tight for the layer kinds above: the most parameters that any one token can
+        have applied to it. Exact for every token with fixed-k token choice when nothing is dropped.
+      active_mean: the mean over the ``T`` tokens of a batch shaped like ``x`` (see :func:`param_counts`),
+        assuming no dropped copies; None when some layer's count depends on the data (dynamic k,
+        zero-computation experts, chains that may repeat experts): measure ``RoutingStats.experts_per_token``.
+    """
 
     total: int
-    active: int
+    active_max: int
+    active_mean: float | None
     routed_experts: int
+
+    @property
+    def active(self) -> int:
+        """``active_max``, under the name that the experiment scripts record (``params.active``)."""
+        return self.active_max
 
 
 def expert_params(spec: MoEConfig, d_model: int) -> int:
@@ -95,16 +149,61 @@ def expert_params(spec: MoEConfig, d_model: int) -> int:
                                                           spec.use_bias).values())
 
 
-def param_counts(model: nn.Module, x: Any) -> ParamCounts:
+def constant_expert_params(d_model: int) -> int:
+    """Parameters of one MoE++ constant expert: its vector ``v`` [D] and its gate ``W_c`` [D, 2]."""
+    return 3 * d_model
+
+
+def routed_tokens(cfg: ModelConfig, shape: Sequence[int]) -> int:
+    """``T``, the tokens every MoE layer of a model with ``cfg`` routes together for an input of ``shape``:
+    ``B * L`` for the LM (int[B, L]), ``B * (N + 1)`` (class token) or ``B * N`` patches for the ViT, ``B`` for
+    the MLP classifier (one token per example)."""
+    if isinstance(cfg, LMConfig):
+        return int(shape[0]) * int(shape[1])
+    if isinstance(cfg, ViTConfig):
+        return int(shape[0]) * (cfg.num_patches + (cfg.pooling == "cls"))
+    return int(shape[0])
+
+
+def routed_active(spec: MoEConfig, d_model: int, num_tokens: int, train: bool = True) -> tuple[int, float | None]:
+    """``(most, mean or None)`` routed-expert parameters (FFN and MoE++ constant experts) applied to one token by
+    the layer of ``spec``, routing ``num_tokens`` tokens together; the table of :class:`ParamCounts`."""
+    e, p, k = spec.num_experts, expert_params(spec, d_model), spec.router.k
+    if spec.layer in ("soft", "smear"):
+        return e * p, float(e * p)
+    iters = spec.resolved_chain_iterations if spec.layer == "chain" else 1
+    if spec.router.kind == "expert_choice":
+        mean = spec.capacity(num_tokens, train) * e / num_tokens * p if iters == 1 else None
+        return e * p, mean
+    # The dearest choice of K outputs per iteration: FFN experts are shared by the iterations (at most E distinct),
+    # constant experts belong to one iteration each; try every number m of constant-expert picks.
+    c, per_iter = constant_expert_params(d_model), min(k, spec.constant_experts)
+    most = max(p * min(e, iters * k - m) + c * m for m in range(iters * per_iter + 1))
+    fixed = (spec.num_zero_computation == 0 and (spec.router.kind not in DYNAMIC_K_ROUTERS or k == 1)
+             and (iters == 1 or k == e))
+    return most, float(most) if fixed else None
+
+
+def param_counts(model: nn.Module, x: Any, *, train: bool = True) -> ParamCounts:
     """Counts of ``model`` (built by :func:`build_model`) for inputs like ``x`` (an array or
-    ``jax.ShapeDtypeStruct``); nothing is computed (``jax.eval_shape``)."""
+    ``jax.ShapeDtypeStruct``); nothing is computed (``jax.eval_shape``).
+
+    ``x``'s batch size matters only to expert-choice layers, whose mean number of experts per token is
+    ``C E / T``: pass the shape of a training batch; ``train`` picks the capacity factor (training or eval).
+    """
     shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)
     total = count_params(shapes["params"])
     cfg = model.config
-    routed, idle = 0, 0
+    tokens = routed_tokens(cfg, x.shape)
+    routed, idle_max, idle_mean = 0, 0, 0.0
     for spec in cfg.ffn_specs():
         if isinstance(spec, MoEConfig):
-            per = expert_params(spec, cfg.d_model)
-            routed += spec.num_experts * per
-            idle += (spec.num_experts - min(spec.router.k, spec.num_experts)) * per
-    return ParamCounts(total=total, active=total - idle, routed_experts=routed)
+            experts = spec.num_experts * expert_params(spec, cfg.d_model)
+            iters = spec.resolved_chain_iterations if spec.layer == "chain" else 1
+            layer_routed = experts + iters * spec.constant_experts * constant_expert_params(cfg.d_model)
+            routed += experts
+            most, mean = routed_active(spec, cfg.d_model, tokens, train)
+            idle_max += layer_routed - most
+            idle_mean = None if mean is None or idle_mean is None else idle_mean + layer_routed - mean
+    return ParamCounts(total=total, active_max=total - idle_max,
+                       active_mean=None if idle_mean is None else total - idle_mean, routed_experts=routed)

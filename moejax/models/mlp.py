@@ -17,7 +17,9 @@ class MLPClassifier(nn.Module):
     ``x + ffn_i(norm_i(x))`` (``residual=True``) or ``ffn_i(norm_i(x))``, with ``ffn_i`` the MoE or dense layer
     of ``config.layers[i]``; each example is one token for routing (``T = B``). Returns logits
     float32[B, num_classes] and one RoutingStats per layer. MoE++ gating-residual router logits flow from each
-    sparse/chain MoE layer to the next one (:func:`~moejax.models.blocks.apply_ffn`).
+    sparse/chain MoE layer to the next one (:func:`~moejax.models.blocks.apply_ffn`). The classifier has no token
+    ids: a hash router (``router.kind='hash'``) hashes each example's index in its batch, a fixed pseudo-random
+    assignment (the Transformer LM hashes token ids instead).
 
     ``moe_k`` (static, optional): the number of experts per token of every routed MoE layer (``layer='sparse'``
     or ``'chain'``), clipped to each layer's number of router outputs

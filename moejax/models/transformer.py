@@ -27,6 +27,11 @@ class TransformerLM(nn.Module):
     among all tokens: a later token can then change whether an earlier one is dropped or taken (the usual
     leakage of batch-level routing; use it for training, not for autoregressive decoding).
 
+    Token ids: ``tokens`` are also handed to every sparse and chain MoE FFN as ``token_ids`` (sharded like the
+    batch), so that a hash router (``router.kind='hash'``, Roller et al. 2021's Hash Layers) sends every
+    occurrence of a vocabulary entry to the same expert(s), at any position and in any sequence; routers of
+    the other kinds ignore them.
+
     ``deterministic=False`` (training): dropout (RNG ``'dropout'``), router jitter (RNG ``'jitter'``) and the
     training capacity factor.
 
@@ -53,7 +58,7 @@ class TransformerLM(nn.Module):
         x = constrain(embed(tokens))                                   # [B, L, D]
         x = nn.Dropout(cfg.dropout_rate, deterministic=deterministic)(x)
         x, stats = Encoder(cfg, causal=True, rope_base=cfg.rope_base, name="decoder")(
-            x, deterministic=deterministic, positions=positions, moe_k=moe_k)
+            x, deterministic=deterministic, positions=positions, moe_k=moe_k, token_ids=tokens)
         if cfg.tie_embeddings:
             logits = embed.attend(x)
         else:

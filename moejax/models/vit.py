@@ -22,7 +22,9 @@ class ViTClassifier(nn.Module):
     """``logits, stats = ViTClassifier(cfg).apply(variables, images, deterministic=...)``.
 
     images: float[B, H, W, C] -> logits float32[B, num_classes], and one RoutingStats per block. Every MoE
-    FFN routes all ``B * N`` (``B * (N + 1)`` with a class token) patch tokens together.
+    FFN routes all ``B * N`` (``B * (N + 1)`` with a class token) patch tokens together. Patches have no token
+    ids: a hash router (``router.kind='hash'``) hashes each patch token's index among those ``B * N`` (a fixed
+    assignment by batch row and position), not a vocabulary index as in the Transformer LM.
 
     Parameters (logical axes): ``patch_embed/kernel`` [P, P, C, D] (conv) or [P*P*C, D] (dense), last axis
     embed; ``pos_embedding`` [N(+1), D] (None, embed); ``cls_token`` [D] (embed); ``encoder/block_{i}/...``;

@@ -8,6 +8,8 @@ Installed from the top-level ``kernels/`` directory as the import path ``moejax.
   ``(y[S, D], slot_of_copy[T, K], weight[T, K]) -> [T, D]``, with custom VJPs (x, y and weight get gradients),
   built on the row-gather kernels :func:`gather_rows` ``(x[T, D], src[R], scale[R]) -> [R, D]`` and
   :func:`gather_sum` ``(y[R, D], idx[T, K], w[T, K]) -> [T, D]``.
+* :func:`gmm_gpu` (custom VJP) over :func:`gmm_triton` / :func:`tgmm_triton`: the same grouped matmuls as Pallas
+  Triton kernels for GPU (:mod:`moejax.kernels.gmm_gpu`; interpret-mode tested, lowered for CUDA, never run on a GPU).
 * :mod:`moejax.kernels.reference`: pure-jnp versions with the same signatures.
 
 Run with ``interpret=True`` on CPU. ``moejax.dispatch.gmm`` registers the grouped matmul as ``dispatch.gmm=pallas``;
@@ -16,6 +18,12 @@ Run with ``interpret=True`` on CPU. ``moejax.dispatch.gmm`` registers the groupe
 from .dispatch import (DEFAULT_ROW_TILING, capacity_combine, capacity_dispatch, gather_rows, gather_sum, slot_tokens,
                        slot_values, varying_axes)
 from .gmm import DEFAULT_TILING, gmm, gmm_pallas, tgmm, work_items
+from .dispatch_gpu import (DEFAULT_TRITON_TILING, capacity_combine_triton, capacity_dispatch_triton,
+                           gather_rows_triton, gather_sum_triton)
+from .gmm_gpu import DEFAULT_GPU_TILING, gmm_gpu, gmm_triton, tgmm_triton
 
 __all__ = ["DEFAULT_ROW_TILING", "DEFAULT_TILING", "capacity_combine", "capacity_dispatch", "gather_rows",
            "gather_sum", "gmm", "gmm_pallas", "slot_tokens", "slot_values", "tgmm", "varying_axes", "work_items"]
+__all__ += ["DEFAULT_GPU_TILING", "gmm_gpu", "gmm_triton", "tgmm_triton"]
+__all__ += ["DEFAULT_TRITON_TILING", "capacity_combine_triton", "capacity_dispatch_triton", "gather_rows_triton",
+            "gather_sum_triton"]

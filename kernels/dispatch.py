@@ -37,11 +37,13 @@ compile time does not grow with ``tm``.
 
 Status: tested in interpret mode on CPU, also under the TPU interpreter (``pltpu.InterpretParams``: DMAs executed
 at their wait, NaN-filled uninitialized memory, race detection), and under ``vmap``. The Mosaic (TPU) lowering
-is unverified here (no TPU): it relies on HBM refs, one-row DMAs at dynamic row offsets (into one sublane of a
-VMEM tile) and SMEM scalars. The index tables are scalar-prefetched whole, so ``T * K`` is bounded by the SMEM of
-the TPU generation; larger plans would need the tables blocked per row tile. Under ``shard_map`` the result type
+is tested on CPU by lowering for ``tpu`` (``tests/test_kernel_lowering.py``: Mosaic MLIR that passes its verifier),
+but never compiled by the TPU compiler nor run on a TPU here: it relies on HBM refs, one-row DMAs at dynamic row
+offsets (into one sublane of a VMEM tile) and SMEM scalars. The index tables are scalar-prefetched whole, so
+``T * K`` is bounded by the SMEM of the TPU generation; larger plans would need the tables blocked per row tile. Under ``shard_map`` the result type
 names the mesh axes it varies along; interpret mode is refused there, since jax 0.10.2's interpreter loses those
-axes in its grid loop. Triton (GPU) has no scalar prefetch or DMA: on GPU use ``capacity_impl='index'``.
+axes in its grid loop. Triton (GPU) has no scalar prefetch or DMA: GPU has its own Triton kernels
+(:mod:`moejax.kernels.dispatch_gpu`).
 """
 from __future__ import annotations
 

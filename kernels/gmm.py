@@ -11,9 +11,10 @@ Consecutive items that touch the same output block keep it resident (the Pallas 
 block back when its index changes), which is what lets straddling visits accumulate into one tile.
 
 The kernels use the TPU grid spec (scalar prefetch of the work-item tables), the layout megablox uses.
-They are tested in interpret mode on CPU; the Mosaic (TPU) lowering follows the same rules as megablox but
-is unverified here, and the Triton (GPU) lowering does not support scalar prefetch, so on GPU use
-``jax.lax.ragged_dot`` instead.
+They are tested in interpret mode on CPU, and their Mosaic (TPU) lowering is tested on CPU by lowering for
+``tpu`` (``tests/test_kernel_lowering.py``: the kernel bodies become Mosaic MLIR that passes its verifier); they
+have never been compiled by the TPU compiler nor run on a TPU here. Pallas' GPU lowerings refuse scalar
+prefetch, so GPU has its own Triton kernels (:mod:`moejax.kernels.gmm_gpu`).
 """
 from __future__ import annotations
 

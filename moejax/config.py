@@ -25,7 +25,7 @@ THRESHOLD_MODES = ("probability", "percentile")
 ScoreFn = Literal["softmax", "sigmoid"]
 GroupScore = Literal["max", "top2_sum"]
 DispatchMode = Literal["capacity", "dropless"]
-CapacityImpl = Literal["einsum", "index", "pallas"]
+CapacityImpl = Literal["einsum", "index", "pallas", "pallas_triton"]
 Priority = Literal["position", "score"]
 ExpertKind = Literal["mlp", "glu"]
 
@@ -226,8 +226,9 @@ class DispatchConfig:
     Attributes:
       mode: ``capacity`` (fixed ``[E, C, D]`` buffers, overflow dropped) or ``dropless``
         (sort by expert, grouped matmul over contiguous groups).
-      capacity_impl: ``einsum`` (one-hot dispatch/combine tensors), ``index`` (scatter/gather) or ``pallas``
-        (the Pallas row-gather kernels of ``moejax.kernels``; interpret mode on CPU); identical results.
+      capacity_impl: ``einsum`` (one-hot dispatch/combine tensors), ``index`` (scatter/gather), ``pallas``
+        (the Pallas row-gather kernels of ``moejax.kernels``: Mosaic on TPU, Triton on GPU, interpret mode on
+        CPU) or ``pallas_triton`` (the Triton kernels; interpret mode on CPU); identical results.
       capacity_factor, eval_capacity_factor: ``C = ceil(cf * T * K / E)`` in training and in
         evaluation; ``None`` means no limit (``C = T``, nothing can be dropped).
       min_capacity: lower bound on ``C``.
@@ -236,7 +237,7 @@ class DispatchConfig:
         first choices before second choices, then by descending router weight).
       gmm: grouped matmul used by ``dropless``: ``auto`` (``bulk`` on CPU, ``ragged_dot`` on GPU/TPU) or a
         name registered in :mod:`moejax.dispatch.gmm` (``bulk``, ``padded``, ``blocked``, ``pallas``,
-        ``ragged_dot``, ``reference``).
+        ``pallas_triton``, ``ragged_dot``, ``reference``).
       gmm_tile: row tile of the ``bulk`` (its overflow blocks) / ``padded`` / ``blocked`` / ``pallas`` grouped
         matmuls (see ``benchmarks/results/`` for measured tiles).
       groups: ``G``, capacity mode: the ``T`` routed tokens are split into ``G`` equal, consecutive groups,
@@ -258,7 +259,7 @@ class DispatchConfig:
 
     def __post_init__(self) -> None:
         _check_choice("dispatch.mode", self.mode, ("capacity", "dropless"))
-        _check_choice("dispatch.capacity_impl", self.capacity_impl, ("einsum", "index", "pallas"))
+        _check_choice("dispatch.capacity_impl", self.capacity_impl, ("einsum", "index", "pallas", "pallas_triton"))
         _check_capacity_factor("dispatch.capacity_factor", self.capacity_factor)
         _check_capacity_factor("dispatch.eval_capacity_factor", self.eval_capacity_factor)
         _check_positive_int("dispatch.min_capacity", self.min_capacity)

@@ -19,3 +19,24 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 def data_dir(tmp_path_factory):
     """A fresh TFDS data directory per test session (per xdist worker): datasets are built once into it."""
     return str(tmp_path_factory.mktemp("tfds"))
+
+
+@pytest.fixture
+def triton_modules(monkeypatch):
+    """The Triton (tt dialect) modules that lowering for CUDA builds, as text, each checked by the MLIR verifier.
+
+    The custom call alone does not prove the module is valid: jax 0.10.2 emitted an ``scf.for`` with an i1 bound
+    for a ``where`` of two literals, which only the verifier (or Triton's compiler, on a GPU) rejects.
+    """
+    from jax._src.pallas.triton import pallas_call_registration as registration   # private: no public hook
+    lower = registration.lowering.lower_jaxpr_to_triton_module
+    modules = []
+
+    def lower_and_verify(*args, **kwargs):
+        result = lower(*args, **kwargs)
+        assert result.module.operation.verify()                # raises with the MLIR diagnostic if invalid
+        modules.append(result.module.operation.get_asm())
+        return result
+
+    monkeypatch.setattr(registration.lowering, "lower_jaxpr_to_triton_module", lower_and_verify)
+    return modules

@@ -187,19 +187,21 @@ def test_rejects_bad_arguments():
         capacity.dispatch(plan, jnp.ones((2, 3)), "scatter")
 
 
-# ---------------------------------------------------------------- the layer with capacity_impl='pallas'
+# ---------------------------------------------------------------- the layer with capacity_impl='pallas(_triton)'
 
 
-@pytest.mark.parametrize("router", ["gshard_top2", "expert_choice"])
-def test_layer_with_pallas_capacity_matches_reference(router, caplog):
+@pytest.mark.parametrize("router,impl", [("gshard_top2", "pallas"), ("expert_choice", "pallas"),
+                                         ("gshard_top2", "pallas_triton")])
+def test_layer_with_pallas_capacity_matches_reference(router, impl, caplog):
     base = make_config(router, "capacity_einsum")     # capacity factor 0.75: token-choice copies are dropped
     x, params, state = init(base)                     # same parameters; keeps the (eager) init off the interpreter
-    cfg = dataclasses.replace(base, dispatch=dataclasses.replace(base.dispatch, capacity_impl="pallas"))
+    cfg = dataclasses.replace(base, dispatch=dataclasses.replace(base.dispatch, capacity_impl=impl))
     cot = jax.random.normal(jax.random.key(9), x.shape)
-    capacity._logged_pallas = False
+    capacity._logged_pallas = capacity._logged_pallas_triton = False
     with caplog.at_level("INFO", logger="moejax"):
         y, grads = values_and_grads(cfg, False, params, state, x, cot)
-    assert "dispatch.capacity_impl=pallas -> Pallas interpreter on backend cpu" in caplog.text
+    kernels_run = "Pallas interpreter (Triton kernels)" if impl == "pallas_triton" else "Pallas interpreter"
+    assert f"dispatch.capacity_impl={impl} -> {kernels_run} on backend cpu" in caplog.text
     y_ref, grads_ref = values_and_grads(cfg, True, params, state, x, cot)
     np.testing.assert_allclose(y, y_ref, rtol=2e-5, atol=2e-5)
     assert_trees_close(grads, grads_ref)
@@ -208,13 +210,14 @@ def test_layer_with_pallas_capacity_matches_reference(router, caplog):
     assert float(jnp.abs(grads[0]["router"]["kernel"]).max()) > 0
 
 
-def test_expert_parallel_pallas_on_cpu_is_a_clear_error():
+@pytest.mark.parametrize("impl", ["pallas", "pallas_triton"])
+def test_expert_parallel_pallas_on_cpu_is_a_clear_error(impl):
     # The interpreter cannot run inside the expert-parallel shard_map; the layer says so while tracing.
     base = test_parallel.layer_config("capacity")
-    cfg = dataclasses.replace(base, dispatch=dataclasses.replace(base.dispatch, capacity_impl="pallas"))
+    cfg = dataclasses.replace(base, dispatch=dataclasses.replace(base.dispatch, capacity_impl=impl))
     x = jax.ShapeDtypeStruct((8, test_parallel.T // 8, test_parallel.D), jnp.float32)
     params = nn.unbox(jax.eval_shape(MoELayer(cfg).init, jax.random.key(1), x))["params"]   # one device: traces
     mesh = make_mesh(MeshConfig(**test_parallel.MESHES["data2_expert4"]))
     with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.DEFAULT_RULES):
-        with pytest.raises(ValueError, match="dispatch.capacity_impl='pallas'.*shard_map"):
+        with pytest.raises(ValueError, match=f"dispatch.capacity_impl='{impl}'.*shard_map"):
             jax.eval_shape(lambda p, xx: MoELayer(cfg).apply({"params": p}, xx, deterministic=False), params, x)

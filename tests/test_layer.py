@@ -37,6 +37,10 @@ DISPATCHES = {
     # The CPU default: M/E-row slabs plus tile-2 overflow blocks (every gmm is also checked alone in test_dispatch).
     "dropless_bulk": DispatchConfig(mode="dropless", gmm="bulk", gmm_tile=2),
 }
+# Pallas kernels run in the (slow) interpreter on CPU: one router each, not the whole matrix.
+INTERPRETED_DISPATCHES = {
+    "dropless_pallas_triton": DispatchConfig(mode="dropless", gmm="pallas_triton", gmm_tile=16),
+}
 GLU_ROUTERS = {"mixtral_renorm", "deepseek_v3", "expert_choice"}
 E, D, F = 8, 6, 5
 X_SHAPE = (2, 12, D)        # T = 24 tokens
@@ -46,7 +50,7 @@ def make_config(router: str, disp: str, **kw) -> MoEConfig:
     glu = router in GLU_ROUTERS
     return MoEConfig(num_experts=E, hidden_dim=F, expert_kind="glu" if glu else "mlp",
                      activation="silu" if glu else "gelu", use_bias=not glu, router=ROUTERS[router],
-                     dispatch=DISPATCHES[disp], **kw)
+                     dispatch={**DISPATCHES, **INTERPRETED_DISPATCHES}[disp], **kw)
 
 
 def init(cfg: MoEConfig, seed: int = 0):
@@ -108,6 +112,11 @@ def test_layer_matches_reference(router, disp):
     # The router gets a gradient through the combine weights.
     if router not in FIXED_ROUTERS:
         assert float(jnp.abs(grads[0]["router"]["kernel"]).max()) > 0
+
+
+@pytest.mark.parametrize("disp", list(INTERPRETED_DISPATCHES))
+def test_layer_with_an_interpreted_kernel_matches_reference(disp):
+    test_layer_matches_reference("mixtral_renorm", disp)      # GLU experts: three grouped matmuls per layer
 
 
 @pytest.mark.parametrize("disp", ["capacity_einsum", "capacity_index_score"])

@@ -6,13 +6,17 @@ Token copies are flattened token-major (copy ``t * K + k``). A *plan* says where
 * expert choice -> the :class:`~moejax.routing.ExpertChoiceRouting` itself (it already names the
   token of every slot).
 
-Three implementations give the same results: ``einsum`` (one-hot dispatch and combine tensors
-``[T, E, C]``, the GShard/Switch formulation), ``index`` (scatter into slots, gather back) and ``pallas``
+Four implementations give the same results: ``einsum`` (one-hot dispatch and combine tensors
+``[T, E, C]``, the GShard/Switch formulation), ``index`` (scatter into slots, gather back), ``pallas``
 (the row-gather kernels of :mod:`moejax.kernels` with their custom VJPs, on a table ``slot_of_copy[T, K]``;
-expert-choice plans become ``[T, E]`` tables; interpret mode on CPU, TPU lowering unverified, no GPU lowering).
+expert-choice plans become ``[T, E]`` tables: the Mosaic kernels on TPU, the Triton kernels of
+:mod:`moejax.kernels.dispatch_gpu` on GPU, the Mosaic ones in the Pallas interpreter on CPU) and
+``pallas_triton`` (the Triton kernels on GPU, in the Pallas interpreter on CPU; refused on TPU). Neither kernel
+family has been compiled or run on its accelerator here (see the kernel modules).
 """
 from __future__ import annotations
 
+import functools
 import logging
 
 import jax
@@ -126,28 +130,46 @@ def _expert_choice_tensor(plan: ExpertChoiceRouting, per_slot: jax.Array) -> jax
     return jnp.einsum("ec,ect->tec", jnp.where(plan.valid, per_slot, 0), t_hot)
 
 
-IMPLS = ("einsum", "index", "pallas")
+IMPLS = ("einsum", "index", "pallas", "pallas_triton")
 log = logging.getLogger("moejax")
-_logged_pallas = False
+_logged_pallas = False          # one INFO line per process for 'pallas' ...
+_logged_pallas_triton = False   # ... and one for 'pallas_triton'
 
 
-def _pallas_interpret(x: jax.Array) -> bool:
-    """Interpret mode on CPU; the kernels need the TPU grid spec (DMAs), so other backends than TPU are refused."""
-    global _logged_pallas
+def _pallas_kernels(impl: str, x: jax.Array):
+    """(dispatch, combine) kernels of ``impl`` on the default backend, with ``interpret`` bound.
+
+    ``pallas``: Mosaic kernels on TPU, Triton kernels on GPU, the Mosaic kernels interpreted on CPU.
+    ``pallas_triton``: Triton kernels on GPU, interpreted on CPU; TPU has no Triton lowering. The interpreter
+    cannot run inside the expert-parallel ``shard_map``, so that case is refused while tracing.
+    """
+    global _logged_pallas, _logged_pallas_triton
     from moejax import kernels  # local import: keeps Pallas out of ``import moejax``
     backend = jax.default_backend()
-    if backend not in ("cpu", "tpu"):
-        raise ValueError(f"dispatch.capacity_impl='pallas': the capacity kernels lower only on TPU (interpret mode on "
-                         f"CPU); backend {backend!r} has no lowering, use 'index'")
-    if backend == "cpu" and kernels.varying_axes(x):
-        raise ValueError("dispatch.capacity_impl='pallas': on CPU the kernels run in the Pallas interpreter, which "
+    if backend not in ("cpu", "gpu", "tpu") or (impl == "pallas_triton" and backend == "tpu"):
+        where = "GPU" if impl == "pallas_triton" else "TPU and GPU"
+        raise ValueError(f"dispatch.capacity_impl={impl!r}: its kernels lower only on {where} (interpret mode on "
+                         f"CPU); backend {backend!r} has none, use 'index'")
+    interpret = backend == "cpu"
+    if interpret and kernels.varying_axes(x):
+        raise ValueError(f"dispatch.capacity_impl={impl!r}: on CPU the kernels run in the Pallas interpreter, which "
                          "jax 0.10.2 cannot trace inside the expert-parallel shard_map (check_vma); use 'index' "
                          "with mesh.expert > 1 on CPU")
-    if not _logged_pallas:
-        _logged_pallas = True
-        log.info("moejax: dispatch.capacity_impl=pallas -> %s on backend %s",
-                 "Pallas interpreter" if backend == "cpu" else "Mosaic kernels", backend)
-    return backend == "cpu"
+    triton = impl == "pallas_triton" or backend == "gpu"
+    if impl == "pallas_triton":
+        first, _logged_pallas_triton = not _logged_pallas_triton, True
+    else:
+        first, _logged_pallas = not _logged_pallas, True
+    if first:
+        family = "Triton kernels" if triton else "Mosaic kernels"
+        log.info("moejax: dispatch.capacity_impl=%s -> %s on backend %s", impl,
+                 ("Pallas interpreter (Triton kernels)" if triton else "Pallas interpreter") if interpret else family,
+                 backend)
+    if triton:
+        return (functools.partial(kernels.capacity_dispatch_triton, interpret=interpret),
+                functools.partial(kernels.capacity_combine_triton, interpret=interpret))
+    return (functools.partial(kernels.capacity_dispatch, interpret=interpret),
+            functools.partial(kernels.capacity_combine, interpret=interpret))
 
 
 def copy_slots(plan: CapacityPlan) -> tuple[jax.Array, jax.Array]:
@@ -185,12 +207,11 @@ def dispatch(plan: CapacityPlan, x: jax.Array, impl: str = "index") -> jax.Array
                 copies, mode="drop", unique_indices=True)
             return buf.reshape(e, c, d)
         return jnp.where(plan.valid[..., None], x[plan.token_index], 0)
-    if impl == "pallas":
-        from moejax import kernels
+    if impl in ("pallas", "pallas_triton"):
+        kernel, _ = _pallas_kernels(impl, x)
         slot, _ = copy_slots(plan)
         e, c = plan.num_experts, plan.capacity
-        buf = kernels.capacity_dispatch(x, slot, e * c, interpret=_pallas_interpret(x))
-        return buf.reshape(e, c, x.shape[-1])
+        return kernel(x, slot, e * c).reshape(e, c, x.shape[-1])
     raise ValueError(f"dispatch.capacity_impl={impl!r}: must be one of {list(IMPLS)}")
 
 
@@ -211,9 +232,9 @@ def combine(plan: CapacityPlan, y: jax.Array, impl: str = "index") -> jax.Array:
         w = jnp.where(plan.valid, plan.weight, 0).astype(y.dtype)
         return jnp.zeros((plan.num_tokens, y.shape[-1]), y.dtype).at[plan.token_index.reshape(-1)].add(
             (w[..., None] * y).reshape(-1, y.shape[-1]))
-    if impl == "pallas":
-        from moejax import kernels
+    if impl in ("pallas", "pallas_triton"):
+        _, kernel = _pallas_kernels(impl, y)
         slot, weight = copy_slots(plan)
         e, c, d = y.shape
-        return kernels.capacity_combine(y.reshape(e * c, d), slot, weight, interpret=_pallas_interpret(y))
+        return kernel(y.reshape(e * c, d), slot, weight)
     raise ValueError(f"dispatch.capacity_impl={impl!r}: must be one of {list(IMPLS)}")

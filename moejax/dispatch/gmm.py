@@ -9,11 +9,14 @@ Registered here: ``padded`` (pure XLA, groups copied into tile-aligned blocks, a
 blocks with a hand-written VJP, see :mod:`moejax.dispatch.padded_gmm`), ``bulk`` (the same with the first
 ``M / E`` rows of every group in one batched matmul and only the overflow in blocks: the CPU default, see
 ``benchmarks/results/``), ``blocked`` (pure XLA, tiles of rows; work ``(M + E * tile) * K * N``),
-``pallas`` (the Pallas kernel of ``moejax.kernels``; interpret mode on CPU, TPU lowering unverified),
+``pallas`` (the Pallas kernels of ``moejax.kernels``: the Triton one on GPU, the Mosaic one elsewhere;
+interpret mode on CPU, lowered for TPU in the tests but never run on one), ``pallas_triton`` (the Pallas Triton kernel
+:func:`moejax.kernels.gmm_gpu`; interpret mode on CPU, lowered for CUDA but never run on a GPU here),
 ``ragged_dot`` (``jax.lax.ragged_dot``: a real grouped kernel on GPU/TPU, but a dense matmul over all
 experts on XLA:CPU) and ``reference`` (the per-expert loop of :mod:`moejax.reference`, E-times work, for
 tests). The kernels package registers its Pallas kernels under further names. ``auto`` resolves per
-backend and logs its choice.
+backend and logs its choice; on GPU it stays ``ragged_dot``, since no GPU measurement says whether the
+Triton kernel is faster.
 """
 from __future__ import annotations
 
@@ -61,6 +64,8 @@ def get_gmm(name: str = "auto", *, tile: int = 128) -> GroupedMatmul:
     resolved = resolve_name(name)
     if name == "auto":
         log.info("moejax: dispatch.gmm=auto -> %s on backend %s", resolved, jax.default_backend())
+    if resolved in ("pallas", "pallas_triton"):
+        log.info("moejax: dispatch.gmm=%s -> %s", resolved, _pallas_kernel(resolved, jax.default_backend()))
     fn = _REGISTRY[resolved]
     return functools.partial(fn, tile=tile) if resolved in _TILED else fn
 
@@ -127,20 +132,44 @@ def _gmm_reference(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> ja
     return reference.gmm(lhs, rhs, group_sizes)
 
 
-def gmm_pallas(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, tile: int = 128) -> jax.Array:
-    """The Pallas kernel of :mod:`moejax.kernels` (row tile ``tile``); interpret mode on CPU, where it is slow.
+def _pallas_kernel(name: str, backend: str) -> str:
+    """Which kernel ``dispatch.gmm=name`` runs on ``backend``, in words (for the log)."""
+    kernel = "Triton" if name == "pallas_triton" or backend == "gpu" else "Mosaic (TPU grid spec)"
+    return f"{kernel} kernel" + (" in the Pallas interpreter" if backend == "cpu" else "") + f" on backend {backend}"
 
-    The kernel uses the TPU (Mosaic) grid spec; its TPU lowering is unverified here and it does not lower
-    with Triton, so ``auto`` does not pick it on any backend yet.
+
+def gmm_pallas(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, tile: int = 128) -> jax.Array:
+    """The Pallas kernel of :mod:`moejax.kernels` for the backend (row tile ``tile``); interpret mode on CPU.
+
+    On GPU this is :func:`gmm_pallas_triton`; elsewhere the kernel with the TPU (Mosaic) grid spec, which lowers
+    for TPU (``tests/test_kernel_lowering.py``) but has never run on one here. ``auto`` does not pick either on any
+    backend yet.
     """
+    if jax.default_backend() == "gpu":
+        return gmm_pallas_triton(lhs, rhs, group_sizes, tile=tile)
     from moejax import kernels  # local import: keeps Pallas out of ``import moejax``
     interpret = jax.default_backend() == "cpu"
     return kernels.gmm(lhs, rhs, group_sizes, tiling=(tile, 128, 128), interpret=interpret)
+
+
+def gmm_pallas_triton(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, tile: int = 128) -> jax.Array:
+    """The Pallas Triton kernel :func:`moejax.kernels.gmm_gpu`; interpret mode on CPU, where it is slow.
+
+    Triton blocks are powers of two of at least 16 rows, so the row tile is ``tile`` rounded up to one; the
+    K chunk and column tile are the kernel's (untuned) defaults. Lowered for CUDA in the tests, never run on
+    a GPU here.
+    """
+    from moejax import kernels  # local import: keeps Pallas out of ``import moejax``
+    _, tk, tn = kernels.DEFAULT_GPU_TILING
+    tm = max(16, 1 << (int(tile) - 1).bit_length())
+    interpret = jax.default_backend() == "cpu"
+    return kernels.gmm_gpu(lhs, rhs, group_sizes, tiling=(tm, tk, tn), interpret=interpret)
 
 
 register_gmm("blocked", gmm_blocked, takes_tile=True)
 register_gmm("padded", padded_gmm.gmm_padded, takes_tile=True)
 register_gmm("bulk", padded_gmm.gmm_bulk, takes_tile=True)
 register_gmm("pallas", gmm_pallas, takes_tile=True)
+register_gmm("pallas_triton", gmm_pallas_triton, takes_tile=True)
 register_gmm("ragged_dot", gmm_ragged_dot)
 register_gmm("reference", _gmm_reference)

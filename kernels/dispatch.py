@@ -199,6 +199,26 @@ def _gather_sum_kernel(idx_ref, live_ref, count_ref, w_ref, y_hbm, out_ref, buf,
     out_ref[...] = acc.astype(out_ref.dtype)
 
 
+def live_entries_first(idx: jax.Array, w: jax.Array, num_rows: int, tm: int
+                       ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """The tables of :func:`gather_sum` with each token's live entries first (an XLA sort of the small table).
+
+    An entry ``(t, k)`` is live when ``0 <= idx < num_rows`` and ``w != 0``. Returns ``idx`` int32[T, K] (dead
+    entries 0), ``live`` bool[T, K], ``w`` float32[T, K] (dead entries 0) and ``counts`` int32[ceil(T / tm)], the
+    largest live count among the ``tm`` tokens of each tile, so a kernel loops only that far.
+    """
+    t = idx.shape[0]
+    tp = _round_up(t, tm)
+    idx, w = idx.astype(jnp.int32), w.astype(jnp.float32)
+    live = (idx >= 0) & (idx < num_rows) & (w != 0)
+    order = jnp.argsort((~live).astype(jnp.int32), axis=1, stable=True)
+    live = jnp.take_along_axis(live, order, axis=1)
+    idx = jnp.where(live, jnp.take_along_axis(idx, order, axis=1), 0)
+    w = jnp.where(live, jnp.take_along_axis(w, order, axis=1), 0.0)
+    counts = jnp.pad(live.sum(axis=1, dtype=jnp.int32), (0, tp - t)).reshape(tp // tm, tm).max(axis=1)
+    return idx, live, w, counts
+
+
 def gather_sum(y: jax.Array, idx: jax.Array, w: jax.Array, *, tiling: RowTiling = DEFAULT_ROW_TILING,
                interpret: bool = False, preferred_element_type: jnp.dtype | None = None) -> jax.Array:
     """``out[t] = sum_k w[t, k] * y[idx[t, k]]`` as a Pallas kernel; y[R, D], idx int[T, K], w float[T, K] -> [T, D].
@@ -218,14 +238,7 @@ def gather_sum(y: jax.Array, idx: jax.Array, w: jax.Array, *, tiling: RowTiling 
     if t == 0 or d == 0 or k == 0 or r_rows == 0:
         return jnp.zeros((t, d), out_dtype)
     tp = _round_up(t, tm)
-    idx, w = idx.astype(jnp.int32), w.astype(jnp.float32)
-    live = (idx >= 0) & (idx < r_rows) & (w != 0)
-    # Live entries first in each token's row, so the kernel loops only up to the tile's largest live count.
-    order = jnp.argsort((~live).astype(jnp.int32), axis=1, stable=True)
-    live = jnp.take_along_axis(live, order, axis=1)
-    idx = jnp.where(live, jnp.take_along_axis(idx, order, axis=1), 0)
-    w = jnp.where(live, jnp.take_along_axis(w, order, axis=1), 0.0)
-    counts = jnp.pad(live.sum(axis=1, dtype=jnp.int32), (0, tp - t)).reshape(tp // tm, tm).max(axis=1)
+    idx, live, w, counts = live_entries_first(idx, w, r_rows, tm)
     pad = ((0, tp - t), (0, 0))
     idx, live, w = jnp.pad(idx, pad).reshape(-1), jnp.pad(live, pad).reshape(-1), jnp.pad(w, pad)
     y_p = jnp.pad(y, ((0, 0), (0, dp - d)))

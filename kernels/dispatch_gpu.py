@@ -50,7 +50,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 # Private helpers of the Mosaic module, imported on purpose (one definition of plans and argument checks).
-from .dispatch import _check_2d, _check_plan, _in_range, _out_shape, slot_tokens, slot_values
+from .dispatch import _check_2d, _check_plan, _in_range, _out_shape, live_entries_first, slot_tokens, slot_values
 from .gmm import _round_up
 
 TritonTiling = tuple[int, int]
@@ -220,13 +220,7 @@ def _gather_sum(y: jax.Array, idx: jax.Array, w: jax.Array, opts: TritonOptions,
         return jnp.zeros((t, d), out_dtype)
     tm, td = opts.tiling[0], _col_tile(opts.tiling[1], d)
     tp = _round_up(t, tm)
-    idx, w = idx.astype(jnp.int32), w.astype(jnp.float32)
-    live = (idx >= 0) & (idx < r_rows) & (w != 0)
-    order = jnp.argsort((~live).astype(jnp.int32), axis=1, stable=True)
-    live = jnp.take_along_axis(live, order, axis=1)
-    idx = jnp.where(live, jnp.take_along_axis(idx, order, axis=1), 0)
-    w = jnp.where(live, jnp.take_along_axis(w, order, axis=1), 0.0)
-    counts = jnp.pad(live.sum(axis=1, dtype=jnp.int32), (0, tp - t)).reshape(tp // tm, tm).max(axis=1)
+    idx, _, w, counts = live_entries_first(idx, w, r_rows, tm)
     # Entry-major [K, T_padded] tables: the kernel reads one contiguous [tm] row of them per entry.
     idx_t, w_t = jnp.pad(idx, ((0, tp - t), (0, 0))).T, jnp.pad(w, ((0, tp - t), (0, 0))).T
     table = pl.BlockSpec((k, tm), lambda i, j: (0, i))

@@ -13,92 +13,37 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import gmm_checks
 from moejax.kernels import gmm_gpu, gmm_triton, reference, tgmm_triton
 
 M, K, N, E = 37, 20, 19, 5
 TILING = (16, 16, 16)                 # the smallest Triton tiles: 3 row tiles, 2 K chunks, 2 N tiles
 TRITON_CALL = "__gpu$xla.gpu.triton"
+SHAPE = (M, K, N, E)
+SIZES = gmm_checks.group_sizes(M, E, [0, 0, 1, 3, 7, 9, 16, 17])
+_kernel = jax.jit(functools.partial(gmm_checks.value_and_grads,
+                                    functools.partial(gmm_gpu, tiling=TILING, interpret=True)))
+_operands = functools.partial(gmm_checks.operands, SHAPE)
 
 
-@st.composite
-def group_sizes(draw):
-    kind = draw(st.sampled_from(["random", "hot", "all_in_one", "zeros", "last_only"]))
-    if kind == "random":                                   # empty groups, straddled tiles, rows past the last group
-        sizes = draw(st.lists(st.sampled_from([0, 0, 1, 3, 7, 9, 16, 17]), min_size=E, max_size=E))
-        while sum(sizes) > M:
-            sizes[int(np.argmax(sizes))] -= 1
-    else:
-        sizes = [0] * E
-        if kind == "hot":
-            sizes[draw(st.integers(0, E - 1))] = draw(st.integers(1, M))
-        elif kind == "all_in_one":                         # one hot expert takes every row
-            sizes[draw(st.integers(0, E - 1))] = M
-        elif kind == "last_only":
-            sizes[-1] = draw(st.integers(1, M))
-    return sizes
-
-
-def _operands(seed: int, dtype):
-    rng = np.random.default_rng(seed)
-    lhs = jnp.asarray(rng.normal(size=(M, K)), dtype)
-    rhs = jnp.asarray(rng.normal(size=(E, K, N)), dtype)
-    cot = jnp.asarray(rng.normal(size=(M, N)), dtype)
-    return lhs, rhs, cot
-
-
-def _value_and_grads(f, lhs, rhs, gs, cot):
-    out, vjp = jax.vjp(lambda a, b: f(a, b, gs), lhs, rhs)
-    return out, vjp(cot)
-
-
-_kernel = jax.jit(functools.partial(_value_and_grads, functools.partial(gmm_gpu, tiling=TILING, interpret=True)))
-_oracle = jax.jit(functools.partial(_value_and_grads, reference.gmm))
-f32 = functools.partial(np.asarray, dtype=np.float32)
-
-
-def _check_against_reference(sizes, seed, dtype, tol):
-    lhs, rhs, cot = _operands(seed, dtype)
-    gs = jnp.asarray(sizes, jnp.int32)
-    out, (d_lhs, d_rhs) = _kernel(lhs, rhs, gs, cot)
-    want, (w_lhs, w_rhs) = _oracle(lhs, rhs, gs, cot)
-    assert out.dtype == dtype and d_lhs.dtype == dtype and d_rhs.dtype == dtype
-    assert out.shape == (M, N) and d_lhs.shape == (M, K) and d_rhs.shape == (E, K, N)
-    np.testing.assert_allclose(f32(out), f32(want), **tol)
-    np.testing.assert_allclose(f32(d_lhs), f32(w_lhs), **tol)
-    np.testing.assert_allclose(f32(d_rhs), f32(w_rhs), **tol)
-    total = sum(sizes)
-    np.testing.assert_array_equal(f32(out)[total:], 0.0)        # rows past all groups
-    np.testing.assert_array_equal(f32(d_lhs)[total:], 0.0)
-    for e, s in enumerate(sizes):
-        if s == 0:
-            np.testing.assert_array_equal(f32(d_rhs)[e], 0.0)   # empty group: weight gradient exactly zero
-
-
-@given(group_sizes(), st.integers(0, 2**16))
+@given(SIZES, st.integers(0, 2**16))
 def test_gmm_triton_float32_matches_reference_values_and_gradients(sizes, seed):
-    _check_against_reference(sizes, seed, jnp.float32, dict(rtol=1e-5, atol=1e-5))
+    gmm_checks.check_gmm(_kernel, SHAPE, sizes, seed, jnp.float32, dict(rtol=1e-5, atol=1e-5))
 
 
 @settings(max_examples=10)
-@given(group_sizes(), st.integers(0, 2**16))
+@given(SIZES, st.integers(0, 2**16))
 def test_gmm_triton_bfloat16_is_close_to_reference(sizes, seed):
     # Both sides accumulate in float32 but round inputs/outputs to bfloat16; K=20 keeps the error small.
-    _check_against_reference(sizes, seed, jnp.bfloat16, dict(rtol=5e-2, atol=1e-1))
+    gmm_checks.check_gmm(_kernel, SHAPE, sizes, seed, jnp.bfloat16, dict(rtol=5e-2, atol=1e-1))
 
 
 _tgmm = jax.jit(functools.partial(tgmm_triton, tiling=TILING, interpret=True))
 
 
-@given(group_sizes(), st.integers(0, 2**16))
+@given(SIZES, st.integers(0, 2**16))
 def test_tgmm_triton_matches_reference(sizes, seed):
-    lhs, _, cot = _operands(seed, jnp.float32)
-    gs = jnp.asarray(sizes, jnp.int32)
-    out = _tgmm(lhs, cot, gs)
-    assert out.shape == (E, K, N) and out.dtype == jnp.float32
-    np.testing.assert_allclose(out, reference.tgmm(lhs, cot, gs), rtol=1e-5, atol=1e-5)
-    for e, s in enumerate(sizes):
-        if s == 0:
-            np.testing.assert_array_equal(out[e], 0.0)
+    gmm_checks.check_tgmm(_tgmm, SHAPE, sizes, seed)
 
 
 def test_rows_past_all_groups_are_never_read_and_empty_groups_are_exactly_zero():

@@ -10,6 +10,13 @@ overflow), timed for the balanced sizes only. ``bulk`` on a balanced routing doe
 its row copies, so ``slabs`` bounds every slab-based formulation (``bulk``, capacity dispatch).
 
     python benchmarks/gmm.py [--m 4096 --k 512 --n 1024 --e 8] [--impls bulk,padded,blocked] [--rounds 7] [--json PATH]
+
+Accelerator runs (the GPU targets of the kernels issue): ``--shape mixtral`` (T=16384 tokens, K=2 of E=8 experts,
+D=4096, F=14336: M = T*K = 32768 rows, contraction D, output F) or ``--shape deepseek_v3`` (T=16384, K=8 of E=256,
+D=7168, F=2048: M = 131072), ``--dtype bfloat16`` and ``--mode fwd`` for the forward product alone; every row then
+also prints TFLOP/s (useful FLOPs ``2 M K N``, three times that forward+backward) next to the dense GEMM's:
+
+    python benchmarks/gmm.py --shape mixtral --dtype bfloat16 --mode fwd --impls ragged_dot,pallas_triton --tile 128
 """
 from __future__ import annotations
 
@@ -23,6 +30,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from moejax.dispatch import get_gmm
+
+
+# (M, K, N, E) of one expert matmul (the first projection) at the issue's accelerator shapes, M = T * top-k.
+SHAPES = {"mixtral": (16384 * 2, 4096, 14336, 8), "deepseek_v3": (16384 * 8, 7168, 2048, 256)}
 
 
 def group_sizes(m: int, e: int, skew: str) -> jnp.ndarray:
@@ -43,17 +54,33 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for name, default in (("m", 4096), ("k", 512), ("n", 1024), ("e", 8), ("rounds", 7), ("tile", 32)):
         parser.add_argument(f"--{name}", type=int, default=default)
+    parser.add_argument("--shape", choices=sorted(SHAPES), help="overrides --m --k --n --e")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--mode", choices=("fwd", "fwd_bwd"), default="fwd_bwd")
+    parser.add_argument("--skews", default="balanced,zipf")
     parser.add_argument("--impls", default="bulk,padded,blocked")
     parser.add_argument("--json")
     args = parser.parse_args()
+    if args.shape:
+        args.m, args.k, args.n, args.e = SHAPES[args.shape]
+    dtype = jnp.dtype(args.dtype)
     keys = jax.random.split(jax.random.key(0), 4)
-    lhs = jax.random.normal(keys[0], (args.m, args.k))
-    rhs = jax.random.normal(keys[1], (args.e, args.k, args.n))
-    cot = jax.random.normal(keys[2], (args.m, args.n))
+    lhs = jax.random.normal(keys[0], (args.m, args.k), dtype)
+    rhs = jax.random.normal(keys[1], (args.e, args.k, args.n), dtype)
+    cot = jax.random.normal(keys[2], (args.m, args.n), dtype)
     dense_w = rhs[0]
-    dense = jax.jit(jax.grad(lambda a, b: jnp.sum((a @ b) * cot), argnums=(0, 1)))
+
+    def timed(f):
+        """f(lhs, rhs) -> [M, N]: jitted forward, or forward+backward (both operands' gradients)."""
+        if args.mode == "fwd":
+            return jax.jit(f)
+        return jax.jit(jax.grad(lambda a, b: jnp.sum((f(a, b) * cot).astype(jnp.float32)), argnums=(0, 1)))
+
+    useful = 2.0 * args.m * args.k * args.n * (1 if args.mode == "fwd" else 3)
+    dense = timed(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32).astype(dtype))
+    print(f"jax {jax.__version__}, backend {jax.default_backend()}, devices {jax.devices()}")
     results = []
-    for skew in ("balanced", "zipf"):
+    for skew in args.skews.split(","):
         gs = group_sizes(args.m, args.e, skew)
         calls = {"dense": lambda: dense(lhs, dense_w)}
         for name in args.impls.split(","):
@@ -63,7 +90,7 @@ def main() -> None:
                 f = slabs
             else:
                 f = get_gmm(name, tile=args.tile)
-            g = jax.jit(jax.grad(lambda a, b, f=f: jnp.sum(f(a, b, gs) * cot), argnums=(0, 1)))
+            g = timed(lambda a, b, f=f: f(a, b, gs))
             calls[name] = lambda g=g: g(lhs, rhs)
         for call in calls.values():
             jax.block_until_ready(call())
@@ -73,20 +100,24 @@ def main() -> None:
                 start = time.perf_counter()
                 jax.block_until_ready(call())
                 times[name].append(time.perf_counter() - start)
-        print(f"M={args.m} K={args.k} N={args.n} E={args.e} tile={args.tile} {skew} sizes={np.asarray(gs).tolist()}: "
-              f"dense fwd+bwd {1e3 * statistics.median(times['dense']):.1f} ms")
+        dense_s = statistics.median(times["dense"])
+        shown = np.asarray(gs).tolist() if args.e <= 16 else f"[{int(gs.max())} .. {int(gs.min())}]"
+        print(f"M={args.m} K={args.k} N={args.n} E={args.e} tile={args.tile} {args.dtype} {args.mode} {skew} "
+              f"sizes={shown}: dense {1e3 * dense_s:.1f} ms, {useful / dense_s / 1e12:.2f} TFLOP/s")
         for name in calls:
             if name == "dense":
                 continue
             r = [d / t for d, t in zip(times["dense"], times[name])]
             row = {"skew": skew, "impl": name, "ms": 1e3 * statistics.median(times[name]),
+                   "tflops": useful / statistics.median(times[name]) / 1e12, "dense_tflops": useful / dense_s / 1e12,
                    "ratio_median": statistics.median(r), "ratio_min": min(r), "ratio_max": max(r)}
             results.append(row)
-            print(f"  {name:10s} {row['ms']:8.1f} ms  dense/gmm {row['ratio_median']:.3f} "
+            print(f"  {name:14s} {row['ms']:8.1f} ms {row['tflops']:8.2f} TFLOP/s  dense/gmm {row['ratio_median']:.3f} "
                   f"[{row['ratio_min']:.3f}, {row['ratio_max']:.3f}]")
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"args": vars(args), "results": results}, fh, indent=1)
+            json.dump({"args": vars(args), "jax": jax.__version__, "backend": jax.default_backend(),
+                       "devices": [str(d) for d in jax.devices()], "results": results}, fh, indent=1)
 
 
 if __name__ == "__main__":

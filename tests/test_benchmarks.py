@@ -47,3 +47,13 @@ def test_gmm_benchmark_smoke(tmp_path, monkeypatch):
     assert got == {("balanced", "slabs"), ("balanced", "bulk"), ("balanced", "padded"), ("zipf", "bulk"),
                    ("zipf", "padded")}
     assert all(r["ms"] > 0 and r["ratio_min"] <= r["ratio_median"] <= r["ratio_max"] for r in rows)
+
+
+def test_gmm_benchmark_bfloat16_forward_reports_tflops(tmp_path, monkeypatch):
+    # The accelerator command's options (bf16, forward only) on a tiny shape: ragged_dot runs everywhere.
+    out = tmp_path / "gmm.json"
+    run_script("gmm.py", ["--m", "64", "--k", "16", "--n", "16", "--e", "4", "--rounds", "1", "--dtype", "bfloat16",
+                          "--mode", "fwd", "--skews", "zipf", "--impls", "ragged_dot", "--json", str(out)], monkeypatch)
+    (row,) = json.loads(out.read_text())["results"]
+    assert row["impl"] == "ragged_dot" and row["skew"] == "zipf"
+    assert row["tflops"] > 0 and row["dense_tflops"] > 0

@@ -35,7 +35,10 @@ contiguous bytes per gathered row) and **untuned**.
 
 Status: tested in Pallas interpret mode on CPU against :mod:`moejax.kernels.reference` (values and gradients),
 and lowered for CUDA on CPU (``lowering_platforms=("cuda",)``: the kernel bodies become Triton IR embedded as
-``__gpu$xla.gpu.triton`` custom calls). Never compiled by Triton nor run on a GPU here; performance unmeasured.
+``__gpu$xla.gpu.triton`` custom calls, whose modules the tests run through the MLIR verifier). Once, by hand, the
+15 modules of a forward+backward at three shapes (bf16 and float32 at T=100, D=200; bf16 at T=16384, K=8,
+D=7168) were compiled to sm_90 by the PyPI ``triton`` 3.9.0 compiler (not the Triton inside XLA), all without
+error. Never run on a GPU here: correctness on a GPU and performance are unmeasured.
 Under ``shard_map`` the result type names the mesh axes it varies along (as in the Mosaic module); interpret
 mode is refused there.
 """

@@ -56,11 +56,11 @@ def init(key, shape, fan_in):
     return jax.random.normal(key, shape, jnp.float32) / math.sqrt(fan_in)
 
 
-def moe_loss(mode: str, capacity: int | None, impl: str, gmm_fn) -> Callable:
+def moe_loss(mode: str, capacity: int | None, impl: str, gmm_fn, fused_ffn=None) -> Callable:
     def loss(params, x, routing, cot):
         expert_fn = lambda xs, grouping: ffn(params, xs, grouping, kind=KIND, activation=ACT)  # noqa: E731
         y, _ = dispatch.apply(x, routing, expert_fn, mode=mode, capacity=capacity, capacity_impl=impl,
-                              grouped_matmul=gmm_fn)
+                              grouped_matmul=gmm_fn, fused_ffn=fused_ffn)
         return jnp.sum(y * cot)
     return loss
 
@@ -80,9 +80,13 @@ def implementations(s: dict) -> dict[str, tuple[Callable, Callable | None]]:
             continue
         out[f"dropless_padded_t{tile}"] = (moe_loss("dropless", None, "index", dispatch.get_gmm("padded", tile=tile)),
                                            functools.partial(padded_gmm.padded_rows, tb=tile))
-        out[f"dropless_bulk_t{tile}"] = (moe_loss("dropless", None, "index", dispatch.get_gmm("bulk", tile=tile)),
-                                         functools.partial(padded_gmm.padded_rows, tb=tile,
-                                                           cb=padded_gmm.bulk_rows(m, e)))
+        bulk_rows = functools.partial(padded_gmm.padded_rows, tb=tile, cb=padded_gmm.bulk_rows(m, e))
+        # What the MoE layer runs for dispatch.gmm='bulk': the whole expert FFN in bulk's layout.
+        out[f"dropless_bulk_t{tile}"] = (moe_loss("dropless", None, "index", dispatch.get_gmm("bulk", tile=tile),
+                                                  dispatch.get_fused_ffn("bulk", tile=tile)), bulk_rows)
+        # The same layout entered and left around each matmul (bulk as a plain gmm, e.g. under EP).
+        out[f"dropless_bulkgmm_t{tile}"] = (moe_loss("dropless", None, "index", dispatch.get_gmm("bulk", tile=tile)),
+                                            bulk_rows)
     blocked_tile = 128
     out["dropless_blocked_t128"] = (moe_loss("dropless", None, "index", dispatch.get_gmm("blocked", tile=blocked_tile)),
                                     lambda sizes: (-(-m // blocked_tile) + e - 1) * blocked_tile)

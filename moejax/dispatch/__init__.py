@@ -13,7 +13,7 @@ from flax import struct
 
 from moejax.dispatch import capacity, dropless, gmm
 from moejax.dispatch import capacity as _capacity  # `capacity` is also apply()'s argument name
-from moejax.dispatch.gmm import get_gmm, register_gmm
+from moejax.dispatch.gmm import get_fused_ffn, get_gmm, register_gmm
 from moejax.dispatch.sorting import group_by_expert, inverse_permutation
 from moejax.experts.ffn import Grouping, Padded, Ragged
 from moejax.routing.types import ExpertChoiceRouting, Routing
@@ -70,6 +70,7 @@ def apply(
     priority: str = "position",
     grouped_matmul: gmm.GroupedMatmul | None = None,
     groups: int = 1,
+    fused_ffn: Callable[..., jax.Array] | None = None,
 ) -> tuple[jax.Array, DispatchInfo]:
     """``combine(expert_fn(dispatch(x)))`` for one routing decision.
 
@@ -81,7 +82,9 @@ def apply(
       capacity: ``C`` for token-choice capacity mode (expert choice carries its own).
       capacity_impl: ``einsum``, ``index`` or ``pallas`` (see :mod:`moejax.dispatch.capacity`).
       priority: ``position`` or ``score`` (capacity mode, token choice).
-      grouped_matmul: the gmm for dropless (default: ``get_gmm('auto')``).
+      grouped_matmul: the gmm for dropless (default: ``get_gmm('auto')``, with its ``fused_ffn``).
+      fused_ffn: dropless: a whole-FFN form of the same layout (:func:`get_fused_ffn`) that the experts use
+        instead of one gmm per matmul; None: the gmm alone (the default when ``grouped_matmul`` is given).
       groups: ``G`` routing groups of ``T/G`` consecutive tokens, each with its own capacity-``C`` buffers
         (capacity mode, token choice; ``capacity`` is then per group). Dropless mode ignores it.
 
@@ -106,8 +109,9 @@ def apply(
         return out, token_choice_info(routing, plan.kept, plan.capacity)
     if mode == "dropless":
         plan = dropless.make_plan(routing)
-        grouped_matmul = grouped_matmul or get_gmm("auto")
-        y = expert_fn(dropless.dispatch(plan, x), Ragged(plan.group_sizes, grouped_matmul))
+        if grouped_matmul is None:
+            grouped_matmul, fused_ffn = get_gmm("auto"), fused_ffn or get_fused_ffn("auto")
+        y = expert_fn(dropless.dispatch(plan, x), Ragged(plan.group_sizes, grouped_matmul, fused_ffn))
         out = dropless.combine(plan, y)
         if isinstance(routing, ExpertChoiceRouting):
             return out, _expert_choice_info(routing)
@@ -127,5 +131,5 @@ def _grouped_capacity(x: jax.Array, routing: Routing, expert_fn: ExpertFn, capac
     return out, token_choice_info(routing, plan.kept.reshape(t, -1), capacity)
 
 
-__all__ = ["DispatchInfo", "token_choice_info", "ExpertFn", "apply", "capacity", "dropless", "get_gmm", "gmm", "group_by_expert",
-           "inverse_permutation", "register_gmm"]
+__all__ = ["DispatchInfo", "token_choice_info", "ExpertFn", "apply", "capacity", "dropless", "get_fused_ffn", "get_gmm",
+           "gmm", "group_by_expert", "inverse_permutation", "register_gmm"]

@@ -8,7 +8,8 @@
 Registered here: ``padded`` (pure XLA, groups copied into tile-aligned blocks, a loop over the non-empty
 blocks with a hand-written VJP, see :mod:`moejax.dispatch.padded_gmm`), ``bulk`` (the same with the first
 ``M / E`` rows of every group in one batched matmul and only the overflow in blocks: the CPU default, see
-``benchmarks/results/``), ``blocked`` (pure XLA, tiles of rows; work ``(M + E * tile) * K * N``),
+``benchmarks/results/``; the MoE layer runs its whole expert FFN in this layout, :mod:`moejax.dispatch.bulk_ffn`),
+``blocked`` (pure XLA, tiles of rows; work ``(M + E * tile) * K * N``),
 ``pallas`` (the Pallas kernels of ``moejax.kernels``: the Triton one on GPU, the Mosaic one elsewhere;
 interpret mode on CPU, lowered for TPU in the tests but never run on one), ``pallas_triton`` (the Pallas Triton kernel
 :func:`moejax.kernels.gmm_gpu`; interpret mode on CPU, lowered for CUDA but never run on a GPU here),
@@ -27,22 +28,30 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from moejax.dispatch import padded_gmm
+from moejax.dispatch import bulk_ffn, padded_gmm
 from moejax.dispatch.gmm_args import check_gmm_args
 
 GroupedMatmul = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 log = logging.getLogger("moejax")
 
 _REGISTRY: dict[str, Callable[..., jax.Array]] = {}
+_FUSED: dict[str, Callable[..., jax.Array]] = {}
 _TILED = set()
 _AUTO = {"cpu": "bulk", "gpu": "ragged_dot", "tpu": "ragged_dot"}
 
 
-def register_gmm(name: str, fn: Callable[..., jax.Array], *, takes_tile: bool = False) -> None:
-    """Makes ``fn`` selectable as ``dispatch.gmm=name``; ``takes_tile`` passes ``tile=`` from config."""
+def register_gmm(name: str, fn: Callable[..., jax.Array], *, takes_tile: bool = False,
+                 fused_ffn: Callable[..., jax.Array] | None = None) -> None:
+    """Makes ``fn`` selectable as ``dispatch.gmm=name``; ``takes_tile`` passes ``tile=`` from config (to both).
+
+    ``fused_ffn`` ``(x, stacked params, group_sizes, expert_fn) -> y``: the same layout running a whole expert
+    FFN at once, which the MoE layer's experts then use (see :func:`get_fused_ffn`).
+    """
     _REGISTRY[name] = fn
     if takes_tile:
         _TILED.add(name)
+    if fused_ffn is not None:
+        _FUSED[name] = fused_ffn
 
 
 def available() -> list[str]:
@@ -67,6 +76,15 @@ def get_gmm(name: str = "auto", *, tile: int = 128) -> GroupedMatmul:
     if resolved in ("pallas", "pallas_triton"):
         log.info("moejax: dispatch.gmm=%s -> %s", resolved, _pallas_kernel(resolved, jax.default_backend()))
     fn = _REGISTRY[resolved]
+    return functools.partial(fn, tile=tile) if resolved in _TILED else fn
+
+
+def get_fused_ffn(name: str = "auto", *, tile: int = 128) -> Callable[..., jax.Array] | None:
+    """The whole-FFN form of ``dispatch.gmm=name`` (None if it has none), e.g. ``bulk``'s :func:`bulk_ffn`."""
+    resolved = resolve_name(name)
+    fn = _FUSED.get(resolved)
+    if fn is None:
+        return None
     return functools.partial(fn, tile=tile) if resolved in _TILED else fn
 
 
@@ -168,7 +186,7 @@ def gmm_pallas_triton(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
 
 register_gmm("blocked", gmm_blocked, takes_tile=True)
 register_gmm("padded", padded_gmm.gmm_padded, takes_tile=True)
-register_gmm("bulk", padded_gmm.gmm_bulk, takes_tile=True)
+register_gmm("bulk", padded_gmm.gmm_bulk, takes_tile=True, fused_ffn=bulk_ffn.bulk_ffn)
 register_gmm("pallas", gmm_pallas, takes_tile=True)
 register_gmm("pallas_triton", gmm_pallas_triton, takes_tile=True)
 register_gmm("ragged_dot", gmm_ragged_dot)

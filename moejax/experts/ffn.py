@@ -59,10 +59,16 @@ class Padded:
 
 @dataclasses.dataclass(frozen=True)
 class Ragged:
-    """x: [M, D_in] in contiguous expert groups; ``gmm(x, w[E, D_in, D_out], group_sizes[E]) -> [M, D_out]``."""
+    """x: [M, D_in] in contiguous expert groups; ``gmm(x, w[E, D_in, D_out], group_sizes[E]) -> [M, D_out]``.
+
+    ``fused``: optionally a whole-FFN implementation ``(x, stacked params, group_sizes, expert_fn) -> [M, D_out]``
+    (``expert_fn(one expert's params, rows)``) that :func:`ffn` then uses instead of calling ``gmm`` per
+    matmul, e.g. :func:`moejax.dispatch.bulk_ffn.bulk_ffn`.
+    """
 
     group_sizes: jax.Array
     gmm: GroupedMatmul
+    fused: Callable[..., jax.Array] | None = None
 
     def matmul(self, x: jax.Array, w: jax.Array) -> jax.Array:
         return self.gmm(x, w.astype(x.dtype), self.group_sizes)
@@ -95,6 +101,10 @@ def ffn(params: dict[str, jax.Array], x: jax.Array, grouping: Grouping, *, kind:
     + b_down``. Biases are used when present in ``params``. Shapes follow the grouping.
     """
     act = activation_fn(activation)
+    if isinstance(grouping, Ragged) and grouping.fused is not None:
+        def expert_fn(p: dict[str, jax.Array], rows: jax.Array) -> jax.Array:
+            return ffn(p, rows, Dense(), kind=kind, activation=activation)
+        return grouping.fused(x, params, grouping.group_sizes, expert_fn)
 
     def linear(h: jax.Array, name: str) -> jax.Array:
         y = grouping.matmul(h, params[f"w_{name}"])

@@ -94,6 +94,9 @@ class MoELayer(nn.Module):
         ep_mesh = expert_parallel.expert_mesh()
         if ep_mesh is not None:     # inside jax.set_mesh with an expert axis > 1: shard_map + all-to-all
             apply = functools.partial(expert_parallel.apply, mesh=ep_mesh)
+        elif gmm is not None:       # the gmm's whole-FFN form, if it has one (bulk); EP's local experts use the gmm
+            apply = functools.partial(apply, fused_ffn=dispatch.get_fused_ffn(cfg.dispatch.gmm,
+                                                                              tile=cfg.dispatch.gmm_tile))
         y, info = apply(tokens, ffn_routing, experts, mode=cfg.dispatch.mode, capacity=group_cap,
                         capacity_impl=cfg.dispatch.capacity_impl, priority=cfg.dispatch.priority,
                         grouped_matmul=gmm, groups=groups)

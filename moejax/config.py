@@ -235,7 +235,8 @@ class DispatchConfig:
       priority: which token copies keep their slot when an expert overflows: ``position`` (all first
         choices before second choices, then by token order) or ``score`` (batch-prioritised routing:
         first choices before second choices, then by descending router weight).
-      gmm: grouped matmul used by ``dropless``: ``auto`` (``bulk`` on CPU, ``ragged_dot`` on GPU/TPU) or a
+      gmm: grouped matmul used by ``dropless`` (``bulk`` also runs whole expert FFNs in its layout, see
+        :mod:`moejax.dispatch.bulk_ffn`): ``auto`` (``bulk`` on CPU, ``ragged_dot`` on GPU/TPU) or a
         name registered in :mod:`moejax.dispatch.gmm` (``bulk``, ``padded``, ``blocked``, ``pallas``,
         ``pallas_triton``, ``ragged_dot``, ``reference``).
       gmm_tile: row tile of the ``bulk`` (its overflow blocks) / ``padded`` / ``blocked`` / ``pallas`` grouped

@@ -11,7 +11,9 @@ Rows are copied (one gather) into a padded buffer in two regions:
 
 ``cb = 0`` is the plain padded gmm (registered as ``padded``); ``cb ~ M / E`` (registered as ``bulk``) sends a
 balanced routing through the batched matmul, which XLA:CPU runs much faster than many small block matmuls,
-while skewed routings spill into the loop instead of being dropped. Bulk rows of an expert with fewer
+while skewed routings spill into the loop instead of being dropped. The MoE layer runs ``bulk``'s whole expert
+FFN in this layout (:mod:`moejax.dispatch.bulk_ffn`); the gmm here serves everything else (expert
+parallelism's local experts, custom expert functions). Bulk rows of an expert with fewer
 than ``cb`` rows are zeros and still cost work: ``(E * cb + (overflow blocks) * tb) * K * N`` multiply-adds.
 The copies in and out are ``O(M * K)``, small next to the ``O(M * K * N)`` matmul.
 

@@ -28,6 +28,14 @@ def _load(experiment: str, name: str):
     return sys.modules[full]
 
 
+def assert_unknown_preset_and_variant_refused(config, bad_variant: str) -> None:
+    """An experiment's ``get_config`` names the field it refuses: an unknown preset, then an unknown variant."""
+    with pytest.raises(ValueError, match="^preset="):
+        config.get_config("huge")
+    with pytest.raises(ValueError, match="^variant="):
+        config.get_config(bad_variant)
+
+
 def test_deep_moe_tiny_sweep_end_to_end(tmp_path):
     run = _load("deep_moe", "run")
     summary = run.main(["--preset=tiny", "--variants=dense", f"--workdir={tmp_path / 'work'}",
@@ -98,10 +106,7 @@ def test_every_preset_and_variant_config_is_valid(experiment, shape):
             cfg = config.get_config(f"{preset},{variant}")
             typed = model_config(cfg.model, num_classes=10, vocab_size=256, input_shape=shape)
             assert cfg.train.steps >= 1 and typed is not None
-    with pytest.raises(ValueError, match="^preset="):
-        config.get_config("huge")
-    with pytest.raises(ValueError, match="^variant="):
-        config.get_config("tiny,nope")
+    assert_unknown_preset_and_variant_refused(config, "tiny,nope")
 
 
 def test_smoe_dropout_tiny_sweep_end_to_end(tmp_path):
@@ -145,10 +150,7 @@ def test_smoe_dropout_monotonicity_and_table_ks():
                 assert moe.num_experts * moe.hidden_dim == dense_width
                 assert moe.router.frozen == (variant != "learned_top2")
             assert (cfg.train.get("moe_k_end") is not None) == (variant == "smoe_dropout")
-    with pytest.raises(ValueError, match="^preset="):
-        config.get_config("huge")
-    with pytest.raises(ValueError, match="^variant="):
-        config.get_config("tiny,nope")
+    assert_unknown_preset_and_variant_refused(config, "tiny,nope")
 
 
 def test_dynamoe_tiny_sweep_end_to_end(tmp_path):
@@ -188,7 +190,4 @@ def test_dynamoe_configs_match_budgets_and_are_valid():
     dyn, top = (config.get_config(f"full,mnist1d-{r}-descending").model.layers for r in ("dyn", "top"))
     assert [(l["num_experts"], l["router"]["k"]) for l in dyn] == [(l["num_experts"], l["router"]["k"]) for l in top]
     assert [l["num_experts"] for l in dyn] == [6, 5, 3, 2]
-    with pytest.raises(ValueError, match="^preset="):
-        config.get_config("huge")
-    with pytest.raises(ValueError, match="^variant="):
-        config.get_config("full,digits-dyn-nope")
+    assert_unknown_preset_and_variant_refused(config, "full,digits-dyn-nope")

@@ -62,8 +62,9 @@ def plans(draw, shape: str):
     return greedy_plan(shape, kind, rng), rng
 
 
-def _operands(shape: str, rng, dtype):
-    t, k, e, c, d = SHAPES[shape]
+def _operands(dims, rng, dtype):
+    """x [T, D], y [S, D], weight [T, K] (float32) and the cotangents of buf [S, D] and out [T, D] for (T, K, E, C, D)."""
+    t, k, e, c, d = dims
     normal = lambda *s: jnp.asarray(rng.normal(size=s), dtype)  # noqa: E731
     return normal(t, d), normal(e * c, d), jnp.asarray(rng.normal(size=(t, k)), jnp.float32), \
         normal(e * c, d), normal(t, d)
@@ -75,31 +76,55 @@ def _values_and_grads(dispatch, combine, num_slots, x, y, w, slot, cot_buf, cot_
     return buf, out, vjp_d(cot_buf)[0], *vjp_c(cot_out)
 
 
-_kernel = jax.jit(functools.partial(
-    _values_and_grads, functools.partial(kernels.capacity_dispatch, tiling=TILING, interpret=True),
-    functools.partial(kernels.capacity_combine, tiling=TILING, interpret=True)), static_argnums=0)
-_oracle = jax.jit(functools.partial(_values_and_grads, reference.capacity_dispatch, reference.capacity_combine),
-                  static_argnums=0)
+def values_and_grads_of(dispatch, combine):
+    """``(num_slots, x, y, w, slot, cot_buf, cot_out) -> (buf, out, d_x, d_y, d_w)`` of a dispatch/combine pair, jitted."""
+    return jax.jit(functools.partial(_values_and_grads, dispatch, combine), static_argnums=0)
+
+
+_kernel = values_and_grads_of(functools.partial(kernels.capacity_dispatch, tiling=TILING, interpret=True),
+                              functools.partial(kernels.capacity_combine, tiling=TILING, interpret=True))
+_oracle = values_and_grads_of(reference.capacity_dispatch, reference.capacity_combine)
 NAMES = ("buf", "out", "d_x", "d_y", "d_w")
 
 
-def _check(shape: str, slot: np.ndarray, rng, dtype, tol):
-    t, k, e, c, d = SHAPES[shape]
-    x, y, w, cot_buf, cot_out = _operands(shape, rng, dtype)
-    slot = jnp.asarray(slot)
-    got = _kernel(e * c, x, y, w, slot, cot_buf, cot_out)
-    want = _oracle(e * c, x, y, w, slot, cot_buf, cot_out)
+def check_against_reference(kernel, dims, slot: np.ndarray, rng, dtype, tol):
+    """``kernel`` (from :func:`values_and_grads_of`) matches the references on plan ``slot`` for (T, K, E, C, D);
+    empty slots, dropped copies and fully dropped tokens give exact zeros. Returns the kernel's results."""
+    t, k, e, c, d = dims
+    x, y, w, cot_buf, cot_out = _operands(dims, rng, dtype)
+    slot = np.asarray(slot)
+    got = kernel(e * c, x, y, w, jnp.asarray(slot), cot_buf, cot_out)
+    want = _oracle(e * c, x, y, w, jnp.asarray(slot), cot_buf, cot_out)
     for name, a, b in zip(NAMES, got, want):
         assert a.dtype == b.dtype and a.shape == b.shape, name
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), err_msg=name, **tol)
     buf, _, d_x, _, d_w = got
-    kept = (np.asarray(slot) >= 0) & (np.asarray(slot) < e * c)
+    kept = (slot >= 0) & (slot < e * c)
     filled = np.zeros(e * c, bool)
-    filled[np.asarray(slot)[kept]] = True
+    filled[slot[kept]] = True
     np.testing.assert_array_equal(np.asarray(buf, np.float32)[~filled], 0.0)       # empty slots are exactly zero
     np.testing.assert_array_equal(np.asarray(d_w)[~kept], 0.0)                    # dropped copies: no weight gradient
     np.testing.assert_array_equal(np.asarray(d_x, np.float32)[~kept.any(1)], 0.0)  # fully dropped tokens: no gradient
     return got
+
+
+def _check(shape: str, slot: np.ndarray, rng, dtype, tol):
+    return check_against_reference(_kernel, SHAPES[shape], slot, rng, dtype, tol)
+
+
+def check_vmapped(dispatch, combine):
+    """Routing groups (dispatch.groups > 1) vmap the plan: the pair's custom VJPs and kernels must batch."""
+    dims = SHAPES["c1"]
+    t, k, e, c, d = dims
+    rng = np.random.default_rng(3)
+    slots = jnp.asarray(np.stack([greedy_plan("c1", kind, rng) for kind in ("random", "hot")]))
+    x, y, w, cot_buf, cot_out = (jnp.stack([a, 2 * a]) for a in _operands(dims, rng, jnp.float32))
+    kernel = functools.partial(_values_and_grads, dispatch, combine, e * c)
+    oracle = functools.partial(_values_and_grads, reference.capacity_dispatch, reference.capacity_combine, e * c)
+    got = jax.jit(jax.vmap(kernel))(x, y, w, slots, cot_buf, cot_out)
+    want = jax.jit(jax.vmap(oracle))(x, y, w, slots, cot_buf, cot_out)
+    for name, a, b in zip(NAMES, got, want):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=name)
 
 
 @settings(max_examples=12)
@@ -157,19 +182,8 @@ def test_kernels_pass_the_tpu_interpreter_race_and_uninitialized_memory_checks()
 
 
 def test_vmapped_dispatch_and_combine_match_reference():
-    # Routing groups (dispatch.groups > 1) vmap the plan; the custom VJPs and the kernels batch.
-    t, k, e, c, d = SHAPES["c1"]
-    rng = np.random.default_rng(3)
-    slots = jnp.asarray(np.stack([greedy_plan("c1", kind, rng) for kind in ("random", "hot")]))
-    x, y, w, cot_buf, cot_out = (jnp.stack([a, 2 * a]) for a in _operands("c1", rng, jnp.float32))
-    kernel = functools.partial(_values_and_grads, functools.partial(kernels.capacity_dispatch, tiling=TILING,
-                                                                    interpret=True),
-                               functools.partial(kernels.capacity_combine, tiling=TILING, interpret=True), e * c)
-    oracle = functools.partial(_values_and_grads, reference.capacity_dispatch, reference.capacity_combine, e * c)
-    got = jax.jit(jax.vmap(kernel))(x, y, w, slots, cot_buf, cot_out)
-    want = jax.jit(jax.vmap(oracle))(x, y, w, slots, cot_buf, cot_out)
-    for name, a, b in zip(NAMES, got, want):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=name)
+    check_vmapped(functools.partial(kernels.capacity_dispatch, tiling=TILING, interpret=True),
+                  functools.partial(kernels.capacity_combine, tiling=TILING, interpret=True))
 
 
 def test_rejects_bad_arguments():

@@ -22,6 +22,7 @@ from moejax import MoELayer, kernels
 from moejax.dispatch import capacity
 from moejax.kernels import reference
 from test_kernel_dispatch import greedy_plan
+from test_kernel_lowering import lowered_kernels
 from test_layer import X_SHAPE, make_config
 
 # (T, K, E, C, D). "odd" and "c1" are token-choice shapes (the plans of test_kernel_dispatch.greedy_plan); "ec" is
@@ -55,38 +56,13 @@ def cases(draw, shapes):
     return shape, greedy_plan(shape, draw(st.sampled_from(TOKEN_CHOICE_KINDS)), rng), rng
 
 
-def _operands(shape: str, rng, dtype):
-    t, k, e, c, d = SHAPES[shape]
-    normal = lambda *s: jnp.asarray(rng.normal(size=s), dtype)  # noqa: E731
-    return normal(t, d), normal(e * c, d), jnp.asarray(rng.normal(size=(t, k)), jnp.float32), \
-        normal(e * c, d), normal(t, d)
-
-
-_values_and_grads = test_kernel_dispatch._values_and_grads
-_kernel = jax.jit(functools.partial(
-    _values_and_grads, functools.partial(kernels.capacity_dispatch_triton, tiling=TILING, interpret=True),
-    functools.partial(kernels.capacity_combine_triton, tiling=TILING, interpret=True)), static_argnums=0)
-_oracle = jax.jit(functools.partial(_values_and_grads, reference.capacity_dispatch, reference.capacity_combine),
-                  static_argnums=0)
-NAMES = ("buf", "out", "d_x", "d_y", "d_w")
+_dispatch = functools.partial(kernels.capacity_dispatch_triton, tiling=TILING, interpret=True)
+_combine = functools.partial(kernels.capacity_combine_triton, tiling=TILING, interpret=True)
+_kernel = test_kernel_dispatch.values_and_grads_of(_dispatch, _combine)
 
 
 def _check(shape: str, slot: np.ndarray, rng, dtype, tol):
-    t, k, e, c, d = SHAPES[shape]
-    x, y, w, cot_buf, cot_out = _operands(shape, rng, dtype)
-    got = _kernel(e * c, x, y, w, jnp.asarray(slot), cot_buf, cot_out)
-    want = _oracle(e * c, x, y, w, jnp.asarray(slot), cot_buf, cot_out)
-    for name, a, b in zip(NAMES, got, want):
-        assert a.dtype == b.dtype and a.shape == b.shape, name
-        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), err_msg=name, **tol)
-    buf, _, d_x, _, d_w = got
-    kept = (slot >= 0) & (slot < e * c)
-    filled = np.zeros(e * c, bool)
-    filled[slot[kept]] = True
-    np.testing.assert_array_equal(np.asarray(buf, np.float32)[~filled], 0.0)       # empty slots are exactly zero
-    np.testing.assert_array_equal(np.asarray(d_w)[~kept], 0.0)                    # dropped copies: no weight gradient
-    np.testing.assert_array_equal(np.asarray(d_x, np.float32)[~kept.any(1)], 0.0)  # fully dropped tokens: no gradient
-    return got
+    return test_kernel_dispatch.check_against_reference(_kernel, SHAPES[shape], slot, rng, dtype, tol)
 
 
 @settings(max_examples=14)
@@ -139,19 +115,7 @@ def test_gather_kernels_default_tiling_skip_dead_rows():
 
 
 def test_vmapped_dispatch_and_combine_match_reference():
-    # Routing groups (dispatch.groups > 1) vmap the plan: the custom VJPs and the kernels batch.
-    t, k, e, c, d = SHAPES["c1"]
-    rng = np.random.default_rng(3)
-    slots = jnp.asarray(np.stack([greedy_plan("c1", kind, rng) for kind in ("random", "hot")]))
-    x, y, w, cot_buf, cot_out = (jnp.stack([a, 2 * a]) for a in _operands("c1", rng, jnp.float32))
-    kernel = functools.partial(_values_and_grads, functools.partial(kernels.capacity_dispatch_triton, tiling=TILING,
-                                                                    interpret=True),
-                               functools.partial(kernels.capacity_combine_triton, tiling=TILING, interpret=True), e * c)
-    oracle = functools.partial(_values_and_grads, reference.capacity_dispatch, reference.capacity_combine, e * c)
-    got = jax.jit(jax.vmap(kernel))(x, y, w, slots, cot_buf, cot_out)
-    want = jax.jit(jax.vmap(oracle))(x, y, w, slots, cot_buf, cot_out)
-    for name, a, b in zip(NAMES, got, want):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=name)
+    test_kernel_dispatch.check_vmapped(_dispatch, _combine)
 
 
 def test_rejects_bad_arguments_naming_them():
@@ -193,32 +157,6 @@ def test_capacity_impl_pallas_triton_is_refused_on_tpu(monkeypatch):
 S = jax.ShapeDtypeStruct
 
 
-def triton_kernels(fn, *args) -> int:
-    """How many Triton kernels the CUDA lowering of ``fn(*args)`` holds."""
-    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    return text.count("stablehlo.custom_call @__gpu$xla.gpu.triton")
-
-
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_capacity_kernels_and_their_vjps_lower_for_cuda(dtype, triton_modules):
-    # T and S not multiples of the default 64-row tile, D not a multiple of the 128-column tile: masked edges.
-    t, k, slots, d = 100, 2, 8 * 27, 200
-    x, plan, w = S((t, d), dtype), S((t, k), jnp.int32), S((t, k), jnp.float32)
-
-    def fwd_bwd(x, plan, w):
-        def loss(x, w):
-            buf = kernels.capacity_dispatch_triton(x, plan, slots)
-            return jnp.sum(kernels.capacity_combine_triton(buf, plan, w).astype(jnp.float32))
-        return jax.value_and_grad(loss, argnums=(0, 1))(x, w)
-
-    assert triton_kernels(lambda x, p: kernels.capacity_dispatch_triton(x, p, slots), x, plan) == 1
-    assert triton_kernels(lambda y, p, w: kernels.capacity_combine_triton(y, p, w), S((slots, d), dtype), plan, w) == 1
-    # Forward: dispatch (gather_rows), combine (gather_sum); backward: the rows of d out per slot (gather_rows),
-    # the slot rows for d weight (gather_rows), d x (gather_sum).
-    assert triton_kernels(fwd_bwd, x, plan, w) == 5
-    assert len(triton_modules) == 7                          # every module passed the MLIR verifier
-
-
 @pytest.mark.parametrize("router", ["gshard_top2", "expert_choice"])
 def test_layer_with_capacity_impl_pallas_on_gpu_lowers_to_triton(router, monkeypatch, caplog):
     # capacity_impl='pallas' picks the Triton kernels when the default backend is a GPU. No GPU here: pretend the
@@ -235,6 +173,6 @@ def test_layer_with_capacity_impl_pallas_on_gpu_lowers_to_triton(router, monkeyp
         return jnp.sum(y ** 2)
 
     with caplog.at_level("INFO", logger="moejax"):
-        n = triton_kernels(jax.grad(loss, argnums=(0, 1)), params, x)
+        n = lowered_kernels(jax.grad(loss, argnums=(0, 1)), params, x, platform="cuda")
     assert "dispatch.capacity_impl=pallas -> Triton kernels on backend gpu" in caplog.text
     assert n == 5

@@ -9,6 +9,8 @@ the CPU tests use the emulation): forward and backward lower for TPU and CUDA.
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -24,10 +26,15 @@ from moejax.routing import finish_token_choice
 S = jax.ShapeDtypeStruct
 
 
-def tpu_kernels(fn, *args) -> int:
-    """How many Mosaic kernels the TPU lowering of ``fn(*args)`` holds."""
-    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("tpu",)).as_text()
-    return text.count("stablehlo.custom_call @tpu_custom_call")
+KERNEL_CALL = {"tpu": "stablehlo.custom_call @tpu_custom_call",           # a Mosaic kernel
+               "cuda": "stablehlo.custom_call @__gpu$xla.gpu.triton"}     # a Triton kernel
+
+
+def lowered_kernels(fn, *args, platform: str = "tpu") -> int:
+    """How many Pallas kernels the lowering of ``fn(*args)`` for ``platform`` holds."""
+    text = jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
+    return text.count(KERNEL_CALL[platform])
+
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -38,28 +45,40 @@ def test_gmm_and_its_vjp_lower_for_tpu(dtype):
         loss = lambda a, b: jnp.sum(kernels.gmm(a, b, gs).astype(jnp.float32))
         return jax.value_and_grad(loss, argnums=(0, 1))(lhs, rhs)
 
-    assert tpu_kernels(lambda a, b, g: kernels.gmm(a, b, g), lhs, rhs, gs) == 1
+    assert lowered_kernels(lambda a, b, g: kernels.gmm(a, b, g), lhs, rhs, gs) == 1
     # Backward: the forward gmm, gmm of the cotangent by rhs^T (d lhs) and tgmm (d rhs).
-    assert tpu_kernels(fwd_bwd, lhs, rhs, gs) == 3
-    assert tpu_kernels(lambda a, g, s: kernels.tgmm(a, g, s), lhs, S((384, 384), dtype), gs) == 1
+    assert lowered_kernels(fwd_bwd, lhs, rhs, gs) == 3
+    assert lowered_kernels(lambda a, g, s: kernels.tgmm(a, g, s), lhs, S((384, 384), dtype), gs) == 1
+
+
+# (platform, dispatch, combine, (T, K, S, D)). The Triton shapes are ragged against its 64-row and 128-column tiles.
+CAPACITY_KERNELS = {
+    "mosaic": ("tpu", kernels.capacity_dispatch, kernels.capacity_combine, (64, 2, 8 * 16, 256)),
+    "triton": ("cuda", kernels.capacity_dispatch_triton, kernels.capacity_combine_triton, (100, 2, 8 * 27, 200)),
+}
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_capacity_kernels_and_their_vjps_lower_for_tpu(dtype):
-    t, k, slots, d = 64, 2, 8 * 16, 256
+@pytest.mark.parametrize("family", sorted(CAPACITY_KERNELS))
+def test_capacity_kernels_and_their_vjps_lower(family, dtype, request):
+    platform, dispatch, combine, (t, k, slots, d) = CAPACITY_KERNELS[family]
+    # The Triton modules are also run through the MLIR verifier as they are built (tests/conftest.py).
+    triton_modules = request.getfixturevalue("triton_modules") if platform == "cuda" else None
     x, plan, w = S((t, d), dtype), S((t, k), jnp.int32), S((t, k), jnp.float32)
+    count = functools.partial(lowered_kernels, platform=platform)
 
     def fwd_bwd(x, plan, w):
         def loss(x, w):
-            buf = kernels.capacity_dispatch(x, plan, slots)
-            return jnp.sum(kernels.capacity_combine(buf, plan, w).astype(jnp.float32))
+            return jnp.sum(combine(dispatch(x, plan, slots), plan, w).astype(jnp.float32))
         return jax.value_and_grad(loss, argnums=(0, 1))(x, w)
 
-    assert tpu_kernels(lambda x, p: kernels.capacity_dispatch(x, p, slots), x, plan) == 1
-    assert tpu_kernels(lambda y, p, w: kernels.capacity_combine(y, p, w), S((slots, d), dtype), plan, w) == 1
+    assert count(lambda x, p: dispatch(x, p, slots), x, plan) == 1
+    assert count(lambda y, p, w: combine(y, p, w), S((slots, d), dtype), plan, w) == 1
     # Forward: dispatch (gather_rows), combine (gather_sum); backward: the rows of d out per slot (gather_rows),
     # the slot rows for d weight (gather_rows), d x (gather_sum).
-    assert tpu_kernels(fwd_bwd, x, plan, w) == 5
+    assert count(fwd_bwd, x, plan, w) == 5
+    if triton_modules is not None:
+        assert len(triton_modules) == 7
 
 
 @pytest.mark.parametrize("platform", ["tpu", "cuda"])

@@ -24,16 +24,9 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from moejax.dispatch.padded_gmm import bulk_rows, layout, reduce_like, vary_like
+from moejax.dispatch.padded_gmm import bulk_rows, layout, reduce_like, rows_or_zero, vary_like
 
 ExpertFn = Callable[[Any, jax.Array], jax.Array]     # (one expert's params, rows [R, D]) -> [R, D_out]
-
-
-def _rows(a: jax.Array, index: jax.Array) -> jax.Array:
-    """a[index] with zero rows for out-of-range indices (gap rows of the layout; every row of an empty ``a``)."""
-    if a.shape[0] == 0:
-        return jnp.zeros((index.shape[0], *a.shape[1:]), a.dtype)
-    return a.at[index].get(mode="fill", fill_value=0)
 
 
 def _expert(params: Any, g: jax.Array) -> Any:
@@ -48,14 +41,14 @@ def _bulk_ffn(x, params, group_sizes, expert_fn, tb, cb):
 def _forward(x, params, group_sizes, expert_fn, tb, cb):
     m, e = x.shape[0], group_sizes.shape[0]
     lay = layout(group_sizes, m, tb, cb)
-    slabs = _rows(x, lay.src[:e * cb]).reshape(e, cb, x.shape[1])
+    slabs = rows_or_zero(x, lay.src[:e * cb]).reshape(e, cb, x.shape[1])
     y_slabs, slab_vjp = jax.vjp(jax.vmap(expert_fn), params, slabs)
-    y = _rows(y_slabs.reshape(e * cb, y_slabs.shape[-1]), lay.dst)           # overflow rows (and rows past all groups) are 0
+    y = rows_or_zero(y_slabs.reshape(e * cb, y_slabs.shape[-1]), lay.dst)   # overflow, past-all rows: 0
     over = lay.src[e * cb:]
 
     def block(i, y):
         idx = jax.lax.dynamic_slice_in_dim(over, i * tb, tb)  # sorted rows of block i; M marks a gap row
-        out = expert_fn(_expert(params, lay.block_group[i]), _rows(x, idx))
+        out = expert_fn(_expert(params, lay.block_group[i]), rows_or_zero(x, idx))
         return y.at[idx].set(out.astype(y.dtype), mode="drop")
 
     y = jax.lax.fori_loop(0, lay.num_blocks, block, y)
@@ -65,16 +58,16 @@ def _forward(x, params, group_sizes, expert_fn, tb, cb):
 def _bwd(expert_fn, tb, cb, res, dy):
     x, params, lay, slab_vjp = res
     e = jax.tree.leaves(params)[0].shape[0]
-    d_params, d_slabs = slab_vjp(_rows(dy, lay.src[:e * cb]).reshape(e, cb, dy.shape[1]))
-    dx = _rows(d_slabs.reshape(e * cb, x.shape[1]), lay.dst)
+    d_params, d_slabs = slab_vjp(rows_or_zero(dy, lay.src[:e * cb]).reshape(e, cb, dy.shape[1]))
+    dx = rows_or_zero(d_slabs.reshape(e * cb, x.shape[1]), lay.dst)
     over = lay.src[e * cb:]
 
     def block(i, carry):
         d_params, dx = carry
         idx = jax.lax.dynamic_slice_in_dim(over, i * tb, tb)
         g = lay.block_group[i]
-        _, block_vjp = jax.vjp(expert_fn, _expert(params, g), _rows(x, idx))
-        d_expert, d_rows = block_vjp(_rows(dy, idx))
+        _, block_vjp = jax.vjp(expert_fn, _expert(params, g), rows_or_zero(x, idx))
+        d_expert, d_rows = block_vjp(rows_or_zero(dy, idx))
         d_params = jax.tree.map(lambda acc, d: acc.at[g].add(d.astype(acc.dtype)), d_params, d_expert)
         return d_params, dx.at[idx].set(d_rows.astype(dx.dtype), mode="drop")
 

@@ -107,19 +107,21 @@ def _times(xb: jax.Array, xo: jax.Array, w: jax.Array, lay: PaddedLayout, tb: in
     return jnp.concatenate([y_bulk.reshape(e * cb, n), y_over])
 
 
-def _with_zero_row(x: jax.Array) -> jax.Array:
-    return jnp.concatenate([x, jnp.zeros((1, x.shape[1]), x.dtype)])
+def rows_or_zero(a: jax.Array, index: jax.Array) -> jax.Array:
+    """``a[index]`` with zero rows for out-of-range indices (the layout's gap rows; every row of an empty ``a``)."""
+    if a.shape[0] == 0:
+        return jnp.zeros((index.shape[0], *a.shape[1:]), a.dtype)
+    return a.at[index].get(mode="fill", fill_value=0)
 
 
 def _to_padded(x: jax.Array, src: jax.Array, e: int, cb: int) -> tuple[jax.Array, jax.Array]:
-    """[M, K] -> bulk slabs [E, cb, K] and overflow blocks [P - E * cb, K] (gap rows read the appended zero row)."""
-    x = _with_zero_row(x)
-    return x[src[:e * cb]].reshape(e, cb, x.shape[1]), x[src[e * cb:]]
+    """[M, K] -> bulk slabs [E, cb, K] and overflow blocks [P - E * cb, K] (gap rows, source M, are zero)."""
+    return rows_or_zero(x, src[:e * cb]).reshape(e, cb, x.shape[1]), rows_or_zero(x, src[e * cb:])
 
 
 def _from_padded(xp: jax.Array, dst: jax.Array) -> jax.Array:
-    """[P, N] -> [M, N] (rows past all groups read the appended zero row)."""
-    return _with_zero_row(xp)[dst]
+    """[P, N] -> [M, N] (rows past all groups, destination P, are zero)."""
+    return rows_or_zero(xp, dst)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))

@@ -37,7 +37,7 @@ def tgmm(lhs: jax.Array, grad: jax.Array, group_sizes: jax.Array, *, tiling=None
     return out.astype(preferred_element_type or lhs.dtype)
 
 
-# ---------------------------------------------------------------- capacity dispatch / combine (kernels/dispatch.py)
+# ------------------------------------------- capacity dispatch / combine (kernels/capacity_pallas_mosaic.py)
 # One-hot matrices over all rows (R or S times the work): every entry outside [0, R) has an all-zero one-hot row,
 # which is the kernels' "out of range contributes nothing" rule.
 

@@ -14,16 +14,10 @@ import dataclasses
 import math
 from typing import Any, Literal, Mapping
 
+from moejax.routing import plugin as _plugin
+from moejax.routing.config import ROUTER_LOGITS, RouterConfig
+
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "swish", "tanh", "sigmoid", "identity")
-RouterKind = Literal["topk", "expert_choice", "top_p", "hash", "random", "sinkhorn", "base", "sparse_ot", "threshold"]
-ROUTER_KINDS = ("topk", "expert_choice", "top_p", "hash", "random", "sinkhorn", "base", "sparse_ot", "threshold")
-TOKEN_CHOICE_KINDS = ("topk", "top_p", "hash", "random", "sinkhorn", "base", "sparse_ot", "threshold")
-# Kinds that choose experts from a balanced plan over the whole routed group (moejax/routing/balanced.py).
-BALANCED_KINDS = ("sinkhorn", "base", "sparse_ot")
-ROUTER_LOGITS = ("linear", "attention")
-THRESHOLD_MODES = ("probability", "percentile")
-ScoreFn = Literal["softmax", "sigmoid"]
-GroupScore = Literal["max", "top2_sum"]
 DispatchMode = Literal["capacity", "dropless"]
 CapacityImpl = Literal["einsum", "index", "pallas", "pallas_triton"]
 Priority = Literal["position", "score"]
@@ -49,174 +43,6 @@ def _check_capacity_factor(field: str, value: Any) -> None:
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         _fail(field, value, "must be a finite number > 0, or None for no capacity limit")
-
-
-@dataclasses.dataclass(frozen=True)
-class RouterConfig:
-    """How tokens choose experts (or experts choose tokens).
-
-    Attributes:
-      kind: ``topk`` (token choice), ``expert_choice`` (each expert takes its top-C tokens), ``top_p``
-        (dynamic top-p), ``hash`` (fixed token-id hash) or ``random`` (a uniformly random expert per
-        token, in training and inference: THOR's stochastic experts), ``sinkhorn`` (S-BASE: top-k of a
-        Sinkhorn-balanced plan), ``base`` (BASE layers: balanced linear assignment, exactly ``T/E`` tokens
-        per expert, ``k=1``), ``sparse_ot`` (capacity-bounded OT, at most ``C`` tokens per expert) or
-        ``threshold`` (DynaMoE: every expert whose score reaches a threshold, 1 to ``k`` per token);
-        see docs/routing_mechanisms.md.
-      k: experts per token for ``topk``, ``hash`` and ``random``, the maximum for ``top_p``; for
-        ``expert_choice`` the average number of experts per token (the paper's ``c``), so that ``C = ceil(capacity_factor * T * k / E)`` holds for both.
-      score: ``softmax`` over all experts, or per-expert ``sigmoid`` (DeepSeek-V3).
-      renormalize: renormalise the selected weights to sum to one (Mixtral/Qwen) or keep the raw
-        scores (Switch/GShard).
-      routed_scaling: multiplies the combine weights (DeepSeek-V3's routed scaling factor).
-      jitter_noise: multiplicative uniform noise ``U(1-eps, 1+eps)`` on the router input in training
-        (Switch Transformer); 0 disables it.
-      selection_bias: keep a per-expert bias (collection ``moe_state``) that is added to the scores
-        for selection only, never to the weights (DeepSeek-V3 auxiliary-loss-free balancing).
-      bias_update_rate: the bias update speed ``gamma``: in training, when ``moe_state`` is mutable, the
-        router applies ``b_e += gamma * sign(mean load - load_e)`` after routing each batch.
-      num_groups, top_groups, group_score: group-limited routing; experts are split into
-        ``num_groups`` equal groups, each group is scored by the ``max`` of its scores or the sum of
-        its top two (``top2_sum``), and only the ``top_groups`` best groups may be chosen.
-      top_p: for ``kind='top_p'`` (Huang et al. 2024, dynamic routing): each token takes the smallest
-        set of experts, by descending probability, whose cumulative probability reaches ``top_p``, at
-        most ``k`` of them. Required for that kind, in ``(0, 1]``.
-      seed: seed of the fixed hash of ``kind='hash'`` (Roller et al. 2021) and of the random draw of
-        ``kind='random'`` when no ``'jitter'`` RNG is given (e.g. evaluation).
-      gumbel_noise: scale of Gumbel noise added to the logits *for selection only* in training
-        (Gumbel-top-k: sampling experts without replacement from the router distribution); 0 disables.
-      gate_dropout: in training, each chosen (token, expert) gate is dropped with this probability and
-        the kept ones are scaled by ``1 / (1 - rate)`` (SiRA's expert dropout); 0 disables.
-      frozen: the router kernel is randomly initialised and never trained (SMoE-Dropout): it lives in
-        ``moe_state/router/kernel`` instead of ``params``, so neither gradients nor weight decay touch it.
-      gating_residual: add the previous layer's router logits to this layer's (MoE++); the layer takes
-        them as ``router_logits`` and returns its own when called with ``return_logits=True``.
-      logits: how the router scores experts: ``linear`` (``x W``) or ``attention`` (Yuan 2.0-M32's attention
-        router: per-expert query/key/value scalars, ``softmax(q k^T) v``); any routing kind with a learned
-        router composes with either.
-      balance_iterations: Sinkhorn iterations of ``sinkhorn`` and ``sparse_ot``.
-      balance_temperature: the plan is computed on ``exp(logits / temperature)`` (``sinkhorn``,
-        ``sparse_ot``); lower is closer to the unregularised assignment.
-      balance_in_eval: use the balanced plan in evaluation too. Default False: in evaluation the balanced
-        kinds route greedily (top-k of the ordinary scores), as BASE does at inference, so that a token's
-        experts do not depend on the rest of its batch.
-      threshold, threshold_mode: for ``kind='threshold'`` (required there): ``probability`` — experts with
-        score ``>= threshold`` (in ``(0, 1]``) are active; ``percentile`` — the threshold is the
-        ``threshold``-th percentile (in ``(0, 100)``) of the group's scores.
-    """
-
-    kind: RouterKind = "topk"
-    k: int = 2
-    score: ScoreFn = "softmax"
-    renormalize: bool = False
-    routed_scaling: float = 1.0
-    jitter_noise: float = 0.0
-    selection_bias: bool = False
-    bias_update_rate: float = 0.001
-    num_groups: int = 1
-    top_groups: int | None = None
-    group_score: GroupScore = "max"
-    top_p: float | None = None
-    seed: int = 0
-    gumbel_noise: float = 0.0
-    gate_dropout: float = 0.0
-    frozen: bool = False
-    gating_residual: bool = False
-    logits: str = "linear"
-    balance_iterations: int = 20
-    balance_temperature: float = 1.0
-    balance_in_eval: bool = False
-    threshold: float | None = None
-    threshold_mode: str = "probability"
-
-    def __post_init__(self) -> None:
-        _check_choice("router.kind", self.kind, ROUTER_KINDS)
-        _check_positive_int("router.k", self.k)
-        _check_choice("router.score", self.score, ("softmax", "sigmoid"))
-        if not isinstance(self.renormalize, bool):
-            _fail("router.renormalize", self.renormalize, "must be a bool")
-        if not math.isfinite(self.routed_scaling) or self.routed_scaling <= 0:
-            _fail("router.routed_scaling", self.routed_scaling, "must be a finite number > 0")
-        if not 0.0 <= self.jitter_noise < 1.0:
-            _fail("router.jitter_noise", self.jitter_noise, "must be in [0, 1)")
-        if not math.isfinite(self.bias_update_rate) or self.bias_update_rate < 0:
-            _fail("router.bias_update_rate", self.bias_update_rate, "must be a finite number >= 0")
-        _check_positive_int("router.num_groups", self.num_groups)
-        if self.top_groups is not None:
-            _check_positive_int("router.top_groups", self.top_groups)
-            if self.top_groups > self.num_groups:
-                _fail("router.top_groups", self.top_groups, f"must be <= router.num_groups={self.num_groups}")
-        _check_choice("router.group_score", self.group_score, ("max", "top2_sum"))
-        if self.kind == "expert_choice":
-            if self.num_groups != 1 or self.top_groups is not None:
-                _fail("router.num_groups", self.num_groups, "group-limited routing applies to kind='topk' only")
-            if self.selection_bias:
-                _fail("router.selection_bias", self.selection_bias, "applies to kind='topk' only")
-        self._check_mechanisms()
-        self._check_balanced_and_threshold()
-
-    def _check_mechanisms(self) -> None:
-        """The fields of the routing mechanisms beyond plain top-k (docs/routing_mechanisms.md)."""
-        if self.kind in ("top_p", "hash", "random") + BALANCED_KINDS + ("threshold",):
-            if self.num_groups != 1 or self.top_groups is not None:
-                _fail("router.num_groups", self.num_groups, "group-limited routing applies to kind='topk' only")
-            if self.selection_bias:
-                _fail("router.selection_bias", self.selection_bias, "applies to kind='topk' only")
-        if self.kind == "top_p":
-            if self.top_p is None:
-                _fail("router.top_p", self.top_p, "required for router.kind='top_p'")
-            if self.score != "softmax":
-                _fail("router.score", self.score, "kind='top_p' needs 'softmax' probabilities")
-        if self.top_p is not None:
-            if self.kind != "top_p":
-                _fail("router.top_p", self.top_p, "applies to kind='top_p' only")
-            if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)) \
-                    or not 0.0 < self.top_p <= 1.0:
-                _fail("router.top_p", self.top_p, "must be in (0, 1]")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            _fail("router.seed", self.seed, "must be an integer >= 0")
-        if not isinstance(self.gumbel_noise, (int, float)) or not math.isfinite(self.gumbel_noise) \
-                or self.gumbel_noise < 0:
-            _fail("router.gumbel_noise", self.gumbel_noise, "must be a finite number >= 0")
-        if self.gumbel_noise > 0 and self.kind not in ("topk", "top_p"):
-            _fail("router.gumbel_noise", self.gumbel_noise, "applies to kind='topk' or 'top_p' only")
-        if not isinstance(self.gate_dropout, (int, float)) or not 0.0 <= self.gate_dropout < 1.0:
-            _fail("router.gate_dropout", self.gate_dropout, "must be in [0, 1)")
-        if self.gate_dropout > 0 and self.kind == "expert_choice":
-            _fail("router.gate_dropout", self.gate_dropout, "applies to token-choice kinds only")
-        for name in ("frozen", "gating_residual"):
-            if not isinstance(getattr(self, name), bool):
-                _fail(f"router.{name}", getattr(self, name), "must be a bool")
-        if self.kind in ("hash", "random") and (self.frozen or self.gating_residual):
-            name = "frozen" if self.frozen else "gating_residual"
-            _fail(f"router.{name}", True, f"kind={self.kind!r} has no learned router")
-
-    def _check_balanced_and_threshold(self) -> None:
-        """Fields of the balanced routers, the attention router and threshold routing."""
-        _check_choice("router.logits", self.logits, ROUTER_LOGITS)
-        if self.logits != "linear" and self.kind in ("hash", "random"):
-            _fail("router.logits", self.logits, f"kind={self.kind!r} has no learned router")
-        _check_positive_int("router.balance_iterations", self.balance_iterations)
-        t = self.balance_temperature
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
-            _fail("router.balance_temperature", t, "must be a finite number > 0")
-        if not isinstance(self.balance_in_eval, bool):
-            _fail("router.balance_in_eval", self.balance_in_eval, "must be a bool")
-        if self.kind == "base" and self.k != 1:
-            _fail("router.k", self.k, "kind='base' assigns exactly one expert per token (k=1)")
-        _check_choice("router.threshold_mode", self.threshold_mode, THRESHOLD_MODES)
-        if self.kind == "threshold" and self.threshold is None:
-            _fail("router.threshold", self.threshold, "required for router.kind='threshold'")
-        if self.threshold is not None:
-            if self.kind != "threshold":
-                _fail("router.threshold", self.threshold, "applies to kind='threshold' only")
-            th = self.threshold
-            if isinstance(th, bool) or not isinstance(th, (int, float)) or not math.isfinite(th):
-                _fail("router.threshold", th, "must be a number")
-            if self.threshold_mode == "probability" and not 0.0 < th <= 1.0:
-                _fail("router.threshold", th, "must be in (0, 1] for threshold_mode='probability'")
-            if self.threshold_mode == "percentile" and not 0.0 < th < 100.0:
-                _fail("router.threshold", th, "must be in (0, 100) for threshold_mode='percentile'")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,6 +72,12 @@ class DispatchConfig:
         groups). Under expert parallelism each device holds whole groups, so ``G`` must be a multiple of the
         number of token shards; a single-device run with the same ``G`` computes exactly the same thing.
         Dropless dispatch drops nothing and ignores it.
+      group_size: capacity mode: routing groups given by their size instead (``G = T / group_size``), e.g. the
+        sequence length for one group per sequence; exclusive with ``groups``. A count that happens to divide
+        ``T`` can silently build groups that straddle sequences; a size cannot.
+      expert_capacity: an absolute expert capacity ``C`` (per routing group), used in training and evaluation
+        instead of the capacity factors (which must then be left at their defaults or None); clipped to the
+        tokens of a group.
     """
 
     mode: DispatchMode = "dropless"
@@ -257,6 +89,8 @@ class DispatchConfig:
     gmm: str = "auto"
     gmm_tile: int = 64
     groups: int = 1
+    group_size: int | None = None
+    expert_capacity: int | None = None
 
     def __post_init__(self) -> None:
         _check_choice("dispatch.mode", self.mode, ("capacity", "dropless"))
@@ -269,6 +103,32 @@ class DispatchConfig:
             _fail("dispatch.gmm", self.gmm, "must be a non-empty string")
         _check_positive_int("dispatch.gmm_tile", self.gmm_tile)
         _check_positive_int("dispatch.groups", self.groups)
+        if self.group_size is not None:
+            _check_positive_int("dispatch.group_size", self.group_size)
+            if self.groups != 1:
+                _fail("dispatch.group_size", self.group_size, f"give routing groups by count (dispatch.groups="
+                                                              f"{self.groups}) or by size, not both")
+        if self.expert_capacity is not None:
+            _check_positive_int("dispatch.expert_capacity", self.expert_capacity)
+            for name, default in (("capacity_factor", 1.25), ("eval_capacity_factor", 2.0)):
+                value = getattr(self, name)
+                if value is not None and value != default:
+                    _fail(f"dispatch.{name}", value, f"dispatch.expert_capacity={self.expert_capacity} sets C; "
+                                                     f"leave the capacity factors at their defaults or None")
+
+    def num_groups(self, num_tokens: int, shape: tuple[int, ...] | None = None) -> int:
+        """``G`` for ``num_tokens`` routed tokens (1 in dropless mode); a one-line error when it does not divide them."""
+        if self.mode != "capacity":
+            return 1
+        if self.group_size is not None:
+            if num_tokens % self.group_size:
+                raise ValueError(f"dispatch.group_size={self.group_size}: must divide the {num_tokens} tokens routed "
+                                 f"together (x shape {shape})")
+            return num_tokens // self.group_size
+        if num_tokens % self.groups:
+            raise ValueError(f"dispatch.groups={self.groups}: must divide the {num_tokens} tokens routed together "
+                             f"(x shape {shape})")
+        return self.groups
 
 
 LayerKind = Literal["sparse", "soft", "smear", "chain"]
@@ -356,22 +216,12 @@ class MoEConfig:
         self._check_layer()
         if self.layer in ("soft", "smear"):
             return  # their own soft routers: router.k, expert groups and capacities do not apply
-        e, r = self.num_routed, self.router
+        e = self.num_routed
         routed = "num_experts" if e == self.num_experts else "num_routed (FFN + zero-computation experts)"
-        if r.kind in TOKEN_CHOICE_KINDS and r.k > e:
-            _fail("router.k", r.k, f"must be <= {routed}={e}")
-        if e % r.num_groups:
-            _fail("router.num_groups", r.num_groups, f"must divide {routed}={e}")
-        if r.top_groups is not None and r.k > r.top_groups * (e // r.num_groups):
-            _fail("router.k", r.k, f"must be <= router.top_groups * experts per group = "
-                                   f"{r.top_groups * (e // r.num_groups)}")
-        if r.group_score == "top2_sum" and r.num_groups > 1 and e // r.num_groups < 2:
-            _fail("router.group_score", r.group_score, "top2_sum needs at least 2 experts per group")
-        if r.kind == "sparse_ot":   # the capped plan needs E * C >= T * k, i.e. a capacity factor >= 1
-            for name in ("capacity_factor",) + (("eval_capacity_factor",) if r.balance_in_eval else ()):
-                cf = getattr(self.dispatch, name)
-                if cf is not None and cf < 1:
-                    _fail(f"dispatch.{name}", cf, "router.kind='sparse_ot' needs a capacity factor >= 1 (or None)")
+        layer = _plugin.LayerFacts(num_routed=e, routed_name=routed, k=self.router.k,
+                                   capacity_factors=(self.dispatch.capacity_factor, self.dispatch.eval_capacity_factor))
+        for part in (self.router.options, *self.router.transforms):
+            part.check_layer(layer)
 
     def _check_layer(self) -> None:
         """The layer kind, its sub-fields and the MoE++ zero-computation experts."""
@@ -396,11 +246,14 @@ class MoEConfig:
         if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not math.isfinite(tau) or tau < 0:
             _fail("zero_computation_tau", tau, "must be a finite number >= 0")
         if self.layer in ("soft", "smear"):
-            default = RouterConfig()
-            for name in ("kind", "gating_residual", "selection_bias", "frozen"):
-                if getattr(self.router, name) != getattr(default, name):
-                    _fail(f"router.{name}", getattr(self.router, name),
-                          f"layer={self.layer!r} has its own soft router; leave router.{name} at its default")
+            if self.router.kind != "topk":
+                _fail("router.kind", self.router.kind, f"layer={self.layer!r} has its own soft router; "
+                                                       f"leave router.kind at its default")
+            if self.router.transforms:
+                t = self.router.transforms[0]
+                name = _plugin.field_names(type(t))[0]
+                _fail(f"router.{name}", getattr(t, name), f"layer={self.layer!r} has its own soft router; "
+                                                          f"router transforms do not apply")
             if self.num_shared_experts:
                 _fail("num_shared_experts", self.num_shared_experts, "applies to layer='sparse' or 'chain' only")
         zc = self.num_zero_computation
@@ -409,7 +262,7 @@ class MoEConfig:
             if self.layer not in ("sparse", "chain"):
                 _fail(name, getattr(self, name), f"zero-computation experts need layer='sparse' or 'chain', "
                                                  f"not {self.layer!r}")
-            if self.router.kind not in TOKEN_CHOICE_KINDS:
+            if _plugin.TOKEN_CHOICE not in self.router.options.offers:
                 _fail(name, getattr(self, name), f"zero-computation experts need a token-choice router, "
                                                  f"not router.kind={self.router.kind!r}")
         elif self.zero_computation_tau != 1.0:
@@ -443,11 +296,14 @@ class MoEConfig:
         return self.num_shared_experts * (self.shared_hidden_dim or self.hidden_dim)
 
     def capacity(self, num_tokens: int, train: bool) -> int:
-        """Expert capacity ``C`` for ``num_tokens`` tokens: ``ceil(cf * T * K / E)``, in ``[min_capacity, T]``.
+        """Expert capacity ``C`` for ``num_tokens`` tokens: ``ceil(cf * T * K / E)`` (or ``dispatch.expert_capacity``),
+        in ``[min_capacity, T]``.
 
         With zero-computation experts ``E`` is ``num_routed``: balanced routing over all router outputs sends
         ``T * K / num_routed`` copies to each FFN expert.
         """
+        if self.dispatch.expert_capacity is not None:
+            return int(min(max(self.dispatch.expert_capacity, self.dispatch.min_capacity), num_tokens))
         cf = self.dispatch.capacity_factor if train else self.dispatch.eval_capacity_factor
         if cf is None:
             return num_tokens
@@ -460,13 +316,24 @@ class MoEConfig:
         if not hasattr(d, "items"):
             _fail("MoEConfig", d, "must be a mapping of MoEConfig fields")
         kwargs = _typed_kwargs(cls, dict(d.items()), prefix="")
-        for name, sub in (("router", RouterConfig), ("dispatch", DispatchConfig)):
-            if name not in kwargs or isinstance(kwargs[name], sub):
-                continue
-            if not hasattr(kwargs[name], "items"):
-                _fail(name, kwargs[name], f"must be a {sub.__name__} or a mapping of its fields")
-            kwargs[name] = sub(**_typed_kwargs(sub, dict(kwargs[name].items()), f"{name}."))
+        router = kwargs.get("router")
+        if router is not None and not isinstance(router, RouterConfig) or "router" in kwargs and router is None:
+            if not hasattr(router, "items"):
+                _fail("router", router, "must be a RouterConfig or a mapping of its fields")
+            kwargs["router"] = RouterConfig.from_dict(router)
+        if "dispatch" in kwargs and not isinstance(kwargs["dispatch"], DispatchConfig):
+            if not hasattr(kwargs["dispatch"], "items"):
+                _fail("dispatch", kwargs["dispatch"], "must be a DispatchConfig or a mapping of its fields")
+            kwargs["dispatch"] = DispatchConfig(**_typed_kwargs(DispatchConfig, dict(kwargs["dispatch"].items()),
+                                                                "dispatch."))
         return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested fields (router flat, see :meth:`RouterConfig.to_dict`); ``from_dict`` rebuilds the config."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["router"] = self.router.to_dict()
+        d["dispatch"] = dataclasses.asdict(self.dispatch)
+        return d
 
 
 def _typed_kwargs(cls: type, d: Mapping[str, Any], prefix: str) -> dict[str, Any]:

@@ -22,7 +22,8 @@ def main() -> None:
     x = jax.random.normal(jax.random.key(0), (4, 64, 32))            # [B, L, D]
     layer = MoELayer(cfg)
     variables = nn.unbox(layer.init(jax.random.key(1), x))
-    y, stats = jax.jit(lambda v, x: layer.apply(v, x, deterministic=False))(variables, x)
+    out = jax.jit(lambda v, x: layer.apply(v, x, deterministic=False))(variables, x)
+    y, stats = out.y, out.stats
     print("output", y.shape, y.dtype)
     print(f"capacity C={int(stats.capacity)}  dropped={float(stats.dropped_fraction):.3f}  "
           f"experts/token={float(stats.experts_per_token):.2f}")

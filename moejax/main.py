@@ -1,6 +1,7 @@
 """Entry point: ``python -m moejax.main --config=configs/quickstart.py --workdir=/tmp/run``.
 
-Any config field can be overridden on the command line (``--config.model.num_experts=16``); a config file
+Any config field can be overridden on the command line (``--config.model.num_experts=16``), also one the
+config file does not write out (``--config.model.moe.router.kind=sinkhorn``; :mod:`moejax.cli`); a config file
 may take an argument after a colon (``--config=experiments/x/config.py:tiny``). A run resumes from the
 newest good checkpoint in ``workdir``; SIGTERM saves a checkpoint and exits with status 143.
 """
@@ -12,10 +13,13 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from moejax import cli
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file with get_config().",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the config used.")
 flags.mark_flags_as_required(["config", "workdir"])
+_OVERRIDES: list[tuple[str, str]] = []      # the --config.<path>=<value> arguments, applied by main()
 
 
 def summary_lines(result: dict) -> list[str]:
@@ -31,7 +35,13 @@ def main(argv: list[str]) -> None:
     del argv
     logging.getLogger("moejax").setLevel(logging.INFO)
     from moejax.training import train_and_evaluate
-    result = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    config = _CONFIG.value
+    try:
+        cli.apply_overrides(config, _OVERRIDES)
+    except ValueError as e:
+        print(f"error: --config.{e}", file=sys.stderr)
+        sys.exit(2)
+    result = train_and_evaluate(config, _WORKDIR.value)
     if result["preempted"]:
         print(f"preempted at step {result['step']}: checkpoint saved in {_WORKDIR.value}")
         sys.exit(143)
@@ -39,5 +49,17 @@ def main(argv: list[str]) -> None:
         print(line)
 
 
+def run(argv: list[str] | None = None) -> None:
+    """Parses ``argv`` (default ``sys.argv``), taking the config overrides out first, and runs :func:`main`."""
+    try:
+        rest, overrides = cli.split_overrides(sys.argv if argv is None else argv)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    _OVERRIDES[:] = overrides
+    sys.argv = rest          # config_flags reads sys.argv itself for --config.* overrides of written fields
+    app.run(main, argv=rest)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    run()

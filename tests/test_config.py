@@ -58,6 +58,16 @@ CASES = [
     (lambda: MoEConfig.from_dict({"router": {"kk": 2}}), "router.kk: unknown field"),
     (lambda: MoEConfig.from_dict({"router": None}), "router=None"),
     (lambda: MoEConfig.from_dict({"dispatch": 3}), "dispatch=3"),
+    (lambda: DispatchConfig(expert_capacity=0), "dispatch.expert_capacity=0"),
+    (lambda: DispatchConfig(expert_capacity=8, capacity_factor=2.0), "dispatch.capacity_factor=2.0"),
+    (lambda: DispatchConfig(group_size=0), "dispatch.group_size=0"),
+    (lambda: DispatchConfig(group_size=16, groups=2), "dispatch.group_size=16"),
+    (lambda: RouterConfig(kind="hash", score="softmax"), "router.score='softmax': not a field of router.kind='hash'"),
+    (lambda: RouterConfig(kind="expert_choice", renormalize=True), "router.renormalize=True: not a field"),
+    (lambda: RouterConfig(kind="sinkhorn", gumbel_noise=0.5), "router.gumbel_noise=0.5: transform 'gumbel'"),
+    (lambda: RouterConfig(renormalise=True), "router.renormalise: unknown field of router.kind='topk'"),
+    (lambda: RouterConfig(transforms=("jitters",)), "router.transforms='jitters': unknown transform"),
+    (lambda: MoEConfig(layer="soft", router=RouterConfig(jitter_noise=0.1)), "router.jitter_noise=0.1"),
 ]
 
 
@@ -97,6 +107,34 @@ def test_from_config_dict():
 def test_capacity_formula(cf, tokens, expected):
     cfg = MoEConfig(num_experts=8, router=RouterConfig(k=2), dispatch=DispatchConfig(capacity_factor=cf))
     assert cfg.capacity(tokens, train=True) == expected
+
+
+def test_absolute_expert_capacity_replaces_the_factors():
+    cfg = MoEConfig(num_experts=8, router=RouterConfig(k=2), dispatch=DispatchConfig(expert_capacity=5))
+    assert cfg.capacity(64, train=True) == cfg.capacity(64, train=False) == 5
+    assert cfg.capacity(3, train=True) == 3                                        # at most the tokens of a group
+
+
+def test_routing_groups_by_count_or_by_size():
+    by_size = DispatchConfig(mode="capacity", group_size=16)
+    assert by_size.num_groups(64) == 4 and DispatchConfig(mode="capacity", groups=4).num_groups(64) == 4
+    assert DispatchConfig(mode="dropless", group_size=16).num_groups(64) == 1      # dropless: no groups
+    with pytest.raises(ValueError, match=r"^dispatch\.group_size=16: must divide the 40 tokens"):
+        by_size.num_groups(40)
+
+
+def test_router_config_round_trips_through_flat_and_nested_mappings():
+    cfg = RouterConfig(kind="topk", k=3, renormalize=True, num_groups=4, top_groups=2, selection_bias=True,
+                       gate_dropout=0.1, transforms=("group_limit",))
+    assert [t.name for t in cfg.transforms] == ["group_limit", "selection_bias", "gate_dropout"]
+    assert RouterConfig(**cfg.to_dict()) == cfg
+    assert RouterConfig.from_dict(dataclasses.asdict(cfg)) == cfg
+    assert dataclasses.replace(cfg, k=2).k == 2 and dataclasses.replace(cfg, gate_dropout=0.0).gate_dropout == 0.0
+    assert "gate_dropout" not in [t.name for t in dataclasses.replace(cfg, gate_dropout=0.0).transforms]
+    assert cfg.replace(kind="sinkhorn", num_groups=1, top_groups=None, selection_bias=False).options.name == "sinkhorn"
+    assert cfg.jitter_noise == 0.0 and cfg.score == "softmax"                      # absent transform: its default
+    with pytest.raises(AttributeError):
+        cfg.balance_iterations                                                     # a field of another kind
 
 
 def test_eval_capacity_factor_used_in_eval():

@@ -1,15 +1,17 @@
-"""Capacity and dropless dispatch: hand-computed cases, invariants (hypothesis) and the grouped matmuls."""
+"""Capacity and dropless dispatch: hand-computed cases and invariants (hypothesis).
+
+The grouped matmuls of dropless dispatch are tested per backend in tests/test_gmm_backends.py.
+"""
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
-from hypothesis import example, given
+from hypothesis import given
 from hypothesis import strategies as st
 
 from moejax import reference
-from moejax.dispatch import capacity, dropless, get_gmm, gmm, padded_gmm
+from moejax.dispatch import capacity, dropless
 from moejax.routing import finish_token_choice, top_k_routing
 
 
@@ -153,142 +155,3 @@ def test_dropless_plan_groups_every_valid_copy_once(case):
         np.testing.assert_array_equal(np.sort(rows), np.sort(np.nonzero(((idx == e) & valid).any(-1))[0]))
     np.testing.assert_array_equal(np.asarray(plan.row_weight)[n_valid:], 0.0)
     np.testing.assert_allclose(out[:, 0], np.asarray(r.weight).sum(-1) * (np.arange(r.num_tokens) + 1), rtol=1e-5)
-
-
-# ---------------------------------------------------------------- grouped matmul
-
-GMMS = ["blocked", "bulk", "padded", "pallas", "pallas_triton", "ragged_dot", "reference"]
-
-
-GMM_ROWS = 48
-
-
-@st.composite
-def gmm_cases(draw):
-    e = draw(st.sampled_from([1, 4, 6]))
-    sizes = draw(st.lists(st.sampled_from([0, 0, 1, 3, 7, 8]), min_size=e, max_size=e))
-    k = draw(st.sampled_from([5, 8]))
-    tile = draw(st.sampled_from([4, 16, 128]))
-    return sizes, k, tile, draw(st.integers(0, 2**16))
-
-
-@functools.lru_cache(maxsize=None)
-def _gmm_value_and_grads(name, tile):
-    fn = get_gmm(name, tile=tile)
-
-    def run(f, lhs, rhs, gs, cot):
-        out = f(lhs, rhs, gs)
-        grads = jax.grad(lambda a, b: jnp.sum(f(a, b, gs) * cot), argnums=(0, 1))(lhs, rhs)
-        return out, grads
-
-    return jax.jit(functools.partial(run, fn)), jax.jit(functools.partial(run, reference.gmm))
-
-
-@given(gmm_cases(), st.sampled_from(GMMS))
-@example(([3, 0, 8, 7], 5, 16, 1), "pallas_triton")    # the derandomized draws miss it: empty and straddling groups
-def test_gmm_matches_reference_values_and_gradients(case, name):
-    sizes, k, tile, seed = case
-    rng = np.random.default_rng(seed)
-    m, n = GMM_ROWS, 3                               # rows past the last group stay unassigned
-    lhs = jnp.asarray(rng.normal(size=(m, k)), jnp.float32)
-    rhs = jnp.asarray(rng.normal(size=(len(sizes), k, n)), jnp.float32)
-    cot = jnp.asarray(rng.normal(size=(m, n)), jnp.float32)
-    gs = jnp.asarray(sizes, jnp.int32)
-    fast, slow = _gmm_value_and_grads(name, tile)
-    out, g = fast(lhs, rhs, gs, cot)
-    want, g_ref = slow(lhs, rhs, gs, cot)
-    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(np.asarray(out)[sum(sizes):], 0.0)
-    np.testing.assert_allclose(g[0], g_ref[0], rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(g[1], g_ref[1], rtol=1e-5, atol=1e-5)
-    for e, s in enumerate(sizes):
-        if s == 0:
-            np.testing.assert_array_equal(g[1][e], 0.0)   # empty group: weight gradient exactly zero
-
-
-@pytest.mark.parametrize("name", GMMS)
-@pytest.mark.parametrize("m", [1, 13])
-def test_gmm_odd_row_counts(name, m):
-    lhs = jnp.arange(m * 3, dtype=jnp.float32).reshape(m, 3)
-    rhs = jnp.stack([jnp.eye(3), 2 * jnp.eye(3)])
-    gs = jnp.array([m // 2, m - m // 2], jnp.int32)
-    np.testing.assert_allclose(get_gmm(name, tile=4)(lhs, rhs, gs), reference.gmm(lhs, rhs, gs), rtol=1e-6)
-
-
-@functools.lru_cache(maxsize=None)
-def _padded_value_and_grads(bulk, tile):
-    def run(f, lhs, rhs, gs, cot):
-        return f(lhs, rhs, gs), jax.grad(lambda a, b: jnp.sum(f(a, b, gs) * cot), argnums=(0, 1))(lhs, rhs)
-
-    fast = functools.partial(padded_gmm.gmm_padded, tile=tile, bulk=bulk)
-    return jax.jit(functools.partial(run, fast)), jax.jit(functools.partial(run, reference.gmm))
-
-
-_jit_layout = jax.jit(padded_gmm.layout, static_argnums=(1, 2, 3))
-
-
-@given(st.lists(st.sampled_from([0, 0, 1, 2, 5, 9, 17]), min_size=4, max_size=4), st.sampled_from([0, 1, 3, 8]),
-       st.sampled_from([1, 4]))
-def test_padded_gmm_bulk_and_overflow_match_reference(sizes, bulk, tile):
-    # The bulk slabs (first `bulk` rows of each group) and the tiled overflow split every group at `bulk`;
-    # sizes straddle it (empty groups, groups inside the slab, hot groups far past it).
-    rng = np.random.default_rng(sum(sizes) + bulk)
-    m = 70                                            # >= 4 * 17: rows past the last group stay unassigned
-    lhs = jnp.asarray(rng.normal(size=(m, 3)), jnp.float32)
-    rhs = jnp.asarray(rng.normal(size=(len(sizes), 3, 2)), jnp.float32)
-    cot = jnp.asarray(rng.normal(size=(m, 2)), jnp.float32)
-    gs = jnp.asarray(sizes, jnp.int32)
-    fast, slow = _padded_value_and_grads(bulk, tile)
-    out, g = fast(lhs, rhs, gs, cot)
-    want, g_ref = slow(lhs, rhs, gs, cot)
-    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
-    for a, b in zip(g, g_ref):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-    lay = _jit_layout(gs, m, tile, bulk)             # every row lands in exactly one padded row, in the counted work
-    src = np.asarray(lay.src)
-    np.testing.assert_array_equal(np.sort(src[src < m]), np.arange(sum(sizes)))
-    assert padded_gmm.padded_rows(sizes, tile, bulk) == len(sizes) * bulk + int(lay.num_blocks) * tile
-
-
-def test_blocked_gmm_work_is_not_e_times():
-    # Work items are bounded by ceil(M / tile) + E - 1, whatever the group sizes.
-    gs = jnp.array([0, 5, 0, 0, 30, 1, 0, 28], jnp.int32)
-    tile_of, group_of, active = gmm._work_items(gs, num_tiles=4, tile=16)
-    assert tile_of.shape == (4 + 8 - 1,)
-    pairs = {(int(t), int(g)) for t, g, a in zip(tile_of, group_of, active) if a}
-    needed = {(r // 16, e) for e, (s, n) in enumerate(zip(np.cumsum(gs) - gs, gs)) for r in range(s, s + n)}
-    assert needed <= pairs
-
-
-def test_blocked_gmm_in_bfloat16_accumulates_in_float32():
-    lhs = jnp.ones((64, 256), jnp.bfloat16) * 0.01
-    rhs = jnp.ones((2, 256, 4), jnp.bfloat16)
-    out = gmm.gmm_blocked(lhs, rhs, jnp.array([32, 32], jnp.int32), tile=16)
-    assert out.dtype == jnp.bfloat16
-    np.testing.assert_allclose(np.asarray(out, np.float32), 2.56, rtol=1e-2)
-
-
-def test_gmm_rejects_mismatched_shapes():
-    with pytest.raises(ValueError, match="K=3"):
-        gmm.gmm_blocked(jnp.ones((4, 2)), jnp.ones((1, 3, 2)), jnp.array([4]))
-
-
-def test_auto_resolves_per_backend_and_logs(caplog):
-    assert gmm.resolve_name("auto", "cpu") == "bulk"
-    assert gmm.resolve_name("auto", "gpu") == "ragged_dot"
-    with caplog.at_level("INFO", logger="moejax"):
-        get_gmm("auto")
-    assert "dispatch.gmm=auto -> bulk" in caplog.text
-
-
-def test_register_custom_gmm():
-    calls = []
-
-    def mine(lhs, rhs, gs):
-        calls.append(1)
-        return reference.gmm(lhs, rhs, gs)
-
-    gmm.register_gmm("test_mine", mine)
-    fn = get_gmm("test_mine")
-    fn(jnp.ones((2, 2)), jnp.ones((1, 2, 2)), jnp.array([2]))
-    assert calls and "test_mine" in gmm.available()

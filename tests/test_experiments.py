@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moejax.config import RouterConfig
+from moejax.config import MoEConfig, RouterConfig
+from moejax.routing import Router
 from moejax.models import model_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1] / "experiments"
@@ -89,13 +90,19 @@ def test_mutual_information_hand_computed():
 
 
 def test_redundancy_masking_skips_each_tokens_top_experts():
-    redundancy = _load("deepseekmoe", "redundancy")
+    redundancy = _load("deepseekmoe", "redundancy")        # registers the experiment's own router transform
     logits = jnp.log(jnp.asarray([[0.4, 0.3, 0.2, 0.1], [0.1, 0.2, 0.3, 0.4]]))
-    cfg = RouterConfig(k=2)
-    routing = redundancy.masked_routing(logits, 2, 1, cfg)
+    cfg = RouterConfig(k=2, masked_top_ratio=0.25)           # r = round(0.25 * 4) = 1 expert masked per token
+    assert isinstance(cfg.transforms[0], redundancy.MaskTopExperts)
+    routing = Router(4, cfg, kernel_init=lambda *a: jnp.eye(4)).apply(
+        {"params": {"kernel": jnp.eye(4)}}, logits)
     np.testing.assert_array_equal(np.sort(np.asarray(routing.expert_index), -1), [[1, 2], [1, 2]])
     # Weights stay the unmasked softmax scores of the chosen experts (not renormalised by this config).
     np.testing.assert_allclose(np.sort(np.asarray(routing.weight), -1), [[0.2, 0.3], [0.2, 0.3]], rtol=1e-5)
+    with pytest.raises(ValueError, match=r"^router\.masked_top_ratio=0\.75: masking 3 of 4 experts"):
+        MoEConfig(num_experts=4, router=RouterConfig(k=2, masked_top_ratio=0.75))
+    with pytest.raises(ValueError, match=r"^router\.masked_top_ratio=0\.25: transform 'mask_top_experts'"):
+        RouterConfig(kind="sinkhorn", masked_top_ratio=0.25)
 
 
 @pytest.mark.parametrize("experiment,shape", [("deep_moe", (24, 24, 1)), ("deepseekmoe", None)])

@@ -20,6 +20,7 @@ from jax.experimental.pallas import tpu as pltpu
 import test_parallel
 from moejax import MoELayer, kernels, parallel
 from moejax.dispatch import capacity
+from moejax.dispatch.backends import forget_logged
 from moejax.kernels import reference
 from moejax.parallel import MeshConfig, make_mesh
 from test_layer import init, make_config, values_and_grads
@@ -211,11 +212,12 @@ def test_layer_with_pallas_capacity_matches_reference(router, impl, caplog):
     x, params, state = init(base)                     # same parameters; keeps the (eager) init off the interpreter
     cfg = dataclasses.replace(base, dispatch=dataclasses.replace(base.dispatch, capacity_impl=impl))
     cot = jax.random.normal(jax.random.key(9), x.shape)
-    capacity._logged_pallas = capacity._logged_pallas_triton = False
+    forget_logged()
     with caplog.at_level("INFO", logger="moejax"):
         y, grads = values_and_grads(cfg, False, params, state, x, cot)
-    kernels_run = "Pallas interpreter (Triton kernels)" if impl == "pallas_triton" else "Pallas interpreter"
-    assert f"dispatch.capacity_impl={impl} -> {kernels_run} on backend cpu" in caplog.text
+    kernels_run = "pallas_triton (Triton" if impl == "pallas_triton" else "pallas_mosaic (Mosaic"
+    assert f"dispatch.capacity_impl={impl} -> {kernels_run} kernels in the Pallas interpreter) on backend cpu" \
+        in caplog.text
     y_ref, grads_ref = values_and_grads(cfg, True, params, state, x, cot)
     np.testing.assert_allclose(y, y_ref, rtol=2e-5, atol=2e-5)
     assert_trees_close(grads, grads_ref)

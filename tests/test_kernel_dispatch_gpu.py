@@ -1,6 +1,6 @@
-"""The Pallas Triton capacity dispatch/combine kernels (``moejax.kernels.dispatch_gpu``): interpret mode on CPU
-against ``moejax.kernels.reference`` (values and the gradients of x, y and weight), argument errors, and lowering
-for CUDA on CPU (the Triton custom call; nothing is compiled by Triton or run on a GPU).
+"""The Pallas Triton capacity dispatch/combine kernels (``moejax.kernels.capacity_pallas_triton``): interpret mode
+on CPU against ``moejax.kernels.reference`` (values and the gradients of x, y and weight), argument errors, and
+lowering for CUDA on CPU (the Triton custom call; nothing is compiled by Triton or run on a GPU).
 
 Interpret mode compiles slowly, so, as in ``tests/test_kernel_dispatch.py``, shapes come from a small fixed set and
 every checked function is jitted once per (shape, dtype): hypothesis examples change the plans and the data and
@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 import test_kernel_dispatch
 from moejax import MoELayer, kernels
 from moejax.dispatch import capacity
+from moejax.dispatch.backends import forget_logged
 from moejax.kernels import reference
 from test_kernel_dispatch import greedy_plan
 from test_kernel_lowering import lowered_kernels
@@ -166,13 +167,13 @@ def test_layer_with_capacity_impl_pallas_on_gpu_lowers_to_triton(router, monkeyp
     x = S(X_SHAPE, jnp.float32)
     params = nn.unbox(jax.eval_shape(MoELayer(cfg).init, jax.random.key(1), x))["params"]
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    monkeypatch.setattr(capacity, "_logged_pallas", False)
+    forget_logged()
 
     def loss(p, xx):
-        y, _ = MoELayer(cfg).apply({"params": p}, xx, deterministic=False)
+        y = MoELayer(cfg).apply({"params": p}, xx, deterministic=False).y
         return jnp.sum(y ** 2)
 
     with caplog.at_level("INFO", logger="moejax"):
         n = lowered_kernels(jax.grad(loss, argnums=(0, 1)), params, x, platform="cuda")
-    assert "dispatch.capacity_impl=pallas -> Triton kernels on backend gpu" in caplog.text
+    assert "dispatch.capacity_impl=pallas -> pallas_triton (Triton kernels) on backend gpu" in caplog.text
     assert n == 5

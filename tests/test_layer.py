@@ -1,4 +1,5 @@
 """The MoE layer against the oracle: every router x every dispatch mode, values and gradients (fp32)."""
+import dataclasses
 import functools
 
 import flax.linen as nn
@@ -92,7 +93,7 @@ def values_and_grads(cfg: MoEConfig, use_reference: bool, params, state, x, cot)
         if use_reference:
             y = reference_forward(cfg, p, state, xx, train=True)[0]
         else:
-            y = layer_forward(cfg, p, state, xx, train=True)[0]
+            y = layer_forward(cfg, p, state, xx, train=True).y
         return jnp.sum(y * cot), y
 
     (_, y), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, x)
@@ -123,7 +124,7 @@ def test_layer_with_an_interpreted_kernel_matches_reference(disp):
 def test_capacity_binds_and_stats_match_the_oracle(disp):
     cfg = make_config("gshard_top2", disp)
     x, params, state = init(cfg)
-    _, stats = layer_forward(cfg, params, state, x, train=True)
+    stats = layer_forward(cfg, params, state, x, train=True).stats
     _, routing = reference_forward(cfg, params, state, x, train=True)
     kept = reference.keep_mask(routing, cfg.capacity(24, True), cfg.dispatch.priority)
     assert 0 < float(stats.dropped_fraction) < 1
@@ -138,8 +139,8 @@ def test_eval_uses_eval_capacity_factor():
     cfg = MoEConfig(**{**cfg.__dict__, "dispatch": DispatchConfig(mode="capacity", capacity_factor=0.5,
                                                                   eval_capacity_factor=None)})
     x, params, state = init(cfg)
-    _, train_stats = layer_forward(cfg, params, state, x, train=True)
-    _, eval_stats = layer_forward(cfg, params, state, x, train=False)
+    train_stats = layer_forward(cfg, params, state, x, train=True).stats
+    eval_stats = layer_forward(cfg, params, state, x, train=False).stats
     assert float(train_stats.dropped_fraction) > 0 and float(eval_stats.dropped_fraction) == 0
 
 
@@ -150,7 +151,7 @@ def test_all_experts_without_capacity_limit_is_the_dense_mixture(disp):
     dispatch = DispatchConfig(**{**base.__dict__, "capacity_factor": None})
     cfg = MoEConfig(num_experts=E, hidden_dim=F, router=router, dispatch=dispatch)
     x, params, state = init(cfg)
-    y, _ = layer_forward(cfg, params, state, x, train=True)
+    y = layer_forward(cfg, params, state, x, train=True).y
     tokens = x.reshape(-1, D)
     probs = jax.nn.softmax(tokens @ params["router"]["kernel"], axis=-1)
     want = reference.dense_mixture(tokens, probs, params["experts"], kind="mlp", activation="gelu")
@@ -191,7 +192,8 @@ def test_fine_grained_experts_are_more_narrower_experts():
     x = jax.random.normal(jax.random.key(0), X_SHAPE)
     v = nn.unbox(MoELayer(cfg).init(jax.random.key(1), x))
     assert v["params"]["experts"]["w_in"].shape == (32, D, 2)
-    y, stats = MoELayer(cfg).apply(v, x)
+    out = MoELayer(cfg).apply(v, x)
+    y, stats = out.y, out.stats
     routing = Router(32, cfg.router).apply({"params": v["params"]["router"]}, x.reshape(-1, D))
     want = reference.moe(x.reshape(-1, D), routing, v["params"]["experts"], kind="mlp", activation="gelu")
     np.testing.assert_allclose(y.reshape(-1, D), want, rtol=2e-5, atol=2e-5)
@@ -214,7 +216,8 @@ def test_dense_layer_has_the_same_interface():
     assert dense.hidden_dim == 2 * F + F
     x = jax.random.normal(jax.random.key(0), X_SHAPE)
     v = nn.unbox(dense.init(jax.random.key(1), x))
-    y, stats = dense.apply(v, x, deterministic=False)
+    out = dense.apply(v, x, deterministic=False)
+    y, stats = out.y, out.stats
     want = reference.expert_forward(v["params"], x, kind="mlp", activation="gelu")
     np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-6)
     assert float(stats.dropped_fraction) == 0 and stats.expert_load.shape == (1,)
@@ -224,8 +227,8 @@ def test_bfloat16_layer_runs_and_is_close_to_float32():
     cfg32 = make_config("mixtral_renorm", "dropless_blocked")
     cfg16 = MoEConfig(**{**cfg32.__dict__, "dtype": "bfloat16"})
     x, params, state = init(cfg32)
-    y32, _ = layer_forward(cfg32, params, state, x, train=False)
-    y16, _ = layer_forward(cfg16, params, state, x.astype(jnp.bfloat16), train=False)
+    y32 = layer_forward(cfg32, params, state, x, train=False).y
+    y16 = layer_forward(cfg16, params, state, x.astype(jnp.bfloat16), train=False).y
     assert y16.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(y16, np.float32), y32, rtol=0.05, atol=0.05)
 
@@ -255,7 +258,7 @@ def eval_values_and_grads(cfg: MoEConfig, use_reference: bool, params, x, cot):
         if use_reference:
             y = reference_forward(cfg, p, {}, xx, train=False)[0]
         else:
-            y = layer_forward(cfg, p, {}, xx, train=False)[0]
+            y = layer_forward(cfg, p, {}, xx, train=False).y
         return jnp.sum(y * cot), y
 
     (_, y), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, x)
@@ -311,7 +314,7 @@ def test_stochastic_routing_in_training_matches_reference(router, disp):
     tokens_shape = (-1, D)
 
     def layer_loss(p, xx):
-        y = MoELayer(cfg).apply({"params": p}, xx, deterministic=False, rngs={"jitter": rng})[0]
+        y = MoELayer(cfg).apply({"params": p}, xx, deterministic=False, rngs={"jitter": rng}).y
         return jnp.sum(y * cot), y
 
     def reference_loss(p, xx):
@@ -332,3 +335,15 @@ def test_stochastic_routing_in_training_matches_reference(router, disp):
     # A different key draws a different routing.
     other = captured_routing(cfg, params, x, jax.random.key(18), train=True)
     assert not (np.array_equal(other.expert_index, drawn.expert_index) and np.array_equal(other.valid, drawn.valid))
+
+
+def test_layer_rejects_non_floating_input_and_groups_by_size_equal_groups_by_count():
+    cfg = MoEConfig(num_experts=4, hidden_dim=8, router=RouterConfig(k=2),
+                    dispatch=DispatchConfig(mode="capacity", capacity_factor=1.0, groups=2))
+    x = jax.random.normal(jax.random.key(0), (2, 8, 5))
+    v = nn.unbox(MoELayer(cfg).init(jax.random.key(1), x))
+    with pytest.raises(ValueError, match=r"^x: expected a floating dtype, got int32"):
+        MoELayer(cfg).apply(v, x.astype(jnp.int32))
+    by_size = dataclasses.replace(cfg, dispatch=dataclasses.replace(cfg.dispatch, groups=1, group_size=8))
+    np.testing.assert_array_equal(MoELayer(by_size).apply(v, x, deterministic=False).y,
+                                  MoELayer(cfg).apply(v, x, deterministic=False).y)

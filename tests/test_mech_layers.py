@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from moejax.context import LayerContext
 from moejax import DispatchConfig, MoEConfig, MoELayer, RouterConfig, dispatch, reference
 from moejax.experts import ZeroComputationExperts, heterogeneous_load_balance, merge_params, split_routing
 from moejax.layers import ChainOfExpertsLayer, SMEARLayer, SoftMoELayer, make_layer, soft_logits, soft_routing
@@ -81,12 +82,13 @@ def test_soft_moe_matches_a_numpy_computation(normalize):
     if normalize:
         params["scale"] = jnp.asarray(2.5)
     apply = jitted(layer)
-    y, stats = apply({"params": params}, x)
+    out = apply({"params": params}, x)
+    y, stats = out.y, out.stats
     np.testing.assert_allclose(y, numpy_soft_moe(x, params, normalize), rtol=2e-5, atol=2e-6)
     np.testing.assert_allclose(stats.expert_load.sum(), 1.0, rtol=1e-6)
     assert float(stats.capacity) == 2 and float(stats.experts_per_token) == 3
     # Groups are independent: changing group 1 leaves group 0's output alone.
-    y2, _ = apply({"params": params}, x.at[1].multiply(-2.0))
+    y2 = apply({"params": params}, x.at[1].multiply(-2.0)).y
     np.testing.assert_allclose(y2[0], y[0], rtol=1e-6)
     assert not np.allclose(y2[1], y[1])
 
@@ -100,7 +102,7 @@ def test_soft_moe_tiny_example_by_hand():
     x = jnp.array([[[1.0, 0.0], [2.0, 1.0]]])
     phi = jnp.array([[[0.0]], [[np.log(3.0)]]])                                    # [D=2, E=1, S=1]
     params = {"phi": phi, "experts": {"w_in": jnp.eye(2)[None], "w_out": jnp.eye(2)[None]}}
-    y, _ = SoftMoELayer(cfg).apply({"params": params}, x)
+    y = SoftMoELayer(cfg).apply({"params": params}, x).y
     slot = 0.25 * np.array([1.0, 0.0]) + 0.75 * np.array([2.0, 1.0])
     np.testing.assert_allclose(y[0], np.stack([slot, slot]), rtol=1e-6)
 
@@ -112,8 +114,8 @@ def test_soft_moe_is_permutation_equivariant_over_tokens():
     variables = unboxed_init(layer, x)
     perm = jax.random.permutation(jax.random.key(3), 8)
     apply = jitted(layer)
-    y, stats = apply(variables, x)
-    y_perm, stats_perm = apply(variables, x[:, perm])
+    out, out_perm = apply(variables, x), apply(variables, x[:, perm])
+    y, stats, y_perm, stats_perm = out.y, out.stats, out_perm.y, out_perm.stats
     np.testing.assert_allclose(y_perm, y[:, perm], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(stats_perm.expert_load, stats.expert_load, rtol=1e-5)
 
@@ -123,7 +125,7 @@ def test_soft_moe_gradients_are_finite_and_reach_every_parameter():
     x = jax.random.normal(jax.random.key(4), (2, 6, D))
     layer = SoftMoELayer(cfg)
     params = unboxed_init(layer, x)["params"]
-    grads = jax.jit(jax.grad(lambda p, xx: jnp.sum(jnp.sin(layer.apply({"params": p}, xx)[0])), argnums=(0, 1)))(
+    grads = jax.jit(jax.grad(lambda p, xx: jnp.sum(jnp.sin(layer.apply({"params": p}, xx).y)), argnums=(0, 1)))(
         params, x)
     for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]:
         assert np.isfinite(np.asarray(g)).all(), jax.tree_util.keystr(path)
@@ -162,9 +164,9 @@ def test_smear_matches_the_per_example_loop_in_values_and_gradients(granularity,
     params = unboxed_init(layer, x)["params"]
     params["router"]["kernel"] = jax.random.normal(jax.random.key(7), (D, 4))     # decisive but not one-hot
     cot = jax.random.normal(jax.random.key(8), x.shape)
-    f = lambda p, xx: jnp.sum(cot * layer.apply({"params": p}, xx)[0])              # noqa: E731
+    f = lambda p, xx: jnp.sum(cot * layer.apply({"params": p}, xx).y)              # noqa: E731
     g = lambda p, xx: jnp.sum(cot * smear_oracle(xx, p, cfg))                       # noqa: E731
-    np.testing.assert_allclose(jitted(layer)({"params": params}, x)[0], jax.jit(smear_oracle, static_argnums=2)(
+    np.testing.assert_allclose(jitted(layer)({"params": params}, x).y, jax.jit(smear_oracle, static_argnums=2)(
         x, params, cfg), rtol=2e-5, atol=2e-5)
     assert_trees_close(jax.jit(jax.grad(f, argnums=(0, 1)))(params, x), jax.jit(jax.grad(g, argnums=(0, 1)))(params, x))
 
@@ -175,7 +177,8 @@ def test_smear_one_hot_routing_equals_that_expert_exactly():
     layer = SMEARLayer(cfg)
     params = unboxed_init(layer, x)["params"]
     params["router"]["kernel"] = jnp.zeros((D, 4)).at[0, 2].set(1e4)              # logit of expert 2 ~ 5e4
-    y, stats = jitted(layer)({"params": params}, x)
+    out = jitted(layer)({"params": params}, x)
+    y, stats = out.y, out.stats
     np.testing.assert_array_equal(stats.expert_load, [0, 0, 1, 0])
     want = reference.expert_forward(reference.expert_params(params["experts"], 2), x.reshape(-1, D), kind="mlp",
                                     activation="gelu")
@@ -239,7 +242,7 @@ def zc_reference(cfg, params, x, train):
 def zc_values_and_grads(cfg, use_reference, params, x, cot):
     def loss(p, xx):
         y = zc_reference(cfg, p, xx, True)[0] if use_reference else \
-            MoELayer(cfg).apply({"params": p}, xx, deterministic=False)[0]
+            MoELayer(cfg).apply({"params": p}, xx, deterministic=False).y
         return jnp.sum(y * cot), y
     (_, y), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, x)
     return y, grads
@@ -276,7 +279,7 @@ def test_zero_computation_copies_never_reach_the_dispatch_buffers(monkeypatch):
         return real_apply(tokens, routing, counting_expert_fn, **kw)
 
     monkeypatch.setattr(dispatch, "apply", spy)
-    _, stats = MoELayer(cfg).apply({"params": params}, x, deterministic=False)
+    stats = MoELayer(cfg).apply({"params": params}, x, deterministic=False).stats
     _, full = zc_reference(cfg, params, x, True)
     ffn = seen["routing"]
     assert ffn.num_experts == E_FFN and seen["buffer_shape"][0] == E_FFN
@@ -301,7 +304,8 @@ def test_all_tokens_to_a_zero_expert_cost_nothing():
     x = jax.random.normal(jax.random.key(0), (2, 6, D)).at[..., 0].set(3.0)
     params = unboxed_init(MoELayer(cfg), x)["params"]
     params["router"]["kernel"] = jnp.zeros((D, 5)).at[0, 4].set(10.0)            # expert 4 = the zero expert
-    y, stats = jitted(MoELayer(cfg))({"params": params}, x)
+    out = jitted(MoELayer(cfg))({"params": params}, x)
+    y, stats = out.y, out.stats
     np.testing.assert_array_equal(y, np.zeros_like(x))
     assert float(stats.experts_per_token) == 0 and float(stats.dropped_fraction) == 0
     np.testing.assert_array_equal(stats.expert_load, [0, 0, 0, 0, 1])
@@ -347,10 +351,12 @@ def test_chain_with_one_iteration_is_the_plain_moe_layer():
     cfg = chain_config(1)
     x = jax.random.normal(jax.random.key(0), (2, 8, D))
     params = unboxed_init(ChainOfExpertsLayer(cfg), x)["params"]
-    y, stats = jitted(ChainOfExpertsLayer(cfg), deterministic=False)({"params": params}, x)
+    out = jitted(ChainOfExpertsLayer(cfg), deterministic=False)({"params": params}, x)
+    y, stats = out.y, out.stats
     plain = {"router": params["iteration_0"]["router"], "experts": params["experts"], "shared": params["shared"]}
     sparse = MoEConfig(**{**cfg.__dict__, "layer": "sparse", "chain_iterations": None})
-    y_ref, stats_ref = jitted(MoELayer(sparse), deterministic=False)({"params": plain}, x)
+    out = jitted(MoELayer(sparse), deterministic=False)({"params": plain}, x)
+    y_ref, stats_ref = out.y, out.stats
     np.testing.assert_allclose(y, y_ref, rtol=1e-6, atol=1e-6)
     assert_trees_close(stats, stats_ref, rtol=1e-6, atol=1e-6)
 
@@ -368,27 +374,28 @@ def test_chain_equals_an_explicit_loop_of_moe_layers(iterations, gating_residual
         h, logits, stats = xx, None, []
         for i in range(iterations):
             own = {"router": p[f"iteration_{i}"]["router"], "experts": p["experts"], "shared": p["shared"]}
-            y, s, logits = MoELayer(sparse).apply({"params": own}, h, deterministic=False, router_logits=logits,
-                                                  return_logits=True)
-            h = h + y
-            stats.append(s)
+            out = MoELayer(sparse).apply({"params": own}, h, LayerContext(router_logits=logits, deterministic=False))
+            logits = out.logits
+            h = h + out.y
+            stats.append(out.stats)
         return h - xx, stats
 
-    y, stats = jitted(layer, deterministic=False)({"params": params}, x)
+    out = jitted(layer, deterministic=False)({"params": params}, x)
+    y, stats = out.y, out.stats
     y_ref, per_iter = jax.jit(loop)(params, x)
     np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(stats.aux.load_balance, sum(s.aux.load_balance for s in per_iter), rtol=1e-6)
     np.testing.assert_allclose(stats.expert_load, sum(s.expert_load for s in per_iter) / iterations, rtol=1e-6)
     np.testing.assert_allclose(stats.experts_per_token, sum(s.experts_per_token for s in per_iter), rtol=1e-6)
     cot = jax.random.normal(jax.random.key(2), x.shape)
-    g = jax.jit(jax.grad(lambda p: jnp.sum(cot * layer.apply({"params": p}, x, deterministic=False)[0])))(params)
+    g = jax.jit(jax.grad(lambda p: jnp.sum(cot * layer.apply({"params": p}, x, deterministic=False).y)))(params)
     g_ref = jax.jit(jax.grad(lambda p: jnp.sum(cot * loop(p, x)[0])))(params)
     assert_trees_close(g, g_ref, rtol=1e-4, atol=1e-5)
     # The iterations really differ: dropping the last one changes the output.
     last = f"iteration_{iterations - 1}"
     shorter = jitted(ChainOfExpertsLayer(chain_config(iterations - 1, gating_residual=gating_residual)),
                      deterministic=False)
-    assert not np.allclose(y, shorter({"params": {k: v for k, v in params.items() if k != last}}, x)[0])
+    assert not np.allclose(y, shorter({"params": {k: v for k, v in params.items() if k != last}}, x).y)
 
 
 # ------------------------------------------------------------------------------------ config and model plumbing
@@ -444,9 +451,9 @@ def test_mlp_model_threads_layer_1_logits_into_layer_2(gating_residual):
     x = jax.random.normal(jax.random.key(0), (5, 4))
     variables = unboxed_init(model, x)
     inter = captured(model, variables, x)
-    logits_1 = inter["layer_0"]["__call__"][0][2]
+    logits_1 = inter["layer_0"]["__call__"][0].logits
     h_2 = inter["layer_1_norm"]["__call__"][0]
-    logits_2 = inter["layer_1"]["__call__"][0][2]
+    logits_2 = inter["layer_1"]["__call__"][0].logits
     own = h_2 @ variables["params"]["layer_1"]["router"]["kernel"]
     np.testing.assert_allclose(logits_2, own + logits_1 if gating_residual else own, rtol=1e-5, atol=1e-6)
 
@@ -459,8 +466,8 @@ def test_transformer_threads_logits_between_moe_blocks():
     tokens = jax.random.randint(jax.random.key(0), (2, 5), 0, 11)
     variables = unboxed_init(model, tokens)
     inter = captured(model, variables, tokens)["decoder"]
-    block_0_logits = inter["block_0"]["ffn"]["__call__"][0][2]
-    first_of_block_1 = inter["block_1"]["ffn"]["iteration_0"]["__call__"][0][2]
+    block_0_logits = inter["block_0"]["ffn"]["__call__"][0].logits
+    first_of_block_1 = inter["block_1"]["ffn"]["iteration_0"]["__call__"][0].logits
     h = inter["block_1"]["ffn_norm"]["__call__"][0]
     kernel = variables["params"]["decoder"]["block_1"]["ffn"]["iteration_0"]["router"]["kernel"]
     np.testing.assert_allclose(first_of_block_1, h @ kernel + block_0_logits, rtol=1e-5, atol=1e-5)

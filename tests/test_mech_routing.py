@@ -225,7 +225,7 @@ def test_training_mode_matches_reference(name, mode):
     cap = cfg.capacity(16, True)
 
     def layer(p, xx):
-        return jnp.sum(MoELayer(cfg).apply({"params": p}, xx, deterministic=False)[0] * cot)
+        return jnp.sum(MoELayer(cfg).apply({"params": p}, xx, deterministic=False).y * cot)
 
     def oracle(p, xx):
         tokens = xx.reshape(-1, d)
@@ -302,7 +302,7 @@ def test_scheduled_layers_build_an_mlp_config():
     ({"kind": "threshold"}, r"^router\.threshold=None: required"),
     ({"kind": "threshold", "threshold": 1.5}, r"^router\.threshold=1\.5: must be in \(0, 1\]"),
     ({"kind": "threshold", "threshold": 100, "threshold_mode": "percentile"}, r"^router\.threshold=100"),
-    ({"threshold": 0.2}, r"^router\.threshold=0\.2: applies to kind='threshold' only"),
+    ({"threshold": 0.2}, r"^router\.threshold=0\.2: not a field of router.kind='topk'"),
     ({"threshold_mode": "median"}, r"^router\.threshold_mode='median'"),
     ({"logits": "mlp"}, r"^router\.logits='mlp'"),
     ({"kind": "hash", "logits": "attention"}, r"^router\.logits='attention': kind='hash'"),

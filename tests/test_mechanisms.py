@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from moejax.context import LayerContext
 from moejax import DispatchConfig, MoEConfig, MoELayer, RouterConfig
 from moejax.routing import (Router, active_experts_histogram, consistency_loss, drop_gates, hash_routing,
                             random_routing, smoe_dropout_k, top_k_routing, top_p_routing)
@@ -113,10 +114,10 @@ def test_hash_layer_uses_token_ids_and_defaults_to_the_token_index():
     x = jnp.broadcast_to(jax.random.normal(jax.random.key(0), (1, 1, D)), (2, 4, D))   # 8 equal tokens
     v = nn.unbox(MoELayer(cfg).init(jax.random.key(1), x))
     assert "router" not in v["params"]
-    same_id = MoELayer(cfg).apply(v, x, token_ids=jnp.full((2, 4), 5))[0]
+    same_id = MoELayer(cfg).apply(v, x, LayerContext(token_ids=jnp.full((2, 4), 5))).y
     np.testing.assert_allclose(same_id, jnp.broadcast_to(same_id[:1, :1], same_id.shape), rtol=1e-6)
-    by_index = MoELayer(cfg).apply(v, x)[0]
-    explicit = MoELayer(cfg).apply(v, x, token_ids=jnp.arange(8).reshape(2, 4))[0]
+    by_index = MoELayer(cfg).apply(v, x).y
+    explicit = MoELayer(cfg).apply(v, x, LayerContext(token_ids=jnp.arange(8).reshape(2, 4))).y
     np.testing.assert_array_equal(by_index, explicit)
     assert len({tuple(np.round(row, 5)) for row in np.asarray(by_index).reshape(8, D)}) > 1
 
@@ -184,16 +185,18 @@ def test_frozen_router_lives_outside_params_and_gets_no_gradient():
     assert float(jnp.abs(v["moe_state"]["router"]["kernel"]).max()) > 0          # randomly initialised
 
     def loss(state):
-        return MoELayer(cfg).apply({"params": v["params"], "moe_state": state}, x)[0].sum()
+        return MoELayer(cfg).apply({"params": v["params"], "moe_state": state}, x).y.sum()
 
     g = jax.grad(loss)(v["moe_state"])
     np.testing.assert_array_equal(g["router"]["kernel"], 0.0)
     # k is free at inference: more experts per token with the same (frozen) router.
     for k in (1, 4, E):
-        _, stats = MoELayer(cfg).apply(v, x, k=k)
+        stats = MoELayer(cfg).apply(v, x, LayerContext(k=k)).stats
         np.testing.assert_allclose(stats.experts_per_token, k)
-    with pytest.raises(ValueError, match="k=9"):
-        MoELayer(cfg).apply(v, x, k=9)
+    # A k above the layer's experts gives it all of them (a model-level k serves layers of every size) ...
+    np.testing.assert_allclose(MoELayer(cfg).apply(v, x, LayerContext(k=9)).stats.experts_per_token, E)
+    with pytest.raises(ValueError, match="moe_k=0"):     # ... but it must be a positive int
+        LayerContext(k=0)
 
 
 def test_smoe_dropout_schedule():
@@ -212,14 +215,16 @@ def test_gating_residual_threads_logits_between_layers():
     layer = MoELayer(cfg)
     v1 = nn.unbox(layer.init(jax.random.key(1), x))
     v2 = nn.unbox(layer.init(jax.random.key(2), x))
-    y1, _, logits1 = layer.apply(v1, x, return_logits=True)
+    out1 = layer.apply(v1, x)
+    y1, logits1 = out1.y, out1.logits
     assert logits1.shape == (2, 12, 8)
     np.testing.assert_allclose(logits1, x @ v1["params"]["router"]["kernel"], rtol=1e-5, atol=1e-6)
-    y2, _, logits2 = layer.apply(v2, y1, router_logits=logits1, return_logits=True)
+    logits2 = layer.apply(v2, y1, LayerContext(router_logits=logits1)).logits
     np.testing.assert_allclose(logits2, y1 @ v2["params"]["router"]["kernel"] + logits1, rtol=1e-5, atol=1e-6)
-    # The old call signature still works and ignores nothing it was not given.
-    y_plain, _ = layer.apply(v2, y1)
-    assert not np.allclose(y_plain, layer.apply(v2, y1, router_logits=10 * logits1)[0])
+    # Without incoming logits the residual adds nothing; with them, it changes the routing.
+    y_plain = layer.apply(v2, y1).y
+    assert not np.allclose(y_plain, layer.apply(v2, y1, LayerContext(router_logits=10 * logits1)).y)
     # The gradient reaches the previous layer's router through the residual.
-    g = jax.grad(lambda p: layer.apply(v2, y1, router_logits=y1 @ p)[0].sum())(v1["params"]["router"]["kernel"])
+    g = jax.grad(lambda p: layer.apply(v2, y1, LayerContext(router_logits=y1 @ p)).y.sum())(
+        v1["params"]["router"]["kernel"])
     assert float(jnp.abs(g).max()) > 0

@@ -86,12 +86,12 @@ def test_expert_parallel_layer_matches_reference(mesh_name, mode, skewed):
     mesh = make_mesh(MeshConfig(**MESHES[mesh_name]))
 
     def layer(p, xx):
-        return MoELayer(cfg).apply({"params": p, **state}, xx, deterministic=False)[0]
+        return MoELayer(cfg).apply({"params": p, **state}, xx, deterministic=False).y
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.DEFAULT_RULES):
         assert parallel.expert_mesh() is not None
         got, got_grads = jax.jit(functools.partial(loss_and_grads, layer))(params, x)
-        stats = jax.jit(lambda p, xx: MoELayer(cfg).apply({"params": p, **state}, xx, deterministic=False)[1])(
+        stats = jax.jit(lambda p, xx: MoELayer(cfg).apply({"params": p, **state}, xx, deterministic=False).stats)(
             params, x)
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
     for a, b in zip(jax.tree_util.tree_leaves(got_grads), jax.tree_util.tree_leaves(want_grads)):

@@ -86,7 +86,8 @@ def test_preset_passes_other_fields_through_and_runs():
     x = jax.random.normal(jax.random.key(1), (2, 8, D))
     layer = MoELayer(ds)
     variables = jax.jit(lambda x: nn.unbox(layer.init(jax.random.key(0), x)))(x)
-    y, stats = jax.jit(layer.apply)(variables, x)
+    out = jax.jit(layer.apply)(variables, x)
+    y, stats = out.y, out.stats
     assert y.shape == x.shape and bool(jnp.all(jnp.isfinite(y)))
     assert float(jnp.sum(stats.expert_load)) == pytest.approx(1.0, abs=1e-5)
 

@@ -177,3 +177,25 @@ def test_selection_bias_is_updated_in_training_when_mutable():
 def test_bias_update_rate_validated():
     with pytest.raises(ValueError, match="router.bias_update_rate=-1"):
         RouterConfig(bias_update_rate=-1.0)
+
+
+def test_docs_list_every_registered_kind_and_transform():
+    import pathlib
+
+    from moejax.routing import plugin
+    text = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "routing_mechanisms.md").read_text()
+    builtin = [k for k in plugin.router_kinds() if plugin.router_kind(k).__module__.startswith("moejax.")]
+    for name in builtin:
+        assert f"`{name}`" in text, f"router kind {name!r} missing from docs/routing_mechanisms.md"
+    for name, cls in plugin.transforms().items():
+        if cls.__module__.startswith("moejax."):
+            assert f"| `{name}` (" in text, f"transform {name!r} missing from docs/routing_mechanisms.md"
+
+
+def test_selection_bias_without_moe_state_is_a_clear_error():
+    cfg = RouterConfig(k=1, selection_bias=True)
+    x = jax.random.normal(jax.random.key(0), (6, 3))
+    variables = Router(4, cfg).init(jax.random.key(1), x)
+    assert set(variables) == {"params", "moe_state"}
+    with pytest.raises(ValueError, match=r"^moe_state: router\.selection_bias=True keeps its bias"):
+        Router(4, cfg).apply({"params": variables["params"]}, x)

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from moejax.context import LayerContext
 from moejax import parallel
 from moejax.models import Encoder, LMConfig, TransformerLM
 from moejax.parallel import MeshConfig, expert_parallel, make_mesh
@@ -114,7 +115,7 @@ def test_token_ids_must_match_the_activations():
     x = jnp.zeros((2, 8, cfg.d_model))
     with pytest.raises(ValueError, match=r"^token_ids: expected int\[B, L\] = \(2, 8\)"):
         jax.eval_shape(lambda: Encoder(cfg, causal=True, rope_base=cfg.rope_base).init(
-            jax.random.key(0), x, deterministic=True, token_ids=jnp.zeros((2, 7), jnp.int32)))
+            jax.random.key(0), x, LayerContext(token_ids=jnp.zeros((2, 7), jnp.int32))))
 
 
 def test_hash_lm_under_expert_parallelism_routes_by_token_id_and_matches_one_device(monkeypatch):

@@ -48,7 +48,7 @@ def test_mlp_moe_k_of_all_experts_is_the_dense_mixture_and_k1_differs():
                                                mutable=["intermediates"]), static_argnums=2)
     (logits_e, stats_e), inter = run(variables, x, E)
     h = inter["intermediates"]["layer_0_norm"]["__call__"][0]
-    y = inter["intermediates"]["layer_0"]["__call__"][0][0]
+    y = inter["intermediates"]["layer_0"]["__call__"][0].y
     kernel = variables["moe_state"]["layer_0"]["router"]["kernel"]      # frozen: not a param
     want = reference.dense_mixture(h, jax.nn.softmax(h @ kernel, axis=-1), variables["params"]["layer_0"]["experts"],
                                    kind="mlp", activation="gelu")

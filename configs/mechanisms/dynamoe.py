@@ -12,11 +12,10 @@ from moejax.training.config import digits_mlp_config
 
 
 def get_config(schedule: str = "descending") -> ml_collections.ConfigDict:
-    import dataclasses
 
     from moejax.config import DispatchConfig, MoEConfig, RouterConfig
     from moejax.routing.schedules import scheduled_moe_layers
     base = MoEConfig(num_experts=1, hidden_dim=64, router=RouterConfig(kind="threshold", k=1, threshold=0.2),
                      dispatch=DispatchConfig(mode="dropless"))
     layers = scheduled_moe_layers(base, schedule, total_experts=24, num_layers=3, total_k=6)
-    return digits_mlp_config([dataclasses.asdict(layer) for layer in layers], steps=300)
+    return digits_mlp_config([layer.to_dict() for layer in layers], steps=300)

@@ -26,7 +26,6 @@ variants (the MoE FFN of every block; built with :mod:`moejax.presets`)
 """
 from __future__ import annotations
 
-import dataclasses
 
 import ml_collections
 from ml_collections import config_dict
@@ -56,7 +55,7 @@ def moe_spec(variant: str, num_experts: int, hidden_dim: int) -> dict | None:
         return None
     else:
         raise ValueError(f"variant={variant!r}: must be one of {list(VARIANTS)}")
-    return dataclasses.asdict(cfg)  # a plain mapping: overridable from the command line, JSON-able
+    return cfg.to_dict()  # a plain mapping: overridable from the command line, JSON-able
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

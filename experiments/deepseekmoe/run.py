@@ -52,7 +52,8 @@ def main(argv: list[str] | None = None) -> dict:
         n_eval = int(config.train.eval_steps)
         masking = {}
         if config.model.moe is not None:
-            base, *masked = redundancy.eval_losses(model, variables, pipeline.eval, n_eval, (0.0, *redundancy.RATIOS))
+            base, *masked = redundancy.eval_losses(config.model, pipeline.meta.vocab_size, variables, pipeline.eval,
+                                                   n_eval, (0.0, *redundancy.RATIOS))
             for ratio, loss in zip(redundancy.RATIOS, masked):
                 masking[f"{ratio:.3f}"] = {"loss": loss, "increase": loss - base}
             masking["unmasked_loss"] = base

@@ -39,7 +39,6 @@ Dispatch). In evaluation the percentile is over an eval batch (``EVAL_BATCH``) i
 """
 from __future__ import annotations
 
-import dataclasses
 
 import ml_collections
 from ml_collections import config_dict
@@ -85,7 +84,7 @@ def moe_layers(kind: str, schedule: str, hidden_dim: int, layers: int = LAYERS, 
     base = MoEConfig(num_experts=1, hidden_dim=hidden_dim, expert_kind="mlp", activation="relu", use_bias=True,
                      router=router, dispatch=dispatch)
     specs = scheduled_moe_layers(base, schedule, total_experts, layers, total_k)
-    return [dataclasses.asdict(spec) for spec in specs]
+    return [spec.to_dict() for spec in specs]
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

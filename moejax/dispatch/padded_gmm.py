@@ -143,7 +143,7 @@ def vary_like(init: jax.Array, *operands: jax.Array) -> jax.Array:
     A scan carry must keep its type; under ``shard_map`` the per-device contributions vary over the axes their
     inputs vary over, so a zero initial carry has to be cast to match. Outside ``shard_map`` this is a no-op.
     """
-    axes = set().union(*(_varying(o) for o in operands)) - _varying(init)
+    axes = set().union(*(varying_axes(o) for o in operands)) - varying_axes(init)
     return jax.lax.pcast(init, tuple(sorted(axes)), to="varying") if axes else init
 
 
@@ -154,11 +154,11 @@ def reduce_like(grad: jax.Array, primal: jax.Array) -> jax.Array:
     implicitly broadcast to the varying computation; the transpose of that broadcast is a ``psum``, which
     autodiff inserts by itself but a custom VJP must do explicitly. Outside ``shard_map`` this is a no-op.
     """
-    extra = _varying(grad) - _varying(primal)
+    extra = varying_axes(grad) - varying_axes(primal)
     return jax.lax.psum(grad, tuple(sorted(extra))) if extra else grad
 
 
-def _varying(x: jax.Array) -> set[str]:
+def varying_axes(x: jax.Array) -> set[str]:
     """The manual mesh axes ``x`` varies over (empty outside ``shard_map``); the attribute moved across versions."""
     aval = jax.typeof(x)
     mat = getattr(aval, "manual_axis_type", None)

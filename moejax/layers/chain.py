@@ -33,6 +33,7 @@ import jax.numpy as jnp
 
 from moejax.config import MoEConfig
 from moejax.experts.ffn import FFN, Experts
+from moejax.context import LayerContext, LayerOutput, as_context
 from moejax.layers.moe import MoELayer
 from moejax.routing.types import RoutingStats
 
@@ -52,20 +53,20 @@ def chain_stats(stats: list[RoutingStats] | tuple[RoutingStats, ...]) -> Routing
 
 
 class ChainOfExpertsLayer(nn.Module):
-    """``y, stats = ChainOfExpertsLayer(config).apply(variables, x, deterministic=...)``; x: [..., D].
+    """``out = ChainOfExpertsLayer(config).apply(variables, x, ctx)`` (a ``LayerOutput``); x: [..., D].
 
     Parameters: ``experts/...`` and ``shared/...`` (one set, used by every iteration), and per iteration ``i``
     the ``iteration_{i}/router/...`` (plus ``iteration_{i}/shared_gate``, ``iteration_{i}/zero_computation`` where
-    configured). Call options are those of :class:`~moejax.layers.MoELayer` (``token_ids``, ``k``: every
-    iteration's, ``router_logits``, ``return_logits``: the last iteration's logits). Stats: :func:`chain_stats`.
+    configured). The context is that of :class:`~moejax.layers.MoELayer` (``k`` applies to every iteration, the
+    logits flow from iteration to iteration; ``out.logits`` are the last iteration's). Stats: :func:`chain_stats`.
     """
 
     config: MoEConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, deterministic: bool = True, token_ids: jax.Array | None = None,
-                 k: int | None = None, router_logits: jax.Array | None = None, return_logits: bool = False
-                 ) -> tuple[jax.Array, RoutingStats] | tuple[jax.Array, RoutingStats, jax.Array | None]:
+    def __call__(self, x: jax.Array, ctx: LayerContext | None = None, *, deterministic: bool | None = None
+                 ) -> LayerOutput:
+        ctx = as_context(ctx, deterministic)
         cfg = self.config
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         step_cfg = dataclasses.replace(cfg, layer="sparse", chain_iterations=None)
@@ -75,13 +76,11 @@ class ChainOfExpertsLayer(nn.Module):
         if cfg.num_shared_experts:
             shared = FFN(cfg.shared_width, cfg.expert_kind, cfg.activation, cfg.use_bias, dtype=dtype,
                          param_dtype=pdtype, name="shared")
-        h, update, logits, stats = x, jnp.zeros_like(x), router_logits, []
+        h, update, stats = x, jnp.zeros_like(x), []
         for i in range(cfg.resolved_chain_iterations):
-            y, s, logits = MoELayer(step_cfg, experts_module=experts, shared_module=shared, name=f"iteration_{i}")(
-                h, deterministic=deterministic, token_ids=token_ids, k=k, router_logits=logits, return_logits=True)
-            h = h + y
-            update = update + y
-            stats.append(s)
-        if return_logits:
-            return update, chain_stats(stats), logits
-        return update, chain_stats(stats)
+            out = MoELayer(step_cfg, experts_module=experts, shared_module=shared, name=f"iteration_{i}")(h, ctx)
+            ctx = ctx.replace(router_logits=out.logits)
+            h = h + out.y
+            update = update + out.y
+            stats.append(out.stats)
+        return LayerOutput(update, chain_stats(stats), ctx.router_logits)

@@ -7,11 +7,12 @@ import jax.numpy as jnp
 
 from moejax.config import MoEConfig
 from moejax.experts.ffn import Dense, ffn, make_ffn_params
+from moejax.context import LayerContext, LayerOutput, as_context
 from moejax.routing.types import RoutingStats
 
 
 class DenseLayer(nn.Module):
-    """``y, stats = DenseLayer(...).apply(variables, x)``: one FFN of width ``hidden_dim`` over x: [..., D].
+    """``out = DenseLayer(...).apply(variables, x)`` (a :class:`~moejax.layers.LayerOutput`): one FFN of width ``hidden_dim`` over x: [..., D].
 
     Returns :meth:`RoutingStats.dense` so that trainers treat MoE and dense models alike. Parameters live
     directly in this module's scope (``w_in`` [D, F] on (embed, mlp), ...).
@@ -31,9 +32,10 @@ class DenseLayer(nn.Module):
                    cfg.dtype, cfg.param_dtype)
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, deterministic: bool = True) -> tuple[jax.Array, RoutingStats]:
-        del deterministic  # same signature as MoELayer
+    def __call__(self, x: jax.Array, ctx: LayerContext | None = None, *, deterministic: bool | None = None
+                 ) -> LayerOutput:
+        ctx = as_context(ctx, deterministic)     # the MoE layers' signature; nothing depends on it here
         params = make_ffn_params(self, self.kind, x.shape[-1], self.hidden_dim, self.use_bias, None,
                                  jnp.dtype(self.param_dtype))
         y = ffn(params, x.astype(jnp.dtype(self.dtype)), Dense(), kind=self.kind, activation=self.activation)
-        return y.astype(x.dtype), RoutingStats.dense()
+        return LayerOutput(y.astype(x.dtype), RoutingStats.dense(), ctx.router_logits)

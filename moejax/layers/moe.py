@@ -13,6 +13,7 @@ from moejax.config import MoEConfig
 from moejax.experts.ffn import FFN, Experts
 from moejax.parallel import expert_parallel
 from moejax.experts.zero_computation import ZeroComputationExperts, heterogeneous_load_balance, split_routing
+from moejax.context import LayerContext, LayerOutput, as_context
 from moejax.routing.router import Router
 from moejax.routing.types import Routing, RoutingStats
 
@@ -20,16 +21,24 @@ from moejax.routing.types import Routing, RoutingStats
 class MoELayer(nn.Module):
     """Sparse MoE feed-forward layer.
 
-    ``y, stats = MoELayer(config).apply(variables, x, deterministic=...)`` with x: [..., D] (e.g.
-    [B, L, D]); all leading axes are flattened into ``T`` tokens that are routed together. Returns y with
-    x's shape and a :class:`~moejax.routing.RoutingStats`.
+    ``out = MoELayer(config).apply(variables, x, ctx)`` with x: [..., D] (e.g. [B, L, D]); all leading axes
+    are flattened into ``T`` tokens that are routed together. Returns a :class:`~moejax.layers.LayerOutput`:
+    ``out.y`` with x's shape, ``out.stats`` a :class:`~moejax.routing.RoutingStats`, ``out.logits``.
 
-    Submodules and parameters (logical axes in parentheses):
-      ``router/kernel`` [D, E] (embed, expert); ``experts/w_in`` [E, D, F] (expert, embed, mlp), ... ;
-      with shared experts ``shared/w_in`` [D, F_s] (embed, mlp), ...; with ``shared_gate``
-      ``shared_gate/kernel`` [D, 1]. With ``router.selection_bias``: ``moe_state/router/selection_bias``.
+    Parameters (logical axes in parentheses), ``E`` = ``num_experts``, ``E_r`` = ``num_routed``:
+      ``router/kernel`` float32[D, E_r] (embed, expert) (with ``router.logits='attention'`` also
+      ``router/key_kernel`` and ``router/value_kernel``; absent for hash and random routers);
+      ``expert_kind='mlp'``: ``experts/w_in`` [E, D, F] (expert, embed, mlp), ``experts/w_out`` [E, F, D]
+      (expert, mlp, embed), with ``use_bias`` ``experts/b_in`` [E, F], ``experts/b_out`` [E, D];
+      ``expert_kind='glu'``: ``experts/w_gate``, ``experts/w_up`` [E, D, F], ``experts/w_down`` [E, F, D], with
+      ``use_bias`` ``b_gate``, ``b_up`` [E, F], ``b_down`` [E, D];
+      shared experts: the same names unstacked under ``shared/`` (``shared/w_in`` [D, F_s] with
+      ``F_s = num_shared_experts * shared_hidden_dim``, ...); ``shared_gate/kernel`` [D, 1] (``shared_gate``);
+      MoE++ constant experts: ``zero_computation/...`` (:class:`~moejax.experts.ZeroComputationExperts`).
+    Non-gradient state (collection ``moe_state``): ``router/selection_bias`` float32[E_r]
+    (``router.selection_bias``; apply() must be given it), ``router/kernel`` when ``router.frozen``.
 
-    ``deterministic=False`` (training) selects the training capacity factor and enables router jitter,
+    ``ctx.deterministic=False`` (training) selects the training capacity factor and enables router jitter,
     Gumbel selection noise and gate dropout, which need a ``'jitter'`` RNG. The routing mechanisms
     (top-p, hash, random, noise, frozen routers, gating residuals) are listed in docs/routing_mechanisms.md.
 
@@ -50,38 +59,36 @@ class MoELayer(nn.Module):
     shared_module: nn.Module | None = None
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, deterministic: bool = True, token_ids: jax.Array | None = None,
-                 k: int | None = None, router_logits: jax.Array | None = None, return_logits: bool = False
-                 ) -> tuple[jax.Array, RoutingStats] | tuple[jax.Array, RoutingStats, jax.Array | None]:
-        """x: [..., D] -> (y [..., D], stats), or (y, stats, logits) with ``return_logits``.
+    def __call__(self, x: jax.Array, ctx: LayerContext | None = None, *, deterministic: bool | None = None
+                 ) -> LayerOutput:
+        """x: [..., D] -> ``LayerOutput(y [..., D], stats, logits float32[..., num_routed] or None)``.
 
-        Args:
-          token_ids: int[...] (x's leading shape) token ids for ``router.kind='hash'``.
-          k: a static override of ``router.k`` (e.g. SMoE-Dropout's inference-time number of experts);
-            the capacity follows it.
-          router_logits: float32[..., E] the previous MoE layer's router logits (MoE++ gating residual;
-            used when ``router.gating_residual``).
-          return_logits: also return this layer's router logits float32[..., E] (after the residual;
-            ``None`` for hash and random routers), to thread into the next layer's ``router_logits``.
+        ``ctx`` (:class:`~moejax.layers.LayerContext`): ``token_ids`` int[...] (x's leading shape) for hash routers;
+        ``router_logits`` float32[..., E] the previous routed layer's logits (used by a gating-residual router);
+        ``k`` a static override of ``router.k``, clipped to ``num_routed`` (the capacity follows it);
+        ``deterministic``. ``deterministic=`` alone is a shorthand for ``LayerContext(deterministic=...)``.
+        ``out.logits`` are this layer's router logits after the residual (None for routers without logits).
         """
+        ctx = as_context(ctx, deterministic)
         cfg = self.config
         shape = x.shape
         if x.ndim < 2:
             raise ValueError(f"x: expected [..., D] with at least 2 axes, got shape {shape}")
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise ValueError(f"x: expected a floating dtype, got {x.dtype} (shape {shape})")
         tokens = x.reshape(-1, shape[-1]).astype(jnp.dtype(cfg.dtype))
         num_tokens = tokens.shape[0]
+        k = None if ctx.k is None else min(ctx.k, cfg.num_routed)
         if k is not None and k != cfg.router.k:
             cfg = dataclasses.replace(cfg, router=dataclasses.replace(cfg.router, k=k))
-        cap = cfg.capacity(num_tokens, train=not deterministic)
-        groups = cfg.dispatch.groups if cfg.dispatch.mode == "capacity" else 1
-        if num_tokens % groups:
-            raise ValueError(f"dispatch.groups={groups}: must divide the {num_tokens} tokens routed together "
-                             f"(x shape {shape})")
-        group_cap = cfg.capacity(num_tokens // groups, train=not deterministic)
-        prev = None if router_logits is None else router_logits.reshape(num_tokens, -1)
+        train = not ctx.deterministic
+        groups = cfg.dispatch.num_groups(num_tokens, shape)
+        cap, group_cap = cfg.capacity(num_tokens, train=train), cfg.capacity(num_tokens // groups, train=train)
+        flat = ctx.replace(token_ids=None if ctx.token_ids is None else ctx.token_ids.reshape(-1),
+                           router_logits=None if ctx.router_logits is None
+                           else ctx.router_logits.reshape(num_tokens, -1), k=None)    # k: already in cfg
         routing, logits = Router(cfg.num_routed, cfg.router, param_dtype=jnp.dtype(cfg.param_dtype), name="router")(
-            tokens, capacity=cap, deterministic=deterministic, token_ids=token_ids, prev_logits=prev,
-            return_logits=True)
+            tokens, flat, capacity=cap, return_logits=True)
         ffn_routing = routing
         if cfg.num_zero_computation:
             ffn_routing, zc_index, zc_weight = split_routing(routing, cfg.num_experts)
@@ -123,10 +130,8 @@ class MoELayer(nn.Module):
         stats = RoutingStats(aux=routing.aux, dropped_fraction=info.dropped_fraction, expert_load=info.expert_load,
                              router_entropy=routing.entropy, router_confidence=routing.confidence,
                              experts_per_token=info.experts_per_token, capacity=info.capacity)
-        y = y.reshape(shape).astype(x.dtype)
-        if return_logits:
-            return y, stats, None if logits is None else logits.reshape(*shape[:-1], logits.shape[-1])
-        return y, stats
+        logits = None if logits is None else logits.reshape(*shape[:-1], logits.shape[-1])
+        return LayerOutput(y.reshape(shape).astype(x.dtype), stats, logits)
 
 
 def _with_zero_computation(info: dispatch.DispatchInfo, routing: Routing, ffn_routing: Routing) -> dispatch.DispatchInfo:

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from moejax.config import MoEConfig
+from moejax.context import LayerContext, LayerOutput, as_context
 from moejax.experts.ffn import Experts, Padded
 from moejax.routing.losses import mean_confidence, mean_entropy
 from moejax.routing.types import AuxLosses, RoutingStats
@@ -48,8 +49,9 @@ class SMEARLayer(nn.Module):
     config: MoEConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, deterministic: bool = True) -> tuple[jax.Array, RoutingStats]:
-        del deterministic  # no training-only behaviour
+    def __call__(self, x: jax.Array, ctx: LayerContext | None = None, *, deterministic: bool | None = None
+                 ) -> LayerOutput:
+        ctx = as_context(ctx, deterministic)     # no training-only behaviour, no k, no token router
         cfg = self.config
         shape = x.shape
         if x.ndim < 2:
@@ -72,4 +74,4 @@ class SMEARLayer(nn.Module):
         stats = RoutingStats(aux=AuxLosses.zeros(), dropped_fraction=zero, expert_load=probs.mean(0),
                              router_entropy=mean_entropy(probs), router_confidence=mean_confidence(probs),
                              experts_per_token=jnp.ones((), jnp.float32), capacity=zero)
-        return y.reshape(shape).astype(x.dtype), stats
+        return LayerOutput(y.reshape(shape).astype(x.dtype), stats, ctx.router_logits)

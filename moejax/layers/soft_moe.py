@@ -29,6 +29,7 @@ from flax import struct
 
 from moejax.config import MoEConfig
 from moejax.experts.ffn import Experts, Padded
+from moejax.context import LayerContext, LayerOutput, as_context
 from moejax.routing.losses import mean_confidence, mean_entropy
 from moejax.routing.types import AuxLosses, RoutingStats
 
@@ -76,7 +77,7 @@ def soft_logits(x: jax.Array, phi: jax.Array, scale: jax.Array | None = None) ->
 
 
 class SoftMoELayer(nn.Module):
-    """Soft MoE feed-forward layer: ``y, stats = SoftMoELayer(config).apply(variables, x)``.
+    """Soft MoE feed-forward layer: ``out = SoftMoELayer(config).apply(variables, x, ctx)`` -> ``LayerOutput``.
 
     x: [..., M, D]: the second-to-last axis holds the ``M`` tokens of a routed group and every leading axis
     indexes groups (``[B, L, D]``: one group per sequence, as in the paper; ``[B, D]``, e.g. the MLP
@@ -95,8 +96,10 @@ class SoftMoELayer(nn.Module):
     config: MoEConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, deterministic: bool = True) -> tuple[jax.Array, RoutingStats]:
-        del deterministic  # Soft MoE has no training-only behaviour (no noise, no capacity factor)
+    def __call__(self, x: jax.Array, ctx: LayerContext | None = None, *, deterministic: bool | None = None
+                 ) -> LayerOutput:
+        # Soft MoE has no training-only behaviour (no noise, no capacity factor), no k and no token router.
+        ctx = as_context(ctx, deterministic)
         cfg = self.config
         shape = x.shape
         if x.ndim < 2:
@@ -120,4 +123,4 @@ class SoftMoELayer(nn.Module):
         stats = RoutingStats(aux=AuxLosses.zeros(), dropped_fraction=zero, expert_load=share.mean(0),
                              router_entropy=mean_entropy(share), router_confidence=mean_confidence(share),
                              experts_per_token=jnp.asarray(e, jnp.float32), capacity=jnp.asarray(s, jnp.float32))
-        return y.reshape(shape).astype(x.dtype), stats
+        return LayerOutput(y.reshape(shape).astype(x.dtype), stats, ctx.router_logits)

@@ -78,10 +78,6 @@ def count_params(params: Any) -> int:
     return sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(params))
 
 
-# Routers whose number of experts per token varies between 1 and ``router.k`` (its maximum).
-DYNAMIC_K_ROUTERS = ("top_p", "threshold")
-
-
 @dataclasses.dataclass(frozen=True)
 class ParamCounts:
     """Parameter counts of a model: all of them, and those *applied to one token in one forward pass*.
@@ -172,14 +168,14 @@ def routed_active(spec: MoEConfig, d_model: int, num_tokens: int, train: bool = 
     if spec.layer in ("soft", "smear"):
         return e * p, float(e * p)
     iters = spec.resolved_chain_iterations if spec.layer == "chain" else 1
-    if spec.router.kind == "expert_choice":
+    if "token_choice" not in spec.router.options.offers:     # expert choice: C tokens per expert
         mean = spec.capacity(num_tokens, train) * e / num_tokens * p if iters == 1 else None
         return e * p, mean
     # The dearest choice of K outputs per iteration: FFN experts are shared by the iterations (at most E distinct),
     # constant experts belong to one iteration each; try every number m of constant-expert picks.
     c, per_iter = constant_expert_params(d_model), min(k, spec.constant_experts)
     most = max(p * min(e, iters * k - m) + c * m for m in range(iters * per_iter + 1))
-    fixed = (spec.num_zero_computation == 0 and (spec.router.kind not in DYNAMIC_K_ROUTERS or k == 1)
+    fixed = (spec.num_zero_computation == 0 and (not spec.router.options.dynamic_k or k == 1)
              and (iters == 1 or k == e))
     return most, float(most) if fixed else None
 

@@ -73,7 +73,7 @@ def moe_from_any(field: str, value: Any) -> MoEConfig:
 
 def _check_gating_residuals(specs: tuple[FFNSpec, ...]) -> None:
     """MoE++ gating residuals add the router logits of the most recent sparse/chain MoE layer (the models thread
-    them, see ``moejax.models.blocks.apply_ffn``) to a layer's own: both must have the same number of router
+    them through ``moejax.LayerContext.router_logits``) to a layer's own: both must have the same number of router
     outputs. Hash and random routers produce no logits, so the layer after one receives none."""
     prev: tuple[int, int] | None = None
     for i, spec in enumerate(specs):
@@ -83,7 +83,7 @@ def _check_gating_residuals(specs: tuple[FFNSpec, ...]) -> None:
             _fail(f"layers[{i}].router.gating_residual", True,
                   f"adds the router logits of {PREFIX}layers[{prev[0]}] ({prev[1]} router outputs) to this "
                   f"layer's, which has num_routed={spec.num_routed}")
-        prev = None if spec.router.kind in ("hash", "random") else (i, spec.num_routed)
+        prev = (i, spec.num_routed) if "learned" in spec.router.options.offers else None
 
 
 def _kwargs(cls: type, d: Mapping[str, Any]) -> dict[str, Any]:

@@ -5,7 +5,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from moejax.models.blocks import Encoder, check_moe_k, constrain
+from moejax.context import LayerContext
+from moejax.models.blocks import Encoder, constrain
 from moejax.models.config import LMConfig
 from moejax.routing.types import RoutingStats
 
@@ -36,7 +37,7 @@ class TransformerLM(nn.Module):
     training capacity factor.
 
     ``moe_k`` (static, optional): experts per token of every routed MoE FFN (``layer='sparse'`` or ``'chain'``),
-    clipped to each layer's number of router outputs (:func:`~moejax.models.blocks.layer_k`); None keeps each
+    clipped to each layer's number of router outputs (:class:`~moejax.layers.MoELayer` clips ``ctx.k``); None keeps each
     layer's ``router.k`` (SMoE-Dropout's inference-time k; ``ValueError`` naming ``moe_k`` unless None or >= 1).
     """
 
@@ -47,7 +48,7 @@ class TransformerLM(nn.Module):
                  moe_k: int | None = None) -> tuple[jax.Array, tuple[RoutingStats, ...]]:
         """tokens: int[B, L]; positions: int[L] or int[B, L] for the rotary embeddings (default arange(L))."""
         cfg = self.config
-        check_moe_k(moe_k)
+        ctx = LayerContext(token_ids=tokens, deterministic=deterministic, k=moe_k)   # checks moe_k first
         if tokens.ndim != 2:
             raise ValueError(f"tokens: expected int[B, L], got shape {tokens.shape}")
         embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=jnp.dtype(cfg.dtype),
@@ -57,8 +58,7 @@ class TransformerLM(nn.Module):
                          name="embed")
         x = constrain(embed(tokens))                                   # [B, L, D]
         x = nn.Dropout(cfg.dropout_rate, deterministic=deterministic)(x)
-        x, stats = Encoder(cfg, causal=True, rope_base=cfg.rope_base, name="decoder")(
-            x, deterministic=deterministic, positions=positions, moe_k=moe_k, token_ids=tokens)
+        x, stats = Encoder(cfg, causal=True, rope_base=cfg.rope_base, name="decoder")(x, ctx, positions)
         if cfg.tie_embeddings:
             logits = embed.attend(x)
         else:

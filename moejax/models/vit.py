@@ -5,7 +5,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from moejax.models.blocks import Encoder, check_moe_k, constrain, dense_init
+from moejax.context import LayerContext
+from moejax.models.blocks import Encoder, constrain, dense_init
 from moejax.models.config import ViTConfig
 from moejax.routing.types import RoutingStats
 
@@ -31,7 +32,7 @@ class ViTClassifier(nn.Module):
     ``head/kernel`` [D, num_classes] (embed, None).
 
     ``moe_k`` (static, optional): experts per token of every routed MoE FFN (``layer='sparse'`` or ``'chain'``),
-    clipped to each layer's number of router outputs (:func:`~moejax.models.blocks.layer_k`); None keeps each
+    clipped to each layer's number of router outputs (:class:`~moejax.layers.MoELayer` clips ``ctx.k``); None keeps each
     layer's ``router.k`` (SMoE-Dropout's inference-time k; ``ValueError`` naming ``moe_k`` unless None or >= 1).
     """
 
@@ -41,7 +42,7 @@ class ViTClassifier(nn.Module):
     def __call__(self, images: jax.Array, *, deterministic: bool = True,
                  moe_k: int | None = None) -> tuple[jax.Array, tuple[RoutingStats, ...]]:
         cfg = self.config
-        check_moe_k(moe_k)
+        ctx = LayerContext(deterministic=deterministic, k=moe_k)     # checks moe_k before anything is traced
         expected = (*cfg.image_size, cfg.channels)
         if images.ndim != 4 or tuple(images.shape[1:]) != expected:
             raise ValueError(f"images: expected [B, {', '.join(map(str, expected))}], got shape {images.shape}")
@@ -65,8 +66,7 @@ class ViTClassifier(nn.Module):
                          (x.shape[1], cfg.d_model), pdtype)
         x = constrain(x + pos.astype(dtype))
         x = nn.Dropout(cfg.dropout_rate, deterministic=deterministic)(x)
-        x, stats = Encoder(cfg, causal=False, rope_base=None, name="encoder")(x, deterministic=deterministic,
-                                                                                moe_k=moe_k)
+        x, stats = Encoder(cfg, causal=False, rope_base=None, name="encoder")(x, ctx)
         pooled = x[:, 0] if cfg.pooling == "cls" else x.mean(axis=1)   # [B, D]
         logits = nn.Dense(cfg.num_classes, dtype=dtype, param_dtype=pdtype, kernel_init=dense_init((None,)),
                           bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (None,)),

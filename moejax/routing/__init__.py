@@ -1,4 +1,8 @@
-"""Routing: pure functions from router scores to a typed ``Routing`` value, plus the learned router."""
+"""Routing: pure functions from router scores to a typed ``Routing`` value, plus the learned router.
+
+Router kinds and transforms are plug-ins (:mod:`moejax.routing.plugin`): importing this package registers the
+built-in ones (each kind next to its routing function, each transform in :mod:`moejax.routing.transforms`).
+"""
 from moejax.routing.attention import attention_router_logits
 from moejax.routing.balanced import (balanced_assignment, base_routing, capped_transport_plan, expert_slots,
                                      sinkhorn_plan, sinkhorn_routing, sparse_ot_routing)
@@ -8,6 +12,10 @@ from moejax.routing.fixed import consistency_loss, hash_routing, hash_scores, ra
 from moejax.routing.losses import (aux_free_bias_update, expert_fraction, importance_loss, load_balance_loss,
                                    mean_confidence, mean_entropy, router_z_loss)
 from moejax.routing.noise import drop_gates, gumbel_noise
+from moejax.routing import transforms
+from moejax.routing.config import RouterConfig
+from moejax.routing.plugin import (LayerFacts, RouteCall, RouterKind, Transform, register_router,
+                                   register_transform, router_kind, router_kinds)
 from moejax.routing.router import Router
 from moejax.routing.schedules import (SCHEDULES, layer_budget, schedule_weights, scheduled_moe_layers,
                                       smoe_dropout_k)
@@ -16,6 +24,8 @@ from moejax.routing.topk import finish_token_choice, limit_to_top_groups, scores
 from moejax.routing.types import AnyRouting, AuxLosses, ExpertChoiceRouting, Routing, RoutingStats
 
 __all__ = [
+    "LayerFacts", "RouteCall", "RouterConfig", "RouterKind", "Transform", "register_router", "register_transform",
+    "router_kind", "router_kinds", "transforms",
     "SCHEDULES", "attention_router_logits", "balanced_assignment", "base_routing", "capped_transport_plan",
     "expert_slots", "layer_budget", "schedule_weights", "scheduled_moe_layers", "sinkhorn_plan", "sinkhorn_routing",
     "sparse_ot_routing", "threshold_routing",

@@ -23,12 +23,15 @@ batch and a served token should not depend on its neighbours.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 
-from moejax.routing.topk import finish_token_choice, scores_from_logits
+from moejax.routing import plugin
+from moejax.routing.topk import check_weights, finish_token_choice, scores_from_logits, top_k_routing
 from moejax.routing.types import Routing
 
 
@@ -271,3 +274,108 @@ def sparse_ot_routing(logits: jax.Array, k: int, capacity: int, *, iterations: i
     expert_index = expert_index.astype(jnp.int32)
     weight, probs = _weights(logits, expert_index, valid, score, renormalize, routed_scaling)
     return finish_token_choice(logits, probs, expert_index, weight, valid)
+
+
+# ------------------------------------------------------------------------------------ the router kinds
+
+
+@dataclasses.dataclass(frozen=True)
+class _Balanced(plugin.RouterKind):
+    """Fields every balanced kind has: ``score`` and ``routed_scaling`` of the combine weights, and
+    ``balance_in_eval``: use the plan in evaluation too (default: greedy top-k of the scores, BASE's rule, so
+    that a served token's experts do not depend on its batch)."""
+
+    score: str = "softmax"
+    routed_scaling: float = 1.0
+    balance_in_eval: bool = False
+
+    def _check(self, renormalize: bool = False) -> None:
+        check_weights(self.score, renormalize, self.routed_scaling)
+        if not isinstance(self.balance_in_eval, bool):
+            plugin.fail("balance_in_eval", self.balance_in_eval, "must be a bool")
+
+    def _plan_iterations(self, iterations: object, temperature: object) -> None:
+        if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+            plugin.fail("balance_iterations", iterations, "must be an integer >= 1")
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+                or not math.isfinite(temperature) or temperature <= 0:
+            plugin.fail("balance_temperature", temperature, "must be a finite number > 0")
+
+    def route(self, logits: jax.Array, call: plugin.RouteCall) -> Routing:
+        if call.train or self.balance_in_eval:
+            return self.balanced(logits, call)
+        return top_k_routing(logits, call.k, score=self.score, renormalize=getattr(self, "renormalize", False),
+                             routed_scaling=self.routed_scaling)
+
+    def balanced(self, logits: jax.Array, call: plugin.RouteCall) -> Routing:
+        raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True)
+class _EntropicPlan(_Balanced):
+    """The fields of the kinds whose plan is an entropic transport solved iteratively (``sinkhorn``, ``sparse_ot``):
+    ``renormalize`` of the kept weights, ``balance_iterations`` and ``balance_temperature`` of the solver."""
+
+    renormalize: bool = False
+    balance_iterations: int = 20
+    balance_temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        self._check(self.renormalize)
+        self._plan_iterations(self.balance_iterations, self.balance_temperature)
+
+
+@plugin.register_router
+@dataclasses.dataclass(frozen=True)
+class Sinkhorn(_EntropicPlan):
+    """``sinkhorn`` (S-BASE): top-k of a Sinkhorn-balanced plan (:func:`sinkhorn_routing`) in training."""
+
+    name: ClassVar[str] = "sinkhorn"
+
+    def balanced(self, logits: jax.Array, call: plugin.RouteCall) -> Routing:
+        return sinkhorn_routing(logits, call.k, iterations=self.balance_iterations,
+                                temperature=self.balance_temperature, score=self.score,
+                                renormalize=self.renormalize, routed_scaling=self.routed_scaling)
+
+
+@plugin.register_router
+@dataclasses.dataclass(frozen=True)
+class Base(_Balanced):
+    """``base`` (BASE layers): a balanced linear assignment, exactly ``T/E`` tokens per expert, ``k=1``."""
+
+    name: ClassVar[str] = "base"
+
+    def __post_init__(self) -> None:
+        self._check()
+
+    def check_router(self, k: int) -> None:
+        if k != 1:
+            plugin.fail("k", k, "kind='base' assigns exactly one expert per token (k=1)")
+
+    def balanced(self, logits: jax.Array, call: plugin.RouteCall) -> Routing:
+        return base_routing(logits, score=self.score, routed_scaling=self.routed_scaling)
+
+
+@plugin.register_router
+@dataclasses.dataclass(frozen=True)
+class SparseOT(_EntropicPlan):
+    """``sparse_ot``: capacity-bounded OT, at most ``C`` tokens per expert (:func:`sparse_ot_routing`); needs a
+    capacity factor >= 1 (or None) wherever it routes with its plan."""
+
+    name: ClassVar[str] = "sparse_ot"
+
+    def check_layer(self, layer: plugin.LayerFacts) -> None:
+        super().check_layer(layer)
+        # The capped plan needs E * C >= T * k, i.e. a capacity factor >= 1.
+        names = ("capacity_factor", "eval_capacity_factor") if self.balance_in_eval else ("capacity_factor",)
+        for name, cf in zip(names, layer.capacity_factors):
+            if cf is not None and cf < 1:
+                raise ValueError(f"dispatch.{name}={cf!r}: router.kind='sparse_ot' needs a capacity factor >= 1 "
+                                 f"(or None)")
+
+    def balanced(self, logits: jax.Array, call: plugin.RouteCall) -> Routing:
+        if call.capacity is None:
+            raise ValueError("capacity: router.kind='sparse_ot' needs the expert capacity C")
+        return sparse_ot_routing(logits, call.k, call.capacity, iterations=self.balance_iterations,
+                                 temperature=self.balance_temperature, score=self.score,
+                                 renormalize=self.renormalize, routed_scaling=self.routed_scaling)

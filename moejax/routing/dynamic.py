@@ -29,7 +29,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from moejax.routing.topk import finish_token_choice
+import dataclasses
+from typing import ClassVar
+
+from moejax.routing import plugin
+from moejax.routing.topk import check_weights, finish_token_choice
 from moejax.routing.types import Routing
 
 
@@ -41,6 +45,7 @@ def top_p_routing(
     renormalize: bool = False,
     routed_scaling: float = 1.0,
     selection_noise: jax.Array | None = None,
+    order_logits: jax.Array | None = None,
 ) -> Routing:
     """Per token, the fewest experts (by descending probability) whose probabilities sum to ``>= p``.
 
@@ -51,6 +56,8 @@ def top_p_routing(
       renormalize: weights = kept probabilities divided by their sum (default: the raw probabilities).
       routed_scaling: multiplies the final weights.
       selection_noise: optional float32[T, E] added to the logits to order the experts (not to weigh them).
+      order_logits: optional float32[T, E] logits that order the experts instead (e.g. already noisy); no
+        gradient flows through them.
 
     Returns:
       ``Routing`` with expert_index int32[T, K] in descending (noisy) probability, weight float32[T, K]
@@ -63,7 +70,9 @@ def top_p_routing(
         raise ValueError(f"router.top_p={p}: must be in (0, 1]")
     logits = logits.astype(jnp.float32)
     probs = jax.nn.softmax(logits, axis=-1)
-    order_by = probs if selection_noise is None else logits + jax.lax.stop_gradient(selection_noise)
+    if selection_noise is not None:
+        order_logits = logits + jax.lax.stop_gradient(selection_noise)
+    order_by = probs if order_logits is None else jax.lax.stop_gradient(order_logits)
     _, expert_index = jax.lax.top_k(order_by, max_k)
     weight = jnp.take_along_axis(probs, expert_index, axis=-1)
     mass_before = jax.lax.stop_gradient(jnp.cumsum(weight, axis=-1) - weight)
@@ -80,3 +89,30 @@ def active_experts_histogram(valid: jax.Array) -> jax.Array:
     k = valid.shape[-1]
     counts = valid.sum(-1)
     return jax.nn.one_hot(counts, k + 1, dtype=jnp.float32).mean(0)
+
+
+@plugin.register_router
+@dataclasses.dataclass(frozen=True)
+class TopP(plugin.RouterKind):
+    """``top_p``: each token takes the fewest experts whose softmax probability reaches ``top_p`` (required, in
+    ``(0, 1]``), at most ``router.k`` (:func:`top_p_routing`). Takes Gumbel noise on the ordering logits."""
+
+    name: ClassVar[str] = "top_p"
+    offers: ClassVar[frozenset[str]] = frozenset({plugin.LEARNED, plugin.TOKEN_CHOICE, plugin.SELECTION_LOGITS})
+    dynamic_k: ClassVar[bool] = True
+    top_p: float | None = None
+    renormalize: bool = False
+    routed_scaling: float = 1.0
+
+    def __post_init__(self) -> None:
+        p = self.top_p
+        if p is None:
+            plugin.fail("top_p", p, "required for router.kind='top_p'")
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 < p <= 1.0:
+            plugin.fail("top_p", p, "must be in (0, 1]")
+        check_weights("softmax", self.renormalize, self.routed_scaling)
+
+    def route(self, logits: jax.Array, call: plugin.RouteCall) -> Routing:
+        noisy = call.selection_logits(logits)
+        return top_p_routing(logits, self.top_p, call.k, renormalize=self.renormalize,
+                             routed_scaling=self.routed_scaling, order_logits=None if noisy is logits else noisy)

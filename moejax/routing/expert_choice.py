@@ -1,10 +1,13 @@
 """Expert-choice routing (Zhou et al. 2022, "Mixture-of-Experts with Expert Choice Routing")."""
 from __future__ import annotations
 
+import dataclasses
+from typing import ClassVar
+
 import jax
 import jax.numpy as jnp
 
-from moejax.routing import losses
+from moejax.routing import losses, plugin
 from moejax.routing.types import AuxLosses, ExpertChoiceRouting
 
 
@@ -42,3 +45,18 @@ def expert_choice_routing(logits: jax.Array, capacity: int) -> ExpertChoiceRouti
         token_index=token_index.astype(jnp.int32), weight=weight, valid=valid, probs=probs, aux=aux,
         expert_load=load, entropy=losses.mean_entropy(probs), confidence=losses.mean_confidence(probs),
         num_tokens=t)
+
+
+@plugin.register_router
+@dataclasses.dataclass(frozen=True)
+class ExpertChoice(plugin.RouterKind):
+    """``expert_choice``: each expert takes its top-``C`` tokens (:func:`expert_choice_routing`); ``router.k`` is the
+    average number of experts per token, so ``C = ceil(capacity_factor * T * k / E)``. No own fields."""
+
+    name: ClassVar[str] = "expert_choice"
+    offers: ClassVar[frozenset[str]] = frozenset({plugin.LEARNED})
+
+    def route(self, logits: jax.Array, call: plugin.RouteCall) -> ExpertChoiceRouting:
+        if call.capacity is None:
+            raise ValueError("capacity: expert-choice routing needs the expert capacity C")
+        return expert_choice_routing(logits, call.capacity)

@@ -8,10 +8,13 @@ because there are no logits.
 """
 from __future__ import annotations
 
+import dataclasses
+from typing import ClassVar
+
 import jax
 import jax.numpy as jnp
 
-from moejax.routing import losses
+from moejax.routing import losses, plugin
 from moejax.routing.types import AuxLosses, Routing
 
 
@@ -115,3 +118,44 @@ def consistency_loss(logits_a: jax.Array, logits_b: jax.Array) -> jax.Array:
     kl_ab = jnp.sum(jnp.exp(la) * (la - lb), axis=-1)
     kl_ba = jnp.sum(jnp.exp(lb) * (lb - la), axis=-1)
     return jnp.mean(0.5 * (kl_ab + kl_ba))
+
+
+def _check_seed(seed: object) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        plugin.fail("seed", seed, "must be an integer >= 0")
+
+
+@plugin.register_router
+@dataclasses.dataclass(frozen=True)
+class Hash(plugin.RouterKind):
+    """``hash`` (Roller et al. 2021): a fixed hash (``seed``) of each token's id (:func:`hash_routing`); without
+    token ids in the call, of the token's index in the routed group. Nothing is learned."""
+
+    name: ClassVar[str] = "hash"
+    offers: ClassVar[frozenset[str]] = frozenset({plugin.TOKEN_CHOICE})
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_seed(self.seed)
+
+    def route(self, logits: None, call: plugin.RouteCall) -> Routing:
+        ids = jnp.arange(call.num_tokens) if call.token_ids is None else call.token_ids.reshape(-1)
+        return hash_routing(ids, call.num_experts, call.k, seed=self.seed)
+
+
+@plugin.register_router
+@dataclasses.dataclass(frozen=True)
+class Random(plugin.RouterKind):
+    """``random`` (THOR's stochastic experts): uniformly random experts per token, in training and evaluation
+    (:func:`random_routing`), from the ``'jitter'`` RNG, or a fixed draw from ``seed`` when the call has none."""
+
+    name: ClassVar[str] = "random"
+    offers: ClassVar[frozenset[str]] = frozenset({plugin.TOKEN_CHOICE})
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_seed(self.seed)
+
+    def route(self, logits: None, call: plugin.RouteCall) -> Routing:
+        key = call.module.make_rng("jitter") if call.module.has_rng("jitter") else jax.random.key(self.seed)
+        return random_routing(key, call.num_tokens, call.num_experts, call.k)

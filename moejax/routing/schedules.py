@@ -101,7 +101,7 @@ def scheduled_moe_layers(base: Any, schedule: str, total_experts: int, num_layer
     routing, or the fixed k of top-k) or, when ``total_k`` is None, ``min(base.router.k, num_experts)``.
 
     Raises ``ValueError`` naming ``total_experts``/``total_k``/``schedule``/``num_layers``; ``total_k`` must
-    give every layer ``k <= num_experts``. Use ``dataclasses.asdict`` on the results to put them in an
+    give every layer ``k <= num_experts``. Use ``MoEConfig.to_dict`` on the results to put them in an
     ``ml_collections`` config.
     """
     import dataclasses

@@ -22,10 +22,15 @@ active prefix, so dispatch and the oracle apply unchanged.
 """
 from __future__ import annotations
 
+import dataclasses
+import math
+from typing import ClassVar
+
 import jax
 import jax.numpy as jnp
 
-from moejax.routing.topk import finish_token_choice, scores_from_logits
+from moejax.routing import plugin
+from moejax.routing.topk import check_weights, finish_token_choice, scores_from_logits
 from moejax.routing.types import Routing
 
 THRESHOLD_MODES = ("probability", "percentile")
@@ -63,3 +68,36 @@ def threshold_routing(logits: jax.Array, threshold: float, max_k: int, *, mode: 
         weight = weight / (weight.sum(-1, keepdims=True) + 1e-20)
     probs = scores if score == "softmax" else scores / scores.sum(-1, keepdims=True)
     return finish_token_choice(logits, probs, expert_index.astype(jnp.int32), weight * routed_scaling, valid)
+
+
+@plugin.register_router
+@dataclasses.dataclass(frozen=True)
+class Threshold(plugin.RouterKind):
+    """``threshold`` (DynaMoE): every expert whose score reaches ``threshold`` (required), 1 to ``router.k`` per
+    token; ``threshold_mode`` ``probability`` (``threshold`` in ``(0, 1]``) or ``percentile`` (in ``(0, 100)``)."""
+
+    name: ClassVar[str] = "threshold"
+    dynamic_k: ClassVar[bool] = True
+    threshold: float | None = None
+    threshold_mode: str = "probability"
+    score: str = "softmax"
+    renormalize: bool = False
+    routed_scaling: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.threshold_mode not in THRESHOLD_MODES:
+            plugin.fail("threshold_mode", self.threshold_mode, f"must be one of {list(THRESHOLD_MODES)}")
+        th = self.threshold
+        if th is None:
+            plugin.fail("threshold", th, "required for router.kind='threshold'")
+        if isinstance(th, bool) or not isinstance(th, (int, float)) or not math.isfinite(th):
+            plugin.fail("threshold", th, "must be a number")
+        if self.threshold_mode == "probability" and not 0.0 < th <= 1.0:
+            plugin.fail("threshold", th, "must be in (0, 1] for threshold_mode='probability'")
+        if self.threshold_mode == "percentile" and not 0.0 < th < 100.0:
+            plugin.fail("threshold", th, "must be in (0, 100) for threshold_mode='percentile'")
+        check_weights(self.score, self.renormalize, self.routed_scaling)
+
+    def route(self, logits: jax.Array, call: plugin.RouteCall) -> Routing:
+        return threshold_routing(logits, self.threshold, call.k, mode=self.threshold_mode, score=self.score,
+                                 renormalize=self.renormalize, routed_scaling=self.routed_scaling)

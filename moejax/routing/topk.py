@@ -1,11 +1,17 @@
 """Token-choice top-k routing (Switch, GShard, Mixtral, Qwen-MoE, DeepSeek-V2/V3 variants)."""
 from __future__ import annotations
 
+import dataclasses
+import math
+from typing import ClassVar
+
 import jax
 import jax.numpy as jnp
 
-from moejax.routing import losses
+from moejax.routing import losses, plugin
 from moejax.routing.types import AuxLosses, Routing
+
+SCORES = ("softmax", "sigmoid")
 
 
 def scores_from_logits(logits: jax.Array, score: str) -> jax.Array:
@@ -84,6 +90,15 @@ def top_k_routing(
         select = select + jax.lax.stop_gradient(selection_bias.astype(jnp.float32))
     if top_groups is not None and top_groups < num_groups:
         select = limit_to_top_groups(select, num_groups, top_groups, group_score)
+    return top_k_of_selection(logits, scores, select, k, score=score, renormalize=renormalize,
+                              routed_scaling=routed_scaling)
+
+
+def top_k_of_selection(logits: jax.Array, scores: jax.Array, select: jax.Array, k: int, *, score: str,
+                       renormalize: bool, routed_scaling: float) -> Routing:
+    """The top-k rule once the selection scores are known: experts = top-k of ``select`` float32[T, E], weights
+    from ``scores`` float32[T, E] (``score``'s affinities of ``logits``), optionally renormalised and scaled."""
+    t = logits.shape[0]
     _, expert_index = jax.lax.top_k(select, k)
     weight = jnp.take_along_axis(scores, expert_index, axis=-1)
     if renormalize:
@@ -112,3 +127,46 @@ def finish_token_choice(logits: jax.Array, probs: jax.Array, expert_index: jax.A
         expert_index=expert_index, weight=weight, valid=valid, probs=probs, aux=aux,
         expert_load=losses.expert_fraction(expert_index, valid, e),
         entropy=losses.mean_entropy(probs), confidence=losses.mean_confidence(probs), num_experts=e)
+
+
+def check_weights(score: str, renormalize: bool, routed_scaling: float) -> None:
+    """Validates the combine-weight fields that several router kinds share (``router.score`` etc.)."""
+    if score not in SCORES:
+        plugin.fail("score", score, f"must be one of {list(SCORES)}")
+    if not isinstance(renormalize, bool):
+        plugin.fail("renormalize", renormalize, "must be a bool")
+    if isinstance(routed_scaling, bool) or not isinstance(routed_scaling, (int, float)) \
+            or not math.isfinite(routed_scaling) or routed_scaling <= 0:
+        plugin.fail("routed_scaling", routed_scaling, "must be a finite number > 0")
+
+
+@plugin.register_router
+@dataclasses.dataclass(frozen=True)
+class TopK(plugin.RouterKind):
+    """``topk``: each token takes its ``k`` highest-scoring experts (Switch, GShard, Mixtral, Qwen, DeepSeek).
+
+    ``score``: ``softmax`` over experts or per-expert ``sigmoid`` (DeepSeek-V3); ``renormalize``: the chosen
+    weights sum to one (Mixtral/Qwen) instead of the raw scores (Switch/GShard); ``routed_scaling``: multiplies
+    the weights (DeepSeek-V3). Takes every transform: Gumbel noise on the selection logits, selection bias and
+    group limits on the selection scores.
+    """
+
+    name: ClassVar[str] = "topk"
+    offers: ClassVar[frozenset[str]] = frozenset({plugin.LEARNED, plugin.TOKEN_CHOICE, plugin.SELECTION_LOGITS,
+                                                  plugin.SELECTION_SCORES})
+    score: str = "softmax"
+    renormalize: bool = False
+    routed_scaling: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_weights(self.score, self.renormalize, self.routed_scaling)
+
+    def route(self, logits: jax.Array, call: plugin.RouteCall) -> Routing:
+        t, e = logits.shape
+        if not 1 <= call.k <= e:
+            raise ValueError(f"router.k={call.k}: must be in [1, num_experts={e}]")
+        scores = scores_from_logits(logits, self.score)
+        noisy = call.selection_logits(logits)
+        select = scores if noisy is logits else scores_from_logits(noisy, self.score)
+        return top_k_of_selection(logits, scores, call.selection_scores(select), call.k, score=self.score,
+                                  renormalize=self.renormalize, routed_scaling=self.routed_scaling)

@@ -43,7 +43,7 @@ offsets (into one sublane of a VMEM tile) and SMEM scalars. The index tables are
 ``T * K`` is bounded by the SMEM of the TPU generation; larger plans would need the tables blocked per row tile. Under ``shard_map`` the result type
 names the mesh axes it varies along; interpret mode is refused there, since jax 0.10.2's interpreter loses those
 axes in its grid loop. Triton (GPU) has no scalar prefetch or DMA: GPU has its own Triton kernels
-(:mod:`moejax.kernels.dispatch_gpu`).
+(:mod:`moejax.kernels.capacity_pallas_triton`).
 """
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from .gmm import _round_up
+from .gmm_pallas_mosaic import _round_up
 
 RowTiling = tuple[int, int]
 # 8 rows fill the sublanes of one float32 vreg; (8, 512) keeps gather_sum's float32 accumulator at four vregs.

@@ -1,7 +1,7 @@
 """Capacity dispatch and combine as two Pallas **Triton** (GPU) row-gather kernels, with custom VJPs.
 
-The GPU twin of :mod:`moejax.kernels.dispatch`, with the same public semantics (read its docstring): one int32
-table ``slot_of_copy[T, K]`` holds the flat slot ``e * C + c`` of every token copy (anything outside ``[0, S)``
+The GPU twin of :mod:`moejax.kernels.capacity_pallas_mosaic`, with the same public semantics (read its docstring):
+one int32 table ``slot_of_copy[T, K]`` holds the flat slot ``e * C + c`` of every token copy (anything outside ``[0, S)``
 for a dropped copy; in-range entries distinct), and two kernels do both directions and all the VJPs:
 
 * :func:`gather_rows_triton` ``(x[T, D], src[R], scale[R]) -> [R, D]``, ``out[r] = scale[r] * x[src[r]]``;
@@ -10,7 +10,8 @@ for a dropped copy; in-range entries distinct), and two kernels do both directio
 
 :func:`capacity_dispatch_triton` and :func:`capacity_combine_triton` wrap them in custom VJPs built exactly as the
 Mosaic module builds its own (x, y and weight get gradients; first order only), on that module's plan helpers
-(:func:`~moejax.kernels.dispatch.slot_tokens`, :func:`~moejax.kernels.dispatch.slot_values` and the private
+(:func:`~moejax.kernels.capacity_pallas_mosaic.slot_tokens`,
+:func:`~moejax.kernels.capacity_pallas_mosaic.slot_values` and the private
 ``_check_plan``, ``_check_2d``, ``_in_range``, ``_out_shape``, imported rather than copied so that the two kernel
 families cannot drift apart on what a plan means).
 
@@ -53,8 +54,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 # Private helpers of the Mosaic module, imported on purpose (one definition of plans and argument checks).
-from .dispatch import _check_2d, _check_plan, _in_range, _out_shape, live_entries_first, slot_tokens, slot_values
-from .gmm import _round_up
+from .capacity_pallas_mosaic import (_check_2d, _check_plan, _in_range, _out_shape, live_entries_first, slot_tokens,
+                                     slot_values)
+from .gmm_pallas_mosaic import _round_up
 
 TritonTiling = tuple[int, int]
 DEFAULT_TRITON_TILING: TritonTiling = (64, 128)

@@ -14,7 +14,7 @@ The kernels use the TPU grid spec (scalar prefetch of the work-item tables), the
 They are tested in interpret mode on CPU, and their Mosaic (TPU) lowering is tested on CPU by lowering for
 ``tpu`` (``tests/test_kernel_lowering.py``: the kernel bodies become Mosaic MLIR that passes its verifier); they
 have never been compiled by the TPU compiler nor run on a TPU here. Pallas' GPU lowerings refuse scalar
-prefetch, so GPU has its own Triton kernels (:mod:`moejax.kernels.gmm_gpu`).
+prefetch, so GPU has its own Triton kernels (:mod:`moejax.kernels.gmm_pallas_triton`).
 """
 from __future__ import annotations
 
@@ -121,7 +121,7 @@ def _gmm_kernel(tile_ref, group_ref, lo_ref, hi_ref, lhs_ref, rhs_ref, out_ref, 
         out_ref[...] = jnp.where(mask, acc_ref[...].astype(out_ref.dtype), out_ref[...])
 
 
-def gmm_pallas(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, tiling: Tiling = DEFAULT_TILING,
+def gmm_mosaic(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, tiling: Tiling = DEFAULT_TILING,
                interpret: bool = False, preferred_element_type: jnp.dtype | None = None) -> jax.Array:
     """Forward grouped matmul kernel, no VJP: lhs[M, K] @ rhs[E, K, N] by groups -> [M, N].
 
@@ -188,7 +188,7 @@ def _tgmm_kernel(tile_ref, group_ref, lo_ref, hi_ref, lhs_ref, grad_ref, out_ref
         out_ref[0] = acc_ref[...].astype(out_ref.dtype)
 
 
-def tgmm_pallas(lhs: jax.Array, grad: jax.Array, group_sizes: jax.Array, *, tiling: Tiling = DEFAULT_TILING,
+def tgmm_mosaic(lhs: jax.Array, grad: jax.Array, group_sizes: jax.Array, *, tiling: Tiling = DEFAULT_TILING,
                 interpret: bool = False, preferred_element_type: jnp.dtype | None = None) -> jax.Array:
     """Transposed grouped matmul kernel: ``out[e] = lhs[group e]^T @ grad[group e]``; lhs[M, K], grad[M, N] -> [E, K, N].
 
@@ -233,7 +233,7 @@ def tgmm_pallas(lhs: jax.Array, grad: jax.Array, group_sizes: jax.Array, *, tili
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def _gmm(lhs, rhs, group_sizes, tiling, interpret, preferred_element_type):
-    return gmm_pallas(lhs, rhs, group_sizes, tiling=tiling, interpret=interpret,
+    return gmm_mosaic(lhs, rhs, group_sizes, tiling=tiling, interpret=interpret,
                       preferred_element_type=preferred_element_type)
 
 
@@ -246,10 +246,10 @@ def _gmm_bwd(tiling, interpret, preferred_element_type, res, g):
     del preferred_element_type
     lhs, rhs, group_sizes = res
     # d lhs: each row's cotangent times its group's weight transposed; rows past all groups get zeros.
-    d_lhs = gmm_pallas(g.astype(lhs.dtype), jnp.swapaxes(rhs, 1, 2).astype(lhs.dtype), group_sizes,
+    d_lhs = gmm_mosaic(g.astype(lhs.dtype), jnp.swapaxes(rhs, 1, 2).astype(lhs.dtype), group_sizes,
                        tiling=(tiling[0], tiling[2], tiling[1]), interpret=interpret,
                        preferred_element_type=lhs.dtype)
-    d_rhs = tgmm_pallas(lhs, g.astype(lhs.dtype), group_sizes, tiling=tiling, interpret=interpret,
+    d_rhs = tgmm_mosaic(lhs, g.astype(lhs.dtype), group_sizes, tiling=tiling, interpret=interpret,
                         preferred_element_type=rhs.dtype)
     return d_lhs, d_rhs, None
 
@@ -277,6 +277,11 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, tiling: Tilin
 
 def tgmm(lhs: jax.Array, grad: jax.Array, group_sizes: jax.Array, *, tiling: Tiling = DEFAULT_TILING,
          interpret: bool = False, preferred_element_type: jnp.dtype | None = None) -> jax.Array:
-    """Transposed grouped matmul lhs[M, K], grad[M, N] -> [E, K, N] (see :func:`tgmm_pallas`)."""
-    return tgmm_pallas(lhs, grad, group_sizes, tiling=tuple(int(t) for t in tiling), interpret=interpret,
+    """Transposed grouped matmul lhs[M, K], grad[M, N] -> [E, K, N] (see :func:`tgmm_mosaic`)."""
+    return tgmm_mosaic(lhs, grad, group_sizes, tiling=tuple(int(t) for t in tiling), interpret=interpret,
                        preferred_element_type=preferred_element_type)
+
+
+# The forward kernels' former names (``moejax.kernels.gmm_pallas`` is public).
+gmm_pallas = gmm_mosaic
+tgmm_pallas = tgmm_mosaic

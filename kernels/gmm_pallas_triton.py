@@ -1,6 +1,7 @@
 """Grouped matmul (``gmm``) and its transpose (``tgmm``) as Pallas Triton kernels for GPU.
 
-Same semantics as :func:`moejax.kernels.gmm.gmm_pallas` / ``tgmm_pallas``: rows of ``lhs[M, K]`` come in
+Same semantics as the Mosaic kernels :func:`moejax.kernels.gmm_pallas_mosaic.gmm_mosaic` /
+``tgmm_mosaic``: rows of ``lhs[M, K]`` come in
 contiguous groups of ``group_sizes[E]`` rows (``s_e`` the exclusive prefix sum); group ``e`` is multiplied by
 ``rhs[e]``; rows at or past ``sum(group_sizes)`` belong to no group (zeros in the output, ignored by ``tgmm``).
 Accumulation is float32 in registers.
@@ -31,7 +32,7 @@ power of two.
 
 Under ``shard_map`` (expert parallelism, check_vma) the results carry the operands' varying mesh axes, so the
 kernels lower there too; the interpreter cannot run there with check_vma (a clear error, as for the dispatch
-kernels of :mod:`moejax.kernels.dispatch`).
+kernels of :mod:`moejax.kernels.capacity_pallas_mosaic`).
 
 Dot precision: ``precision=None`` follows ``jax.default_matmul_precision`` at trace time, as XLA's dots do.
 Unset (or ``DEFAULT``/``HIGH``), float32 operands go through TF32 tensor cores, the Pallas Triton default;
@@ -56,7 +57,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from .dispatch import varying_axes
+from .capacity_pallas_mosaic import varying_axes
 
 Tiling = tuple[int, int, int]
 # gmm: (rows, contraction chunk, output columns); tgmm: (row chunk = contraction, output K, output N).

@@ -1,0 +1,19 @@
+"""The grouped matmul operation, one file per backend (see :mod:`moejax.dispatch.backends`).
+
+================  ==================================================  ===========================================
+backend           what                                                platforms
+================  ==================================================  ===========================================
+``bulk``          XLA slabs + tile-aligned overflow, fused FFN form   any (``auto`` on CPU)
+``padded``        XLA tile-aligned blocks, hand-written VJP           any
+``blocked``       XLA scan over (row tile, group) items               any (``auto`` elsewhere)
+``ragged_dot``    ``jax.lax.ragged_dot``                              any (``auto`` on GPU/TPU; dense on CPU)
+``pallas_mosaic`` Pallas Mosaic kernels (``pallas`` on TPU and CPU)   TPU; the Pallas interpreter on CPU
+``pallas_triton`` Pallas Triton kernels (``pallas`` on GPU)           GPU; the Pallas interpreter on CPU
+``reference``     per-expert loop (E times the work)                  any
+================  ==================================================  ===========================================
+"""
+from moejax.dispatch.backends.gmm.base import GMM, GmmBackend, register_gmm_backend, select_gmm
+from moejax.dispatch.backends.gmm import (blocked, bulk, padded, pallas_mosaic, pallas_triton,  # noqa: F401 (register)
+                                          ragged_dot, reference)
+
+__all__ = ["GMM", "GmmBackend", "register_gmm_backend", "select_gmm"]

@@ -1,0 +1,68 @@
+"""The grouped matmul operation: its backend type and its registry.
+
+``gmm(lhs[M, K], rhs[E, K, N], group_sizes[E]) -> out[M, N]``: rows ``[s_e, s_e + group_sizes[e])`` of ``lhs``
+(``s_e`` the exclusive prefix sum) are multiplied by ``rhs[e]``. Rows at or past ``sum(group_sizes)`` belong to no
+group and come out as zeros; so do their gradients, and an empty group's weight gradient is exactly zero.
+Accumulation is in float32; the result has ``lhs``'s dtype. ``tests/gmm_contract.py`` is this contract as a test
+class, subclassed per backend in ``tests/test_gmm_backends.py``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable
+
+import jax
+
+from moejax.dispatch.backends.registry import ANY, Backend, Operation
+
+
+@dataclasses.dataclass(frozen=True)
+class GmmBackend(Backend):
+    """A grouped matmul backend.
+
+    fn: ``(lhs, rhs, group_sizes[, tile=][, interpret=]) -> out``; takes_tile: ``fn`` (and ``fused_ffn``) take the
+    row tile ``tile=`` (``dispatch.gmm_tile``); fused_ffn: ``(x[M, D], stacked params, group_sizes, expert_fn[,
+    tile=]) -> y``, the same layout running a whole expert FFN at once (the MoE layer's experts then use it).
+    """
+
+    fn: Callable[..., jax.Array]
+    takes_tile: bool = dataclasses.field(default=False, kw_only=True)
+    fused_ffn: Callable[..., jax.Array] | None = dataclasses.field(default=None, kw_only=True)
+
+    def _kwargs(self, platform: str, tile: int) -> dict:
+        return {**self._interpret_kwargs(platform), **({"tile": tile} if self.takes_tile else {})}
+
+    def bind(self, platform: str, tile: int = 128) -> Callable[[jax.Array, jax.Array, jax.Array], jax.Array]:
+        """``fn`` as a plain ``(lhs, rhs, group_sizes) -> out`` for ``platform`` with row tile ``tile``."""
+        kwargs = self._kwargs(platform, tile)
+        return functools.partial(self.fn, **kwargs) if kwargs else self.fn
+
+    def bind_fused(self, platform: str, tile: int = 128) -> Callable[..., jax.Array] | None:
+        """``fused_ffn`` bound like :meth:`bind`, or None if the backend has none."""
+        if self.fused_ffn is None:
+            return None
+        kwargs = self._kwargs(platform, tile)
+        return functools.partial(self.fused_ffn, **kwargs) if kwargs else self.fused_ffn
+
+
+# Aliases: ``auto`` is the measured default per platform (benchmarks/results/): bulk on CPU, where ragged_dot is a
+# dense matmul over all experts; ragged_dot on GPU/TPU until a measurement says a Pallas kernel is faster; blocked
+# anywhere else. ``pallas`` is the Pallas kernel of the platform (Mosaic interpreted on CPU).
+GMM = Operation(
+    "dispatch.gmm", "grouped matmul",
+    aliases={"auto": {"cpu": ("bulk", "blocked"), "gpu": ("ragged_dot", "blocked"), "tpu": ("ragged_dot", "blocked"),
+                      ANY: ("blocked",)},
+             "pallas": {"tpu": ("pallas_mosaic",), "gpu": ("pallas_triton",), "cpu": ("pallas_mosaic",)}},
+    hint="'auto'")
+
+
+def register_gmm_backend(backend: GmmBackend, *, prefer_for: tuple[str, ...] = ()) -> GmmBackend:
+    """Makes ``backend`` selectable as ``dispatch.gmm=backend.name``; ``prefer_for``: platforms where ``auto`` tries
+    it first (e.g. an optional kernel library, after measuring it faster there). Returns the backend."""
+    return GMM.register(backend, prefer_for=prefer_for)
+
+
+def select_gmm(name: str, platform: str | None = None) -> GmmBackend:
+    """The grouped matmul backend for ``dispatch.gmm=name`` on ``platform`` (default: jax's backend), logged once."""
+    return GMM.select(name, platform)

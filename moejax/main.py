@@ -57,6 +57,8 @@ def run(argv: list[str] | None = None) -> None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     _OVERRIDES[:] = overrides
+    from moejax.training.loop import install_sigterm_handler
+    install_sigterm_handler()     # a SIGTERM while the config, data or checkpoint load still leads to exit 143
     sys.argv = rest          # config_flags reads sys.argv itself for --config.* overrides of written fields
     app.run(main, argv=rest)
 

@@ -201,23 +201,8 @@ def _wait_for(predicate, proc, timeout=240):
     raise AssertionError("timed out")
 
 
-def test_sigkill_and_restart_gives_identical_parameters(tmp_path, data_dir):
-    common = ("--config.train.steps=60", "--config.train.checkpoint_every=3", "--config.train.log_every=3",
-              "--config.train.eval_every=1000", "--config.train.keep_checkpoints=2")
-    subprocess.run(_main_cmd(tmp_path / "straight", data_dir, *common), check=True, capture_output=True, timeout=300)
-    work = tmp_path / "killed"
-    proc = subprocess.Popen(_main_cmd(work, data_dir, *common), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    ckpts = work / "checkpoints"
-    _wait_for(lambda: ckpts.exists() and any(p.name.isdigit() and int(p.name) >= 9 for p in ckpts.iterdir()), proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
-    killed_at = max(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
-    assert killed_at < 60, "the run finished before it could be killed"
-    out = subprocess.run(_main_cmd(work, data_dir, *common), check=True, capture_output=True, text=True, timeout=300)
-    assert "final step 60" in out.stdout and "layer 1: expert load" in out.stdout
-    assert_same_params(tmp_path / "straight", work)
+# SIGKILL and restart: tests/test_trainer_safety.py's chaos test (three random SIGKILLs and a corrupted checkpoint
+# in one run, ending bit-identical to an uninterrupted run) covers what a single kill here did.
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_143(tmp_path, data_dir):

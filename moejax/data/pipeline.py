@@ -101,8 +101,8 @@ class DataConfig:
             v = getattr(self, f)
             if (v is not None or f == "batch_size") and (not _is_int(v) or v < 1):
                 _fail(f, v, "must be an integer >= 1" + ("" if f == "batch_size" else " or None"))
-        if not _is_int(self.seed):
-            _fail("seed", self.seed, "must be an integer")
+        if not _is_int(self.seed) or self.seed < 0:
+            _fail("seed", self.seed, "must be an integer >= 0")
         for f in ("data_dir", "eval_split", "input_key", "label_key", "text_key"):
             v = getattr(self, f)
             if v is not None and (not isinstance(v, str) or not v):
@@ -227,11 +227,17 @@ def from_config(cfg: DataConfig | Mapping[str, Any], process_index: int = 0, pro
 
     if spec.task == "lm":
         streams = [byte_stream(s, spec.text_key, max_bytes=spec.max_bytes) for s in (train_src, eval_src)]
+        windows = len(streams[0]) - cfg.seq_len   # distinct training windows of seq_len + 1 tokens
+        if windows >= 1 and cfg.batch_size > windows:
+            _fail("batch_size", cfg.batch_size, f"larger than the {windows} distinct windows of data.seq_len + 1 "
+                  f"tokens in {name}[{cfg.train_split}] ({len(streams[0])} tokens)")
         train = LMBatches(streams[0], cfg.batch_size, cfg.seq_len, cfg.seed, **where)
         evaluation = LMEval(streams[1], eval_bs, cfg.seq_len, **where)
         meta = DatasetMeta(name, "lm", None, (cfg.seq_len,), VOCAB_SIZE, len(streams[0]), len(streams[1]))
         return Pipeline(train, evaluation, meta, cfg)
 
+    if cfg.batch_size > len(train_src):
+        _fail("batch_size", cfg.batch_size, f"larger than the {len(train_src)} examples of {name}[{cfg.train_split}]")
     fields = {**{k: "extra_keys" for k in cfg.extra_keys}, spec.label_key: "label_key", spec.input_key: "input_key"}
     keys = tuple(fields)
     for src, split in ((train_src, cfg.train_split), (eval_src, spec.eval_split)):

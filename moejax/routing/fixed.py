@@ -14,18 +14,9 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
+from moejax.hashing import fmix32 as _fmix32
 from moejax.routing import losses, plugin
 from moejax.routing.types import AuxLosses, Routing
-
-
-def _fmix32(h: jax.Array) -> jax.Array:
-    # MurmurHash3's 32-bit finaliser: a bijection on uint32 with good avalanche, so that nearby ids
-    # (consecutive token ids or positions) land on unrelated experts.
-    h = h ^ (h >> 16)
-    h = h * jnp.uint32(0x85EBCA6B)
-    h = h ^ (h >> 13)
-    h = h * jnp.uint32(0xC2B2AE35)
-    return h ^ (h >> 16)
 
 
 def hash_scores(token_ids: jax.Array, num_experts: int, seed: int = 0) -> jax.Array:

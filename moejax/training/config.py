@@ -1,6 +1,7 @@
 """Validation of the trainer's part of an experiment config (``train`` and the top level)."""
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping
 
 TOP_LEVEL = ("seed", "model", "data", "optimizer", "train", "mesh")
@@ -114,8 +115,11 @@ def train_settings(config: Mapping[str, Any]) -> dict[str, Any]:
     for name in ("load_balance_weight", "z_loss_weight", "importance_weight", "consistency_weight",
                  "router_entropy_weight"):
         v = s[name]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
-            raise ValueError(f"train.{name}={v!r}: must be a number >= 0")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf:
+            raise ValueError(f"train.{name}={v!r}: must be a finite number >= 0")
+    for name in ("async_checkpoints", "tensorboard"):
+        if not isinstance(s[name], bool):
+            raise ValueError(f"train.{name}={s[name]!r}: must be True or False")
     return s
 
 
@@ -124,7 +128,7 @@ def scheduled_moe_k(settings: Mapping[str, Any], step: int) -> int | None:
     :func:`moejax.routing.smoe_dropout_k` ``(step, train.steps, train.moe_k_start, train.moe_k_end)``.
 
     A function of the step alone, so a resumed run continues with the k of a run that was never interrupted.
-    Models clip it to each layer's number of experts (``moejax.models.blocks.layer_k``).
+    Each routed layer clips it to its number of router outputs (``moejax.layers.MoELayer``, ``LayerContext.k``).
     """
     if settings["moe_k_start"] is None:
         return None

@@ -6,6 +6,7 @@ import json
 import logging
 import pathlib
 import signal
+import tempfile
 import time
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -21,32 +22,66 @@ from moejax.training import optim
 from moejax.training.checkpoint import Checkpointer
 from moejax.training.config import scheduled_moe_k, train_settings
 from moejax.training.metrics import MetricWriter, progress_bar
-from moejax.training.steps import AuxWeights, TrainState, make_eval_step, make_train_step, split_batch
+from moejax.training.steps import (AuxWeights, NonFiniteError, TrainState, first_nonfinite, make_eval_step,
+                                   make_train_step, split_batch)
 
 log = logging.getLogger("moejax")
 
+class _SigtermFlag:
+    """A SIGTERM handler that only records the signal; the trainer acts on it between steps."""
 
-class NonFiniteError(FloatingPointError):
-    """Raised when a step produced a non-finite loss or gradient; the state was not updated."""
+    def __init__(self) -> None:
+        self.set = False
+
+    def __call__(self, signum, frame) -> None:  # noqa: ARG002
+        self.set = True
+
+
+def install_sigterm_handler() -> bool:
+    """Installs the trainer's SIGTERM handler now (main thread only; idempotent); True if installed.
+
+    :func:`train_and_evaluate` installs it as its first action. An entry point may call this earlier (before
+    parsing a config, building data or importing heavy modules): a SIGTERM received from then on, before the
+    trainer starts, is not lost but leads to the trainer's preemption path (checkpoint if there is state,
+    ``preempted`` in the result, exit status 143 in ``moejax.main``).
+    """
+    if isinstance(signal.getsignal(signal.SIGTERM), _SigtermFlag):
+        return True
+    try:
+        signal.signal(signal.SIGTERM, _SigtermFlag())
+    except ValueError:          # not the main thread: leave signals alone
+        return False
+    return True
 
 
 @contextlib.contextmanager
-def _sigterm_flag() -> Iterator[dict[str, bool]]:
-    """Turns SIGTERM into a flag the loop checks after each step (only possible on the main thread)."""
-    flag = {"set": False}
-
-    def handler(signum, frame):  # noqa: ARG001
-        flag["set"] = True
-
+def _sigterm_flag() -> Iterator[_SigtermFlag]:
+    """The SIGTERM flag for one run: the handler already installed (kept), or a new one restored afterwards."""
+    current = signal.getsignal(signal.SIGTERM)
+    if isinstance(current, _SigtermFlag):
+        yield current
+        return
+    flag = _SigtermFlag()
     try:
-        previous = signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGTERM, flag)
     except ValueError:          # not the main thread: leave signals alone
         yield flag
         return
     try:
         yield flag
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, current)
+
+
+def check_workdir(workdir: pathlib.Path) -> None:
+    """Creates ``workdir`` if needed and proves it writable (a probe file, removed), before anything is loaded."""
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=workdir, prefix=".moejax-write-probe-"):
+            pass
+    except OSError as err:
+        raise ValueError(f"workdir={str(workdir)!r}: not a writable directory ({type(err).__name__}: "
+                         f"{err.strerror or err})") from None
 
 
 def build(config: Mapping[str, Any]):
@@ -150,9 +185,9 @@ def check_model_on_mesh(model: nn.Module, mesh: Mesh) -> None:
             raise ValueError(f"model layer {i}: dispatch.groups={spec.dispatch.groups}: capacity dispatch with expert "
                              f"parallelism needs routing groups divisible by the {shards} token shards "
                              f"(data*fsdp*expert); set dispatch.groups={shards} (or a multiple)")
-        if n_exp > 1 and spec.router.kind == "expert_choice":
-            raise ValueError(f"model layer {i}: router.kind='expert_choice' is not supported with mesh.expert > 1 "
-                             "(expert choice picks tokens across all devices)")
+        if n_exp > 1 and "token_choice" not in spec.router.options.offers:
+            raise ValueError(f"model layer {i}: router.kind={spec.router.kind!r} is not supported with mesh.expert > 1 "
+                             "(an expert-choice router picks tokens across all devices)")
 
 
 def _check_divisible(config: Mapping[str, Any], mesh: Mesh) -> None:
@@ -180,13 +215,31 @@ def train_and_evaluate(config: Mapping[str, Any], workdir: str | pathlib.Path) -
     """Trains ``config`` in ``workdir``, resuming from its newest good checkpoint; returns the final eval.
 
     The returned dict has the final evaluation metrics plus ``step`` and ``preempted`` (True when a SIGTERM
-    stopped the run after saving a checkpoint).
+    stopped the run after saving a checkpoint: SIGTERM is handled from this function's first line on, so one
+    received while loading data or restoring also ends here, with a checkpoint of the state at hand).
+
+    Order of work: the SIGTERM handler; the config checks that need nothing loaded (``train``, ``optimizer``,
+    ``data`` fields; one-line ``ValueError`` naming the field); the workdir (created and proven writable); the
+    mesh; data (dataset-size checks) and model; the restore; then the first compilation of a train step.
+
+    Raises:
+      ValueError: a bad config field or an unwritable workdir (before any data is read), or
+        ``CheckpointMismatchError`` (a ``ValueError``) when the workdir's checkpoint is of another model.
+      NoUsableCheckpointError: the workdir held checkpoints but none could be restored (they were moved to
+        ``workdir/corrupt_checkpoints/``); the run does not start over at step 0.
+      NonFiniteError: a step's loss, gradient or updated state was not finite (the update was not applied and
+        the last checkpoint is good), or the checkpoint to resume from holds non-finite values.
     """
-    settings = train_settings(config)
-    total = settings["steps"]
-    optim.validate(config.get("optimizer", {}), total)
-    with _mesh_context(config) as (mesh, rules):
-        return _train(config, pathlib.Path(workdir), settings, mesh, rules)
+    with _sigterm_flag() as sigterm:     # first: a SIGTERM during start-up is not lost
+        settings = train_settings(config)
+        total = settings["steps"]
+        optim.validate(config.get("optimizer", {}), total)
+        from moejax.data import DataConfig
+        DataConfig.from_dict(config["data"])       # data fields, before any data is read
+        workdir = pathlib.Path(workdir)
+        check_workdir(workdir)
+        with _mesh_context(config) as (mesh, rules):
+            return _train(config, workdir, settings, mesh, rules, sigterm)
 
 
 @contextlib.contextmanager
@@ -214,89 +267,105 @@ def _model_and_state(config: Mapping[str, Any], total_steps: int, mesh: Mesh, ru
     return model, train_data, eval_data, meta, tx, state, state_sharding
 
 
+def _nonfinite_message(step: int, metrics: Mapping[str, Any], state: TrainState, ckpt: Checkpointer) -> str:
+    loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+    leaf = first_nonfinite(state, metrics["state_finite"])
+    if np.isfinite(loss) and np.isfinite(grad_norm):
+        what = f"the update made the train state non-finite (first: {leaf})"
+    else:
+        what = f"non-finite loss ({loss}) or gradient norm ({grad_norm})"
+        if leaf is not None:
+            what += f", and the updated state (first: {leaf})"
+    ckpt.wait()
+    good = ckpt.steps()
+    return (f"step {step}: {what}; the update was not applied and the run stops. "
+            f"Last good checkpoint: {good[-1] if good else 'none'} in {ckpt.directory}")
+
+
 def _train(config: Mapping[str, Any], workdir: pathlib.Path, settings: dict[str, Any], mesh: Mesh,
-           rules: Any) -> dict[str, Any]:
+           rules: Any, sigterm: _SigtermFlag) -> dict[str, Any]:
     total = settings["steps"]
     replicated = NamedSharding(mesh, PartitionSpec())
     batch_sharding = parallel.batch_sharding(mesh)
     model, train_data, eval_data, meta, tx, state, state_sharding = _model_and_state(config, total, mesh, rules)
     task = meta.task
     lead = jax.process_index() == 0
-    workdir.mkdir(parents=True, exist_ok=True)
-    if lead:
-        (workdir / "config.json").write_text(json.dumps(to_jsonable(config), indent=2, sort_keys=True))
 
     ckpt = Checkpointer(workdir, keep=settings["keep_checkpoints"], async_save=settings["async_checkpoints"])
-    writer = MetricWriter(workdir, tensorboard=settings["tensorboard"], enabled=lead)
-    restored = ckpt.restore_latest(_state_dict(state))
-    if restored is not None:
-        state = _state_from_dict(restored[0], state)
-        writer.truncate_after(restored[1])
-        log.info("moejax: resumed from step %d in %s", restored[1], ckpt.directory)
-    start = int(state.step)
-
-    weights = AuxWeights(settings["load_balance_weight"], settings["z_loss_weight"], settings["importance_weight"],
-                         settings["router_entropy_weight"])
-    # k is a static shape: one jitted train step per distinct scheduled k (SMoE-Dropout), built on first use.
-    train_steps: dict[int | None, Any] = {}
-
-    def train_step_at(step: int):
-        k = scheduled_moe_k(settings, step)
-        if k not in train_steps:
-            train_steps[k] = jax.jit(
-                make_train_step(model, tx, task, weights, moe_k=k, consistency_weight=settings["consistency_weight"]),
-                in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, replicated))
-        return train_steps[k]
-
-    eval_step = jax.jit(make_eval_step(model, task, moe_k=settings["eval_moe_k"]),
-                        in_shardings=(state_sharding, batch_sharding), out_shardings=replicated)
-    bar = progress_bar(total, start)
-    preempted = False
-    window_start, window_items = time.perf_counter(), 0
+    writer = bar = None
     try:
-        with _sigterm_flag() as sigterm:
-            for step in range(start, total):
-                batch = _put_batch(train_data.batch(step), batch_sharding)
-                state, metrics = train_step_at(step)(state, batch)
-                if not int(metrics["finite"]):
-                    ckpt.wait()
-                    good = ckpt.steps()
-                    raise NonFiniteError(
-                        f"step {step}: non-finite loss ({float(metrics['loss'])}) or gradient norm "
-                        f"({float(metrics['grad_norm'])}); the update was not applied and the run stops. "
-                        f"Last good checkpoint: {good[-1] if good else 'none'} in {ckpt.directory}")
-                window_items += _items_per_step(batch, task)
-                done = step + 1
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{float(metrics['loss']):.4f}")
-                if done % settings["log_every"] == 0 or done == total:
-                    elapsed = time.perf_counter() - window_start
-                    record = {k: v for k, v in metrics.items() if k != "finite"}
-                    record["items_per_sec"] = window_items / max(elapsed, 1e-9)
-                    writer.write(done, "train", record)
-                    window_start, window_items = time.perf_counter(), 0
-                if done % settings["eval_every"] == 0 and done != total:
-                    writer.write(done, "eval", evaluate(eval_step, state, eval_data, task, settings["eval_steps"],
-                                                        batch_sharding))
-                if done % settings["checkpoint_every"] == 0 or done == total:
-                    ckpt.save(done, _state_dict(state))
-                if sigterm["set"] and done != total:
-                    ckpt.save(done, _state_dict(state))
-                    ckpt.wait()
-                    log.warning("moejax: SIGTERM: saved checkpoint at step %d, exiting", done)
-                    preempted = True
-                    break
+        # Raises, moving nothing, for a checkpoint of another model; never starts over when checkpoints were
+        # found but none could be used.
+        restored = ckpt.restore_latest(_state_dict(state))
+        if restored is not None:
+            state = _state_from_dict(restored[0], state)
+            log.info("moejax: resumed from step %d in %s", restored[1], ckpt.directory)
+        start = int(state.step)
+        if lead:
+            (workdir / "config.json").write_text(json.dumps(to_jsonable(config), indent=2, sort_keys=True))
+        writer = MetricWriter(workdir, tensorboard=settings["tensorboard"], enabled=lead)
+        writer.truncate_after(start)        # records of steps past the restored one would appear twice
+        if sigterm.set:
+            # SIGTERM during start-up: nothing is compiled for training; checkpoint the state we have.
+            ckpt.save(start, _state_dict(state))
+            ckpt.wait()
+            log.warning("moejax: SIGTERM during start-up: checkpoint at step %d, exiting", start)
+            return {"step": start, "preempted": True}
+
+        weights = AuxWeights(settings["load_balance_weight"], settings["z_loss_weight"],
+                             settings["importance_weight"], settings["router_entropy_weight"])
+        # k is a static shape: one jitted train step per distinct scheduled k (SMoE-Dropout), built on first use.
+        train_steps: dict[int | None, Any] = {}
+
+        def train_step_at(step: int):
+            k = scheduled_moe_k(settings, step)
+            if k not in train_steps:
+                train_steps[k] = jax.jit(
+                    make_train_step(model, tx, task, weights, moe_k=k,
+                                    consistency_weight=settings["consistency_weight"]),
+                    in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, replicated))
+            return train_steps[k]
+
+        eval_step = jax.jit(make_eval_step(model, task, moe_k=settings["eval_moe_k"]),
+                            in_shardings=(state_sharding, batch_sharding), out_shardings=replicated)
+        bar = progress_bar(total, start)
+        window_start, window_items = time.perf_counter(), 0
+        for step in range(start, total):
+            batch = _put_batch(train_data.batch(step), batch_sharding)
+            state, metrics = train_step_at(step)(state, batch)
+            # The one host sync per step: the step's finiteness (loss, gradient and the updated state).
+            if not int(metrics["finite"]):
+                raise NonFiniteError(_nonfinite_message(step, metrics, state, ckpt))
+            window_items += _items_per_step(batch, task)
+            done = step + 1
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{float(metrics['loss']):.4f}")
+            if done % settings["log_every"] == 0 or done == total:
+                elapsed = time.perf_counter() - window_start
+                record = {k: v for k, v in metrics.items() if k not in ("finite", "state_finite")}
+                record["items_per_sec"] = window_items / max(elapsed, 1e-9)
+                writer.write(done, "train", record)
+                window_start, window_items = time.perf_counter(), 0
+            if done % settings["eval_every"] == 0 and done != total:
+                writer.write(done, "eval", evaluate(eval_step, state, eval_data, task, settings["eval_steps"],
+                                                    batch_sharding))
+            if done % settings["checkpoint_every"] == 0 or done == total:
+                ckpt.save(done, _state_dict(state))
+            if sigterm.set and done != total:
+                ckpt.save(done, _state_dict(state))
+                ckpt.wait()
+                log.warning("moejax: SIGTERM: saved checkpoint at step %d, exiting", done)
+                return {"step": int(state.step), "preempted": True}
         ckpt.wait()
-        if preempted:
-            return {"step": int(state.step), "preempted": True}
         final = evaluate(eval_step, state, eval_data, task, settings["eval_steps"], batch_sharding)
         writer.write(int(state.step), "eval", final)
         return {**final, "step": int(state.step), "preempted": False}
     finally:
         if bar is not None:
             bar.close()
-        writer.close()
+        if writer is not None:
+            writer.close()
         ckpt.close()
 
 

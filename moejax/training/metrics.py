@@ -36,11 +36,23 @@ class MetricWriter:
             self._tb = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"))
 
     def truncate_after(self, step: int) -> None:
-        """Drops records past ``step``: after a resume they would otherwise appear twice."""
+        """Drops records past ``step``: after a resume they would otherwise appear twice.
+
+        A line that does not parse (the tail of a record being written when the process was killed) is dropped.
+        """
         if not self.enabled or not self.path.exists():
             return
-        keep = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        self.path.write_text("".join(line + "\n" for line in keep))
+        keep = []
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+                keep.append(line)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        tmp.replace(self.path)      # atomic: a kill now leaves the old file or the new one, never half of it
 
     def write(self, step: int, split: str, metrics: dict[str, Any]) -> dict[str, Any]:
         record = {"step": int(step), "split": split, **{k: to_python(v) for k, v in metrics.items()}}

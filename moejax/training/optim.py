@@ -1,8 +1,10 @@
 """Optimiser and learning-rate schedule from the ``optimizer`` section of a config."""
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping
 
+import numpy as np
 import optax
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "lion")
@@ -20,29 +22,53 @@ def _get(cfg: Mapping[str, Any], key: str) -> Any:
     return cfg[key] if key in cfg else OPTIMIZER_DEFAULTS[key]
 
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _number(field: str, value: Any, *, low: float, high: float | None = None, low_open: bool = False,
+            high_open: bool = True, what: str | None = None) -> float:
+    """``value`` as a float, or a one-line ``ValueError`` naming ``optimizer.<field>``."""
+    if high is None:
+        high = _FLOAT32_MAX
+    ok = (isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+          and math.isfinite(float(value)))
+    if ok:
+        v = float(value)
+        ok = (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
+    if not ok:
+        if what is None:
+            lo = f"{'(' if low_open else '['}{low:g}"
+            hi = "float32 max)" if high == _FLOAT32_MAX else f"{high:g}{')' if high_open else ']'}"
+            what = f"must be a finite number in {lo}, {hi}"
+        raise ValueError(f"optimizer.{field}={value!r}: {what}")
+    return float(value)
+
+
 def validate(cfg: Mapping[str, Any], total_steps: int) -> None:
-    """Raises ``ValueError`` naming the bad ``optimizer.*`` field."""
+    """Raises a one-line ``ValueError`` naming the bad ``optimizer.*`` field (``optimizer.b1=1.5: ...``)."""
+    unknown = sorted(set(cfg.keys()) - set(OPTIMIZER_DEFAULTS))
+    if unknown:
+        raise ValueError(f"optimizer.{unknown[0]}: unknown field; known fields: {sorted(OPTIMIZER_DEFAULTS)}")
     name = _get(cfg, "name")
     if name not in OPTIMIZERS:
         raise ValueError(f"optimizer.name={name!r}: must be one of {list(OPTIMIZERS)}")
     schedule = _get(cfg, "schedule")
     if schedule not in SCHEDULES:
         raise ValueError(f"optimizer.schedule={schedule!r}: must be one of {list(SCHEDULES)}")
-    lr = _get(cfg, "learning_rate")
-    if not isinstance(lr, (int, float)) or not lr > 0:
-        raise ValueError(f"optimizer.learning_rate={lr!r}: must be a number > 0")
+    _number("learning_rate", _get(cfg, "learning_rate"), low=0.0, low_open=True,
+            what="must be a finite number > 0")
     warmup = _get(cfg, "warmup_steps")
-    if not isinstance(warmup, int) or warmup < 0 or (schedule == "warmup_cosine" and warmup >= total_steps):
+    if (isinstance(warmup, bool) or not isinstance(warmup, (int, np.integer)) or warmup < 0
+            or (schedule == "warmup_cosine" and warmup >= total_steps)):
         raise ValueError(f"optimizer.warmup_steps={warmup!r}: must be an integer in [0, train.steps={total_steps})")
     clip = _get(cfg, "grad_clip_norm")
-    if clip is not None and not clip > 0:
-        raise ValueError(f"optimizer.grad_clip_norm={clip!r}: must be > 0 or None")
-    wd = _get(cfg, "weight_decay")
-    if not wd >= 0:
-        raise ValueError(f"optimizer.weight_decay={wd!r}: must be >= 0")
-    unknown = sorted(set(cfg.keys()) - set(OPTIMIZER_DEFAULTS))
-    if unknown:
-        raise ValueError(f"optimizer.{unknown[0]}: unknown field; known fields: {sorted(OPTIMIZER_DEFAULTS)}")
+    if clip is not None:
+        _number("grad_clip_norm", clip, low=0.0, low_open=True, what="must be a finite number > 0 or None")
+    _number("weight_decay", _get(cfg, "weight_decay"), low=0.0, what="must be a finite number >= 0")
+    for field in ("b1", "b2"):
+        _number(field, _get(cfg, field), low=0.0, high=1.0)
+    _number("momentum", _get(cfg, "momentum"), low=0.0, high=1.0)
+    _number("end_learning_rate_factor", _get(cfg, "end_learning_rate_factor"), low=0.0, high=1.0, high_open=False)
 
 
 def schedule_fn(cfg: Mapping[str, Any], total_steps: int) -> optax.Schedule:

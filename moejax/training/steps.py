@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import struct
 
@@ -35,6 +36,54 @@ class TrainState:
     opt_state: Any
     moe_state: Any
     rng: jax.Array
+
+
+class NonFiniteError(FloatingPointError):
+    """A step produced a non-finite loss, gradient or state, or a state to save or restore is not finite."""
+
+
+def _is_checked(x: Any) -> bool:
+    return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+
+
+def leaf_finite_flags(state: TrainState) -> jax.Array:
+    """bool[n]: whether each floating leaf of ``state``'s params, opt_state and moe_state is all finite."""
+    leaves = [x for x in jax.tree_util.tree_leaves((state.params, state.opt_state, state.moe_state))
+              if _is_checked(x)]
+    if not leaves:
+        return jnp.ones((0,), bool)
+    return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])
+
+
+def checked_leaf_paths(state: TrainState) -> list[str]:
+    """The paths (``params/Dense_0/kernel``) of the leaves that :func:`leaf_finite_flags` checks, in its order."""
+    out = []
+    for name, part in (("params", state.params), ("opt_state", state.opt_state), ("moe_state", state.moe_state)):
+        out += [name + "/" + path_str(p) for p, x in jax.tree_util.tree_flatten_with_path(part)[0] if _is_checked(x)]
+    return out
+
+
+def path_str(path: Sequence[Any]) -> str:
+    """A pytree key path as ``a/0/b``: dict keys, sequence indices and attribute names alike, so that an optax
+    namedtuple's ``mu`` and the ``mu`` of the same state read back from a checkpoint (a dict) print the same."""
+    parts = []
+    for k in path:
+        for attr in ("key", "idx", "name"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+        else:
+            parts.append(str(k))
+    return "/".join(parts)
+
+
+def first_nonfinite(state: TrainState, flags: Any) -> str | None:
+    """The path of the first leaf whose flag in ``flags`` (from :func:`leaf_finite_flags`) is False, or None."""
+    flags = np.asarray(flags)
+    bad = np.flatnonzero(~flags)
+    if not bad.size:
+        return None
+    return checked_leaf_paths(state)[int(bad[0])]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,7 +169,9 @@ def _apply(model: nn.Module, params: Any, moe_state: Any, inputs: jax.Array, *, 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, task: str, weights: AuxWeights, *,
                     moe_k: int | None = None, consistency_weight: float = 0.0
                     ) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, Any]]]:
-    """A pure train step. A non-finite loss or gradient leaves the state unchanged and reports ``finite=0``.
+    """A pure train step. A non-finite loss, gradient or updated state leaves the state unchanged and reports
+    ``finite=0``; metric ``state_finite`` (bool[n]) flags each floating leaf of the updated state (in the order of
+    :func:`checked_leaf_paths`) so that the caller can name the first non-finite one without another pass.
 
     Args:
       moe_k: a static ``k`` for every routed MoE layer (the model's ``moe_k``; None: each ``router.k``), e.g.
@@ -166,15 +217,20 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, task: st
         (loss, (ce, acc, terms, stats, new_moe_state, extra)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.params)
         grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, moe_state=new_moe_state,
                          rng=state.rng)
+        # The state guard: one isfinite reduction per floating leaf of the updated state (XLA fuses them with
+        # the update and combines the all-reduces), so an update that overflows (an infinite learning rate, a
+        # huge step) is refused like a non-finite loss or gradient.
+        state_finite = leaf_finite_flags(new)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.all(state_finite)
         # Never continue on NaNs: a non-finite step keeps the previous state entirely.
         new = jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, state)
         metrics = {"loss": loss, "ce": ce, "accuracy": acc, "grad_norm": grad_norm,
-                   "finite": finite.astype(jnp.int32), **{f"aux/{k}": v for k, v in terms.items()},
+                   "finite": finite.astype(jnp.int32), "state_finite": state_finite,
+                   **{f"aux/{k}": v for k, v in terms.items()},
                    **extra, **layer_metrics(stats)}
         if moe_k is not None:
             metrics["moe_k"] = jnp.asarray(moe_k, jnp.int32)

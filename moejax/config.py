@@ -93,7 +93,8 @@ class DispatchConfig:
     expert_capacity: int | None = None
 
     def __post_init__(self) -> None:
-        _check_choice("dispatch.mode", self.mode, ("capacity", "dropless"))
+        from moejax.dispatch import dispatchers, gmm   # the registries; dispatch does not import this module
+        _check_choice("dispatch.mode", self.mode, tuple(sorted(dispatchers.MODES)))
         _check_choice("dispatch.capacity_impl", self.capacity_impl, ("einsum", "index", "pallas", "pallas_triton"))
         _check_capacity_factor("dispatch.capacity_factor", self.capacity_factor)
         _check_capacity_factor("dispatch.eval_capacity_factor", self.eval_capacity_factor)
@@ -101,6 +102,7 @@ class DispatchConfig:
         _check_choice("dispatch.priority", self.priority, ("position", "score"))
         if not isinstance(self.gmm, str) or not self.gmm:
             _fail("dispatch.gmm", self.gmm, "must be a non-empty string")
+        _check_choice("dispatch.gmm", self.gmm, tuple(gmm.available()))
         _check_positive_int("dispatch.gmm_tile", self.gmm_tile)
         _check_positive_int("dispatch.groups", self.groups)
         if self.group_size is not None:

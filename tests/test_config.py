@@ -46,6 +46,7 @@ CASES = [
     (lambda: DispatchConfig(priority="random"), "dispatch.priority='random'"),
     (lambda: DispatchConfig(min_capacity=0), "dispatch.min_capacity=0"),
     (lambda: DispatchConfig(gmm_tile=0), "dispatch.gmm_tile=0"),
+    (lambda: DispatchConfig(gmm="triton"), "dispatch.gmm='triton': must be one of"),
     (lambda: MoEConfig(num_experts=0), "num_experts=0"),
     (lambda: MoEConfig(hidden_dim=-3), "hidden_dim=-3"),
     (lambda: MoEConfig(activation="swiglu"), "activation='swiglu'"),

@@ -20,6 +20,7 @@ import pytest
 
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from moejax.experts import ExpertFFN
 from moejax import kernels
 from moejax.dispatch import get_gmm
 from moejax.dispatch.backends import forget_logged
@@ -181,7 +182,7 @@ def test_expert_parallel_dropless_with_native_ragged_all_to_all_lowers(platform)
               "w_out": jax.device_put(jnp.ones((e, f, d)), experts)}
 
     def loss(x, params):
-        y = expert_parallel.dropless_apply(x, routing, params, mesh, kind="mlp", activation="gelu",
+        y = expert_parallel.dropless_apply(x, routing, ExpertFFN(params, "mlp", "gelu"), mesh,
                                            gmm=get_gmm("ragged_dot"), native_ragged=True)
         return jnp.sum(y ** 2)
 

@@ -268,17 +268,17 @@ def test_zero_computation_copies_never_reach_the_dispatch_buffers(monkeypatch):
     cfg = zc_config("capacity_einsum")
     x, params = zc_init(cfg)
     seen = {}
-    real_apply = dispatch.apply
+    real_call = dispatch.Capacity.__call__
 
-    def spy(tokens, routing, expert_fn, **kw):
-        seen["routing"], seen["capacity"] = routing, kw["capacity"]
+    def spy(self, tokens, routing, experts):
+        seen["routing"], seen["capacity"] = routing, self.capacity
 
-        def counting_expert_fn(buf, grouping):
+        def counting_experts(buf, grouping):
             seen["buffer_shape"] = buf.shape
-            return expert_fn(buf, grouping)
-        return real_apply(tokens, routing, counting_expert_fn, **kw)
+            return experts(buf, grouping)
+        return real_call(self, tokens, routing, counting_experts)
 
-    monkeypatch.setattr(dispatch, "apply", spy)
+    monkeypatch.setattr(dispatch.Capacity, "__call__", spy)
     stats = MoELayer(cfg).apply({"params": params}, x, deterministic=False).stats
     _, full = zc_reference(cfg, params, x, True)
     ffn = seen["routing"]

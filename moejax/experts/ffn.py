@@ -153,37 +153,42 @@ def make_ffn_params(module: nn.Module, kind: str, d_model: int, hidden: int, use
     return params
 
 
-class Experts(nn.Module):
-    """``num_experts`` FFNs with stacked parameters, e.g. ``w_in`` float[E, D, F] on axes (expert, embed, mlp).
+class ExpertWeights(nn.Module):
+    """Declares the stacked parameters of ``num_experts`` FFNs and returns them: ``ExpertWeights(...)(d_model)``.
 
-    Call with tokens grouped by expert and the matching grouping: ``Experts(...)(x[E, C, D], Padded())`` or
-    ``Experts(...)(x[M, D], Ragged(group_sizes, gmm))``.
-
-    With ``merge_weights`` float[N, E] (SMEAR), the experts are merged instead of routed: group ``n`` of
-    ``x[N, L, D]`` goes through one FFN whose parameters (weights and biases alike) are
-    ``sum_e merge_weights[n, e] * params[e]``; the grouping must be :class:`Padded` over the ``N`` groups.
+    ``expert_kind='mlp'``: ``w_in`` float[E, D, F] (expert, embed, mlp), ``w_out`` [E, F, D] (expert, mlp, embed),
+    with ``use_bias`` ``b_in`` [E, F], ``b_out`` [E, D]; ``'glu'``: ``w_gate``, ``w_up`` [E, D, F], ``w_down``
+    [E, F, D], with ``use_bias`` ``b_gate``, ``b_up`` [E, F], ``b_down`` [E, D]. Calling one instance several times
+    returns the same parameters (Chain-of-Experts iterations share their experts this way).
     """
 
     num_experts: int
     hidden_dim: int
     kind: str = "mlp"
-    activation: str = "gelu"
     use_bias: bool = True
-    dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, grouping: Grouping, merge_weights: jax.Array | None = None) -> jax.Array:
-        params = make_ffn_params(self, self.kind, x.shape[-1], self.hidden_dim, self.use_bias, self.num_experts,
-                              self.param_dtype)
-        if merge_weights is not None:
-            if not isinstance(grouping, Padded):
-                raise ValueError("merge_weights: merged experts need the Padded grouping over x[N, L, D]")
-            params = merge_params(params, merge_weights)
-        if hasattr(grouping, "apply_experts"):
-            # A grouping that runs the whole FFN itself (expert parallelism: moejax.parallel.expert_parallel).
-            return grouping.apply_experts(params, x.astype(self.dtype), kind=self.kind, activation=self.activation)
-        return ffn(params, x.astype(self.dtype), grouping, kind=self.kind, activation=self.activation)
+    def __call__(self, d_model: int) -> dict[str, jax.Array]:
+        return make_ffn_params(self, self.kind, d_model, self.hidden_dim, self.use_bias, self.num_experts,
+                               self.param_dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertFFN:
+    """The routed experts as a pure function of their stacked parameters: ``ExpertFFN(params, ...)(x, grouping)``.
+
+    What a :class:`~moejax.dispatch.Dispatcher` calls on tokens grouped by expert; expert parallelism hands
+    ``params`` to ``shard_map`` and computes the local experts with the same ``kind`` and ``activation``.
+    """
+
+    params: dict[str, jax.Array]
+    kind: str
+    activation: str
+    dtype: jnp.dtype = jnp.float32
+
+    def __call__(self, x: jax.Array, grouping: Grouping) -> jax.Array:
+        return ffn(self.params, x.astype(self.dtype), grouping, kind=self.kind, activation=self.activation)
 
 
 def merge_params(stacked: dict[str, jax.Array], weights: jax.Array) -> dict[str, jax.Array]:

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from moejax.config import MoEConfig
-from moejax.experts.ffn import FFN, Experts
+from moejax.experts.ffn import FFN, ExpertWeights
 from moejax.context import LayerContext, LayerOutput, as_context
 from moejax.layers.moe import MoELayer
 from moejax.routing.types import RoutingStats
@@ -70,8 +70,8 @@ class ChainOfExpertsLayer(nn.Module):
         cfg = self.config
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         step_cfg = dataclasses.replace(cfg, layer="sparse", chain_iterations=None)
-        experts = Experts(cfg.num_experts, cfg.hidden_dim, cfg.expert_kind, cfg.activation, cfg.use_bias,
-                          dtype=dtype, param_dtype=pdtype, name="experts")
+        experts = ExpertWeights(cfg.num_experts, cfg.hidden_dim, cfg.expert_kind, cfg.use_bias, param_dtype=pdtype,
+                                name="experts")
         shared = None
         if cfg.num_shared_experts:
             shared = FFN(cfg.shared_width, cfg.expert_kind, cfg.activation, cfg.use_bias, dtype=dtype,

@@ -2,18 +2,17 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from moejax import dispatch
 from moejax.config import MoEConfig
-from moejax.experts.ffn import FFN, Experts
-from moejax.parallel import expert_parallel
-from moejax.experts.zero_computation import ZeroComputationExperts, heterogeneous_load_balance, split_routing
 from moejax.context import LayerContext, LayerOutput, as_context
+from moejax.dispatch import dispatchers
+from moejax.dispatch.info import DispatchInfo
+from moejax.experts.ffn import FFN, ExpertFFN, ExpertWeights
+from moejax.experts.zero_computation import ZeroComputationExperts, heterogeneous_load_balance, split_routing
 from moejax.routing.router import Router
 from moejax.routing.types import Routing, RoutingStats
 
@@ -50,8 +49,12 @@ class MoELayer(nn.Module):
     copies are never dropped), ``stats.dropped_fraction`` is dropped FFN copies / all valid copies, and
     ``stats.experts_per_token`` counts FFN experts only (the compute per token).
 
-    ``experts_module`` and ``shared_module`` let a parent share one set of experts between several layers
-    (Chain-of-Experts iterations); by default the layer owns ``experts`` and ``shared``.
+    Dispatch is the :class:`~moejax.dispatch.Dispatcher` of ``config.dispatch`` (:func:`moejax.dispatch.from_config`;
+    expert-parallel under a mesh with an ``expert`` axis); the experts are an :class:`~moejax.experts.ExpertFFN` over
+    the parameters of :class:`~moejax.experts.ExpertWeights`.
+
+    ``experts_module`` (an ``ExpertWeights``) and ``shared_module`` let a parent share one set of experts between
+    several layers (Chain-of-Experts iterations); by default the layer owns ``experts`` and ``shared``.
     """
 
     config: MoEConfig
@@ -92,21 +95,12 @@ class MoELayer(nn.Module):
         ffn_routing = routing
         if cfg.num_zero_computation:
             ffn_routing, zc_index, zc_weight = split_routing(routing, cfg.num_experts)
-        experts = self.experts_module
-        if experts is None:
-            experts = Experts(cfg.num_experts, cfg.hidden_dim, cfg.expert_kind, cfg.activation, cfg.use_bias,
-                              dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype), name="experts")
-        gmm = dispatch.get_gmm(cfg.dispatch.gmm, tile=cfg.dispatch.gmm_tile) if cfg.dispatch.mode == "dropless" else None
-        apply = dispatch.apply
-        ep_mesh = expert_parallel.expert_mesh()
-        if ep_mesh is not None:     # inside jax.set_mesh with an expert axis > 1: shard_map + all-to-all
-            apply = functools.partial(expert_parallel.apply, mesh=ep_mesh)
-        elif gmm is not None:       # the gmm's whole-FFN form, if it has one (bulk); EP's local experts use the gmm
-            apply = functools.partial(apply, fused_ffn=dispatch.get_fused_ffn(cfg.dispatch.gmm,
-                                                                              tile=cfg.dispatch.gmm_tile))
-        y, info = apply(tokens, ffn_routing, experts, mode=cfg.dispatch.mode, capacity=group_cap,
-                        capacity_impl=cfg.dispatch.capacity_impl, priority=cfg.dispatch.priority,
-                        grouped_matmul=gmm, groups=groups)
+        weights = self.experts_module
+        if weights is None:
+            weights = ExpertWeights(cfg.num_experts, cfg.hidden_dim, cfg.expert_kind, cfg.use_bias,
+                                    param_dtype=jnp.dtype(cfg.param_dtype), name="experts")
+        experts = ExpertFFN(weights(shape[-1]), cfg.expert_kind, cfg.activation, jnp.dtype(cfg.dtype))
+        y, info = dispatchers.from_config(cfg.dispatch, group_cap, groups)(tokens, ffn_routing, experts)
         if cfg.num_zero_computation:
             y = y + ZeroComputationExperts(cfg.zero_experts, cfg.copy_experts, cfg.constant_experts,
                                            dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
@@ -134,7 +128,7 @@ class MoELayer(nn.Module):
         return LayerOutput(y.reshape(shape).astype(x.dtype), stats, logits)
 
 
-def _with_zero_computation(info: dispatch.DispatchInfo, routing: Routing, ffn_routing: Routing) -> dispatch.DispatchInfo:
+def _with_zero_computation(info: DispatchInfo, routing: Routing, ffn_routing: Routing) -> DispatchInfo:
     """Dispatch statistics of the FFN experts extended to all ``num_routed`` router outputs (see MoELayer)."""
     num_ffn, num_routed = ffn_routing.num_experts, routing.num_experts
     kept_ffn = info.experts_per_token * routing.num_tokens

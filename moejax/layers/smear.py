@@ -16,7 +16,7 @@ What is routed (``MoEConfig.smear_granularity``):
   ``T`` times the memory of one expert, affordable only for small experts, but causal).
 
 Merging covers weights and biases alike (:func:`~moejax.experts.merge_params`); the merged parameters are
-applied with :class:`~moejax.experts.Experts` over the ``Padded`` grouping of ``N`` groups (examples or tokens).
+applied with :class:`~moejax.experts.ExpertFFN` over the ``Padded`` grouping of ``N`` groups (examples or tokens).
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 from moejax.config import MoEConfig
 from moejax.context import LayerContext, LayerOutput, as_context
-from moejax.experts.ffn import Experts, Padded
+from moejax.experts.ffn import ExpertFFN, ExpertWeights, Padded, merge_params
 from moejax.routing.losses import mean_confidence, mean_entropy
 from moejax.routing.types import AuxLosses, RoutingStats
 
@@ -67,9 +67,10 @@ class SMEARLayer(nn.Module):
                           kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed", "expert")),
                           name="router")(router_input)
         probs = jax.nn.softmax(logits, axis=-1)                                   # [N, E]
-        experts = Experts(cfg.num_experts, cfg.hidden_dim, cfg.expert_kind, cfg.activation, cfg.use_bias,
-                          dtype=dtype, param_dtype=pdtype, name="experts")
-        y = experts(groups, Padded(), merge_weights=probs)
+        stacked = ExpertWeights(cfg.num_experts, cfg.hidden_dim, cfg.expert_kind, cfg.use_bias, param_dtype=pdtype,
+                                name="experts")(d)
+        # Group n of the N groups goes through one FFN whose parameters are sum_e probs[n, e] * params[e].
+        y = ExpertFFN(merge_params(stacked, probs), cfg.expert_kind, cfg.activation, dtype)(groups, Padded())
         zero = jnp.zeros((), jnp.float32)
         stats = RoutingStats(aux=AuxLosses.zeros(), dropped_fraction=zero, expert_load=probs.mean(0),
                              router_entropy=mean_entropy(probs), router_confidence=mean_confidence(probs),

@@ -5,7 +5,7 @@ parameters ``Phi`` float[D, E, S] and logits ``L = X Phi`` float[M, E, S]:
 
 * dispatch weights ``D = softmax(L)`` over the ``M`` tokens, per slot: slot ``(e, s)`` takes the convex
   combination ``X~[e, s] = sum_m D[m, e, s] X[m]``;
-* the stacked experts process their slots: ``Y~[e] = f_e(X~[e])`` (:class:`~moejax.experts.Experts` with the
+* the stacked experts process their slots: ``Y~[e] = f_e(X~[e])`` (:class:`~moejax.experts.ExpertFFN` with the
   :class:`~moejax.experts.Padded` grouping, ``C = G * S`` slots per expert);
 * combine weights ``C = softmax(L)`` over the ``E * S`` slots, per token: ``Y[m] = sum_{e,s} C[m, e, s] Y~[e, s]``.
 
@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from moejax.config import MoEConfig
-from moejax.experts.ffn import Experts, Padded
+from moejax.experts.ffn import ExpertFFN, ExpertWeights, Padded
 from moejax.context import LayerContext, LayerOutput, as_context
 from moejax.routing.losses import mean_confidence, mean_entropy
 from moejax.routing.types import AuxLosses, RoutingStats
@@ -114,9 +114,8 @@ class SoftMoELayer(nn.Module):
             if cfg.soft_normalize else None
         routing = soft_routing(soft_logits(xg, phi, scale))
         slots = jnp.einsum("gmes,gmd->egsd", routing.dispatch.astype(dtype), xg).reshape(e, g * s, d)
-        experts = Experts(e, cfg.hidden_dim, cfg.expert_kind, cfg.activation, cfg.use_bias, dtype=dtype,
-                          param_dtype=pdtype, name="experts")
-        ys = experts(slots, Padded()).reshape(e, g, s, d)
+        params = ExpertWeights(e, cfg.hidden_dim, cfg.expert_kind, cfg.use_bias, param_dtype=pdtype, name="experts")(d)
+        ys = ExpertFFN(params, cfg.expert_kind, cfg.activation, dtype)(slots, Padded()).reshape(e, g, s, d)
         y = jnp.einsum("gmes,egsd->gmd", routing.combine.astype(ys.dtype), ys)
         share = routing.expert_share.reshape(-1, e)
         zero = jnp.zeros((), jnp.float32)

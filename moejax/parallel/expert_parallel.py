@@ -27,7 +27,7 @@ on an accelerator here.
 """
 from __future__ import annotations
 
-import functools
+import dataclasses
 import math
 from typing import Any
 
@@ -35,13 +35,10 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-import dataclasses
-from typing import Callable
-
-from moejax.dispatch import DispatchInfo, token_choice_info
 from moejax.dispatch import capacity as capacity_lib
+from moejax.dispatch.info import DispatchInfo
 from moejax.dispatch.sorting import group_by_expert, inverse_permutation
-from moejax.experts.ffn import Padded, Ragged, ffn, ffn_param_shapes
+from moejax.experts.ffn import ExpertFFN, Padded, Ragged, ffn, ffn_param_shapes
 from moejax.parallel.mesh import TOKEN_AXES
 from moejax.routing.types import Routing
 
@@ -132,13 +129,14 @@ def native_ragged_all_to_all() -> bool:
     return jax.default_backend() != "cpu"
 
 
-def capacity_apply(x: jax.Array, plan: capacity_lib.TokenChoicePlan, params: dict[str, jax.Array], mesh: Any, *,
-                   kind: str, activation: str, impl: str) -> jax.Array:
+def capacity_apply(x: jax.Array, plan: capacity_lib.TokenChoicePlan, experts: ExpertFFN, mesh: Any, *,
+                   impl: str) -> jax.Array:
     """Expert-parallel capacity dispatch -> experts -> combine.
 
     x: [T, D]; plan: grouped plan with arrays [G, T/G, K] (:func:`moejax.dispatch.capacity.plan_groups`);
-    params: stacked expert parameters [E, ...]. Returns y [T, D], sharded like x.
+    experts: the stacked expert parameters [E, ...] with their kind and activation. Returns y [T, D], sharded like x.
     """
+    params, kind, activation = experts.params, experts.kind, experts.activation
     toks, tensor = _token_axes(mesh), _tensor_axis(mesh)
     n = mesh.shape[EXPERT_AXIS]
     e, c = plan.num_experts, plan.capacity
@@ -161,9 +159,14 @@ def capacity_apply(x: jax.Array, plan: capacity_lib.TokenChoicePlan, params: dic
     return fn(x, plan, params)
 
 
-def dropless_apply(x: jax.Array, routing: Routing, params: dict[str, jax.Array], mesh: Any, *, kind: str,
-                   activation: str, gmm: Any, native_ragged: bool | None = None) -> jax.Array:
-    """Expert-parallel dropless dispatch with ragged all-to-all. x: [T, D] -> y [T, D] (nothing dropped)."""
+def dropless_apply(x: jax.Array, routing: Routing, experts: ExpertFFN, mesh: Any, *, gmm: Any,
+                   native_ragged: bool | None = None) -> jax.Array:
+    """Expert-parallel dropless dispatch with ragged all-to-all. x: [T, D] -> y [T, D] (nothing dropped).
+
+    experts: the stacked expert parameters [E, ...] with their kind and activation; the local experts use ``gmm``.
+    ``native_ragged``: ``jax.lax.ragged_all_to_all`` (True) or the padded emulation (False); default: the native
+    one wherever the backend has it (not XLA:CPU)."""
+    params, kind, activation = experts.params, experts.kind, experts.activation
     toks, tensor = _token_axes(mesh), _tensor_axis(mesh)
     n = mesh.shape[EXPERT_AXIS]
     e = routing.num_experts
@@ -208,46 +211,27 @@ def dropless_apply(x: jax.Array, routing: Routing, params: dict[str, jax.Array],
 
 
 @dataclasses.dataclass(frozen=True)
-class _ExpertParallelGrouping:
-    """A grouping whose ``apply_experts(params, x)`` runs dispatch, the local experts and combine together."""
+class ExpertParallel:
+    """A dispatcher wrapped for expert parallelism over ``mesh``: the wrapped dispatcher's ``sharded`` form
+    (:func:`capacity_apply`, :func:`dropless_apply`) runs the dispatch, the local experts and the combine under
+    ``shard_map``; the statistics come from the global routing and plan, outside it, exactly as on one device.
 
-    run: Callable[..., jax.Array]
-
-    def apply_experts(self, params: dict[str, jax.Array], x: jax.Array, *, kind: str, activation: str) -> jax.Array:
-        return self.run(params, x, kind=kind, activation=activation)
-
-
-def apply(x: jax.Array, routing: Any, experts: Callable[..., jax.Array], *, mesh: Any, mode: str = "dropless",
-          capacity: int | None = None, capacity_impl: str = "index", priority: str = "position",
-          grouped_matmul: Any = None, groups: int = 1) -> tuple[jax.Array, DispatchInfo]:
-    """:func:`moejax.dispatch.apply` with expert parallelism over ``mesh`` (same arguments and results).
-
-    ``experts`` is the :class:`~moejax.experts.Experts` module; it hands its stacked parameters to the
-    ``shard_map`` through a grouping with ``apply_experts``. Statistics are computed on the global routing
-    and plan, outside the ``shard_map``, exactly as on one device.
+    ``experts`` must carry its stacked parameters (an :class:`~moejax.experts.ExpertFFN`): they enter the
+    ``shard_map`` split over ``expert`` (and ``tensor``).
     """
-    if not isinstance(routing, Routing):
-        raise ValueError("router.kind='expert_choice': not supported with expert parallelism (mesh.expert > 1)")
-    t = routing.num_tokens
-    check_expert_parallel(mesh, routing.num_experts, t, groups, mode)
-    if mode == "capacity":
-        if capacity is None or capacity < 1:
-            raise ValueError(f"capacity={capacity}: token-choice capacity dispatch needs the expert capacity C >= 1")
-        plan = capacity_lib.plan_groups(routing, groups, capacity, priority)
-        run = functools.partial(_run_capacity, plan=plan, mesh=mesh, impl=capacity_impl)
-        y = experts(x, _ExpertParallelGrouping(run))
-        return y, token_choice_info(routing, plan.kept.reshape(t, -1), capacity)
-    if mode == "dropless":
-        from moejax.dispatch import get_gmm
-        run = functools.partial(_run_dropless, routing=routing, mesh=mesh, gmm=grouped_matmul or get_gmm("auto"))
-        y = experts(x, _ExpertParallelGrouping(run))
-        return y, token_choice_info(routing, routing.valid, t)
-    raise ValueError(f"dispatch.mode={mode!r}: must be 'capacity' or 'dropless'")
 
+    inner: Any
+    mesh: Any
 
-def _run_capacity(params, x, *, kind, activation, plan, mesh, impl):
-    return capacity_apply(x, plan, params, mesh, kind=kind, activation=activation, impl=impl)
+    @property
+    def mode(self) -> str:
+        return self.inner.mode
 
-
-def _run_dropless(params, x, *, kind, activation, routing, mesh, gmm):
-    return dropless_apply(x, routing, params, mesh, kind=kind, activation=activation, gmm=gmm)
+    def __call__(self, x: jax.Array, routing: Any, experts: Any) -> tuple[jax.Array, DispatchInfo]:
+        if not isinstance(routing, Routing):
+            raise ValueError("router.kind='expert_choice': not supported with expert parallelism (mesh.expert > 1)")
+        if not hasattr(experts, "params"):
+            raise ValueError("experts: expert parallelism needs the experts' stacked parameters (an ExpertFFN)")
+        check_expert_parallel(self.mesh, routing.num_experts, routing.num_tokens, getattr(self.inner, "groups", 1),
+                              self.inner.mode)
+        return self.inner.sharded(x, routing, experts, self.mesh)

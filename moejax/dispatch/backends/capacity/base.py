@@ -75,3 +75,26 @@ def copy_slots(plan) -> tuple[jax.Array, jax.Array]:
     slot = jnp.full((t, e), e * c, jnp.int32).at[rows, cols].set(slots, mode="drop", unique_indices=True)
     weight = jnp.zeros((t, e), plan.weight.dtype).at[rows, cols].set(plan.weight, mode="drop", unique_indices=True)
     return slot, weight
+
+
+def slot_table_kernels(dispatch_kernel: str, combine_kernel: str
+                       ) -> tuple[Callable[..., jax.Array], Callable[..., jax.Array]]:
+    """``(dispatch(plan, x), combine(plan, y))`` running the row-gather kernels ``moejax.kernels.<dispatch_kernel>``
+    and ``<combine_kernel>`` on the plan's slot table (:func:`copy_slots`); both take ``interpret=``.
+
+    dispatch: x [T, D] -> buffers [E, C, D]; combine: y [E, C, D] -> [T, D] weighted per token.
+    """
+
+    def dispatch(plan, x: jax.Array, *, interpret: bool = False) -> jax.Array:
+        from moejax import kernels  # local import: keeps Pallas out of ``import moejax``
+        slot, _ = copy_slots(plan)
+        e, c = plan.num_experts, plan.capacity
+        return getattr(kernels, dispatch_kernel)(x, slot, e * c, interpret=interpret).reshape(e, c, x.shape[-1])
+
+    def combine(plan, y: jax.Array, *, interpret: bool = False) -> jax.Array:
+        from moejax import kernels
+        slot, weight = copy_slots(plan)
+        e, c, d = y.shape
+        return getattr(kernels, combine_kernel)(y.reshape(e * c, d), slot, weight, interpret=interpret)
+
+    return dispatch, combine

@@ -84,25 +84,25 @@ def _steps(path: str) -> list[str | int]:
     for m in _STEP.finditer(path):
         sep = path[pos:m.start()]
         if sep not in ("", "."):
-            raise ValueError(f"config.{path}: not a valid path")
+            raise ValueError(f"{path}: not a valid path")
         steps.append(m.group(1) if m.group(1) else int(m.group(2)))
         pos = m.end()
     if pos != len(path) or not steps:
-        raise ValueError(f"config.{path}: not a valid path")
+        raise ValueError(f"{path}: not a valid path")
     return steps
 
 
 def _child(node: Any, step: str | int, path: str) -> Any:
     if isinstance(step, int):
         if not isinstance(node, (list, tuple)) or step >= len(node):
-            raise ValueError(f"config.{path}: index {step} is out of range or not a list")
+            raise ValueError(f"{path}: index {step} is out of range or not a list")
         return node[step]
     if isinstance(node, (ml_collections.ConfigDict, dict)):
         if step not in node or node[step] is None:
             with _unlocked(node):
                 node[step] = ml_collections.ConfigDict()
         return node[step]
-    raise ValueError(f"config.{path}: {step!r} is inside a {type(node).__name__}, which has no fields")
+    raise ValueError(f"{path}: {step!r} is inside a {type(node).__name__}, which has no fields")
 
 
 class _unlocked:
@@ -121,7 +121,7 @@ class _unlocked:
 def _set(node: Any, step: str | int, value: Any, path: str) -> None:
     if isinstance(step, int):
         if not isinstance(node, list) or step >= len(node):
-            raise ValueError(f"config.{path}: index {step} is out of range or not a list")
+            raise ValueError(f"{path}: index {step} is out of range or not a list")
         node[step] = value
         return
     if isinstance(node, ml_collections.ConfigDict):
@@ -133,7 +133,7 @@ def _set(node: Any, step: str | int, value: Any, path: str) -> None:
     elif isinstance(node, dict):
         node[step] = value
     else:
-        raise ValueError(f"config.{path}: cannot set a field inside a {type(node).__name__}")
+        raise ValueError(f"{path}: cannot set a field inside a {type(node).__name__}")
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[tuple[str, str]]) -> None:

@@ -3,7 +3,9 @@
 Any config field can be overridden on the command line (``--config.model.num_experts=16``), also one the
 config file does not write out (``--config.model.moe.router.kind=sinkhorn``; :mod:`moejax.cli`); a config file
 may take an argument after a colon (``--config=experiments/x/config.py:tiny``). A run resumes from the
-newest good checkpoint in ``workdir``; SIGTERM saves a checkpoint and exits with status 143.
+newest good checkpoint in ``workdir``; SIGTERM saves a checkpoint and exits with status 143. A configuration error
+(a ``ValueError``: one line naming the field) is printed as that one line with exit status 2; ``--debug`` shows its
+traceback.
 """
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ from moejax import cli
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file with get_config().",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the config used.")
+_DEBUG = flags.DEFINE_bool("debug", False, "Show the traceback of configuration errors (ValueError) too.")
+_VERBOSE = flags.DEFINE_bool("verbose", False, "Show third-party INFO logging (JAX, TFDS, orbax) too.")
 flags.mark_flags_as_required(["config", "workdir"])
 _OVERRIDES: list[tuple[str, str]] = []      # the --config.<path>=<value> arguments, applied by main()
 
@@ -33,6 +37,8 @@ def summary_lines(result: dict) -> list[str]:
 
 def main(argv: list[str]) -> None:
     del argv
+    if not _VERBOSE.value:      # third-party INFO off; moejax's own INFO lines stay
+        logging.getLogger().setLevel(logging.WARNING)
     logging.getLogger("moejax").setLevel(logging.INFO)
     from moejax.training import train_and_evaluate
     config = _CONFIG.value
@@ -41,7 +47,13 @@ def main(argv: list[str]) -> None:
     except ValueError as e:
         print(f"error: --config.{e}", file=sys.stderr)
         sys.exit(2)
-    result = train_and_evaluate(config, _WORKDIR.value)
+    try:
+        result = train_and_evaluate(config, _WORKDIR.value)
+    except ValueError as e:     # a config error (one line naming the field), a checkpoint of another model, ...
+        if _DEBUG.value:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     if result["preempted"]:
         print(f"preempted at step {result['step']}: checkpoint saved in {_WORKDIR.value}")
         sys.exit(143)

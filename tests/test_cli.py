@@ -65,7 +65,7 @@ def test_a_misspelled_field_is_created_then_refused_by_the_typed_config_naming_i
 
 @pytest.mark.parametrize("path,value,match", [
     ("model.layers[5].router.k", "1", r"index 5 is out of range"),
-    ("model.layers[1].k", "1", r"^config\.model\.layers\[1\]\.k: cannot set a field inside a int"),
+    ("model.layers[1].k", "1", r"^model\.layers\[1\]\.k: cannot set a field inside a int"),
     ("train.steps", "true", r"^train\.steps='true': must be a number"),
     ("train.tensorboard", "3", r"^train\.tensorboard='3': must be true or false"),
     ("model..kind", "x", r"not a valid path"),
@@ -74,3 +74,17 @@ def test_bad_overrides_are_one_line_errors_naming_the_path(path, value, match):
     config = quickstart_like()
     with pytest.raises(ValueError, match=match):
         cli.apply_overrides(config, [(path, value)])
+
+
+def test_main_prints_a_config_error_as_one_line_and_exits_2(tmp_path, data_dir):
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-m", "moejax.main", "--config=configs/quickstart.py",
+                           f"--workdir={tmp_path}", f"--config.data.data_dir={data_dir}",
+                           "--config.model.layers[0].router.renormalise=true"],
+                          capture_output=True, text=True, timeout=300,
+                          cwd=__import__("pathlib").Path(__file__).resolve().parents[1])
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "router.renormalise: unknown field of router.kind='topk' (did you mean 'renormalize'?)" in lines[0]

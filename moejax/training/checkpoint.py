@@ -34,7 +34,8 @@ import orbax.checkpoint as ocp
 from jax import lax
 
 from moejax.hashing import fmix32 as _fmix32
-from moejax.training.steps import NonFiniteError, path_str
+from moejax.parallel.sharding import path_name
+from moejax.training.steps import NonFiniteError
 
 log = logging.getLogger("moejax")
 
@@ -62,11 +63,12 @@ class ChecksumError(ValueError):
 def tree_layout(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
     """``{path: (shape, dtype)}`` of every array of a pytree, of ``ShapeDtypeStruct``s, or of orbax's metadata.
 
-    Paths are :func:`moejax.training.steps.path_str` strings, so that a state's optax namedtuples and tuples
-    and the dicts and lists that orbax's metadata reads back give the same paths.
+    Paths are :func:`moejax.parallel.sharding.path_name` strings (dict keys, indices and attribute names alike), so
+    that a state's optax namedtuples and tuples and the dicts and lists that orbax's metadata reads back give the
+    same paths.
     """
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {path_str(p): (tuple(int(d) for d in x.shape), str(np.dtype(x.dtype))) for p, x in flat}
+    return {path_name(p): (tuple(int(d) for d in x.shape), str(np.dtype(x.dtype))) for p, x in flat}
 
 
 def first_difference(wanted: dict[str, Any], found: dict[str, Any]) -> str | None:
@@ -139,7 +141,7 @@ def tree_digests(tree: Any) -> tuple[dict[str, str], list[str]]:
     back to the host.
     """
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    paths = [path_str(p) for p, _ in flat]
+    paths = [path_name(p) for p, _ in flat]
     digests, finite = _digests([x for _, x in flat])
     digests, finite = _host(digests), _host(finite)
     sums = {p: f"{int(d[0]):08x}{int(d[1]):08x}" for p, d in zip(paths, digests)}

@@ -19,6 +19,7 @@ import numpy as np
 import optax
 from flax import struct
 
+from moejax.parallel.sharding import path_name
 from moejax.routing.fixed import consistency_loss
 from moejax.routing.types import RoutingStats
 
@@ -59,22 +60,8 @@ def checked_leaf_paths(state: TrainState) -> list[str]:
     """The paths (``params/Dense_0/kernel``) of the leaves that :func:`leaf_finite_flags` checks, in its order."""
     out = []
     for name, part in (("params", state.params), ("opt_state", state.opt_state), ("moe_state", state.moe_state)):
-        out += [name + "/" + path_str(p) for p, x in jax.tree_util.tree_flatten_with_path(part)[0] if _is_checked(x)]
+        out += [name + "/" + path_name(p) for p, x in jax.tree_util.tree_flatten_with_path(part)[0] if _is_checked(x)]
     return out
-
-
-def path_str(path: Sequence[Any]) -> str:
-    """A pytree key path as ``a/0/b``: dict keys, sequence indices and attribute names alike, so that an optax
-    namedtuple's ``mu`` and the ``mu`` of the same state read back from a checkpoint (a dict) print the same."""
-    parts = []
-    for k in path:
-        for attr in ("key", "idx", "name"):
-            if hasattr(k, attr):
-                parts.append(str(getattr(k, attr)))
-                break
-        else:
-            parts.append(str(k))
-    return "/".join(parts)
 
 
 def first_nonfinite(state: TrainState, flags: Any) -> str | None:

@@ -69,6 +69,7 @@ CASES = [
     (lambda: RouterConfig(renormalise=True), "router.renormalise: unknown field of router.kind='topk'"),
     (lambda: RouterConfig(transforms=("jitters",)), "router.transforms='jitters': unknown transform"),
     (lambda: MoEConfig(layer="soft", router=RouterConfig(jitter_noise=0.1)), "router.jitter_noise=0.1"),
+    (lambda: MoEConfig(num_experts=4, router=RouterConfig(kind="expert_choice", k=5)), "router.k=5: must be <= "),
 ]
 
 

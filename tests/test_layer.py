@@ -341,9 +341,17 @@ def test_layer_rejects_non_floating_input_and_groups_by_size_equal_groups_by_cou
     cfg = MoEConfig(num_experts=4, hidden_dim=8, router=RouterConfig(k=2),
                     dispatch=DispatchConfig(mode="capacity", capacity_factor=1.0, groups=2))
     x = jax.random.normal(jax.random.key(0), (2, 8, 5))
-    v = nn.unbox(MoELayer(cfg).init(jax.random.key(1), x))
+    v = nn.unbox(jax.jit(MoELayer(cfg).init)(jax.random.key(1), x))
     with pytest.raises(ValueError, match=r"^x: expected a floating dtype, got int32"):
         MoELayer(cfg).apply(v, x.astype(jnp.int32))
     by_size = dataclasses.replace(cfg, dispatch=dataclasses.replace(cfg.dispatch, groups=1, group_size=8))
-    np.testing.assert_array_equal(MoELayer(by_size).apply(v, x, deterministic=False).y,
-                                  MoELayer(cfg).apply(v, x, deterministic=False).y)
+    run = jax.jit(lambda c, vv, xx: MoELayer(c).apply(vv, xx, deterministic=False).y, static_argnums=0)
+    np.testing.assert_array_equal(run(by_size, v, x), run(cfg, v, x))
+
+
+def test_an_empty_token_batch_returns_an_empty_output():
+    cfg = MoEConfig(num_experts=4, hidden_dim=8, router=RouterConfig(k=2), dispatch=DispatchConfig(mode="dropless"))
+    v = jax.eval_shape(lambda: nn.unbox(MoELayer(cfg).init(jax.random.key(1), jnp.ones((2, 3, 5)))))
+    out = MoELayer(cfg).apply(jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), v), jnp.ones((0, 3, 5)))
+    assert out.y.shape == (0, 3, 5) and out.logits.shape == (0, 3, 4) and out.stats.expert_load.shape == (4,)
+    assert float(out.stats.experts_per_token) == 0.0

@@ -399,3 +399,16 @@ def test_chaos_random_sigkills_and_a_corrupted_checkpoint(tmp_path, data_dir):
         np.testing.assert_array_equal(a, b, err_msg=f"seed {seed}")
     train = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in train if r["split"] == "train"] == list(range(3, steps + 1, 3))
+
+
+def test_routing_groups_that_do_not_fit_the_evaluation_batch_fail_before_compilation(tmp_path, data_dir, monkeypatch):
+    def no_init(*args, **kwargs):
+        raise AssertionError("compiled before checking the evaluation shape")
+
+    monkeypatch.setattr(loop, "init_state", no_init)
+    cfg = small(data_dir)                                                        # training batch 64
+    cfg.data.eval_batch_size = 96
+    cfg.model.layers[0]["dispatch"] = {"mode": "capacity", "group_size": 64}   # divides 64, not 96
+    with pytest.raises(ValueError, match=r"^dispatch\.group_size=64: must divide the 96 tokens routed together .*"
+                                         r"\(with the evaluation batch: data\.eval_batch_size=96\)$"):
+        train_and_evaluate(cfg, tmp_path)

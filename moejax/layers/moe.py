@@ -14,7 +14,7 @@ from moejax.dispatch.info import DispatchInfo
 from moejax.experts.ffn import FFN, ExpertFFN, ExpertWeights
 from moejax.experts.zero_computation import ZeroComputationExperts, heterogeneous_load_balance, split_routing
 from moejax.routing.router import Router
-from moejax.routing.types import Routing, RoutingStats
+from moejax.routing.types import AuxLosses, Routing, RoutingStats
 
 
 class MoELayer(nn.Module):
@@ -81,6 +81,8 @@ class MoELayer(nn.Module):
             raise ValueError(f"x: expected a floating dtype, got {x.dtype} (shape {shape})")
         tokens = x.reshape(-1, shape[-1]).astype(jnp.dtype(cfg.dtype))
         num_tokens = tokens.shape[0]
+        if num_tokens == 0 and not self.is_initializing():
+            return _empty_output(x, cfg)
         k = None if ctx.k is None else min(ctx.k, cfg.num_routed)
         if k is not None and k != cfg.router.k:
             cfg = dataclasses.replace(cfg, router=dataclasses.replace(cfg.router, k=k))
@@ -140,3 +142,15 @@ def _with_zero_computation(info: DispatchInfo, routing: Routing, ffn_routing: Ro
     return info.replace(
         expert_load=counts / jnp.maximum(counts.sum(), 1.0),
         dropped_fraction=(valid_ffn - kept_ffn) / jnp.maximum(routing.valid.sum().astype(jnp.float32), 1.0))
+
+
+def _empty_output(x: jax.Array, cfg: MoEConfig) -> LayerOutput:
+    """The output for ``T = 0`` tokens: an empty ``y``, zero statistics, empty logits (nothing routed, nothing run)."""
+    zero = jnp.zeros((), jnp.float32)
+    stats = RoutingStats(aux=AuxLosses.zeros(), dropped_fraction=zero,
+                         expert_load=jnp.zeros((cfg.num_routed,), jnp.float32), router_entropy=zero,
+                         router_confidence=zero, experts_per_token=zero, capacity=zero)
+    logits = None
+    if "learned" in cfg.router.options.offers:
+        logits = jnp.zeros((*x.shape[:-1], cfg.num_routed), jnp.float32)
+    return LayerOutput(jnp.zeros_like(x), stats, logits)

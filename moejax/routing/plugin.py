@@ -122,8 +122,11 @@ class RouterKind:
         """Cross-checks against the router's common fields (``router.k``); raise via :func:`fail`."""
 
     def check_layer(self, layer: LayerFacts) -> None:
-        """Cross-checks against the layer (``k`` against the number of experts, capacity); raise via :func:`fail`."""
-        if TOKEN_CHOICE in self.offers and layer.k > layer.num_routed:
+        """Cross-checks against the layer (``k`` against the number of experts, capacity); raise via :func:`fail`.
+
+        By default ``k <= num_routed`` (for expert choice ``k`` is the mean number of experts per token, which cannot
+        exceed them either)."""
+        if layer.k > layer.num_routed:
             fail("k", layer.k, f"must be <= {layer.routed_name}={layer.num_routed}")
 
 

@@ -190,6 +190,21 @@ def check_model_on_mesh(model: nn.Module, mesh: Mesh) -> None:
                              "(an expert-choice router picks tokens across all devices)")
 
 
+def check_eval_shape(model: nn.Module, example: jax.Array, eval_batch: int) -> None:
+    """Traces (does not compile) the model on the evaluation batch shape, so that a shape error of the evaluation
+    (e.g. ``dispatch.groups`` not dividing its tokens) stops the run before training instead of at the first
+    evaluation; the training shape is traced by :func:`init_state` right after."""
+    if eval_batch == example.shape[0]:
+        return
+    x = jax.ShapeDtypeStruct((eval_batch, *example.shape[1:]), example.dtype)
+    key = jax.random.key(0)
+    try:
+        jax.eval_shape(lambda xx: model.init({"params": key, "dropout": key, "jitter": key}, xx, deterministic=True),
+                       x)
+    except ValueError as e:
+        raise ValueError(f"{e} (with the evaluation batch: data.eval_batch_size={eval_batch})") from None
+
+
 def _check_divisible(config: Mapping[str, Any], mesh: Mesh) -> None:
     n = parallel.token_shards(mesh)
     for field in ("batch_size", "eval_batch_size"):
@@ -263,6 +278,8 @@ def _model_and_state(config: Mapping[str, Any], total_steps: int, mesh: Mesh, ru
     # The global batch shape (this process holds 1/process_count of it): expert-parallel layers trace with it.
     example = jnp.zeros((np.shape(example_inputs)[0] * jax.process_count(), *np.shape(example_inputs)[1:]),
                         np.asarray(example_inputs).dtype)
+    eval_batch = int(config["data"].get("eval_batch_size") or example.shape[0])     # global, like example
+    check_eval_shape(model, example, eval_batch)
     state, state_sharding = init_state(model, tx, example, int(config.get("seed", 0)), mesh, rules)
     return model, train_data, eval_data, meta, tx, state, state_sharding
 

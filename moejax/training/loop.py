@@ -21,6 +21,7 @@ from moejax.config import MoEConfig
 from moejax.training import optim
 from moejax.training.checkpoint import Checkpointer
 from moejax.training.config import scheduled_moe_k, train_settings
+from moejax.training import report
 from moejax.training.metrics import MetricWriter, progress_bar
 from moejax.training.steps import (AuxWeights, NonFiniteError, TrainState, first_nonfinite, make_eval_step,
                                    make_train_step, split_batch)
@@ -281,7 +282,7 @@ def _model_and_state(config: Mapping[str, Any], total_steps: int, mesh: Mesh, ru
     eval_batch = int(config["data"].get("eval_batch_size") or example.shape[0])     # global, like example
     check_eval_shape(model, example, eval_batch)
     state, state_sharding = init_state(model, tx, example, int(config.get("seed", 0)), mesh, rules)
-    return model, train_data, eval_data, meta, tx, state, state_sharding
+    return model, train_data, eval_data, meta, tx, state, state_sharding, example
 
 
 def _nonfinite_message(step: int, metrics: Mapping[str, Any], state: TrainState, ckpt: Checkpointer) -> str:
@@ -304,7 +305,8 @@ def _train(config: Mapping[str, Any], workdir: pathlib.Path, settings: dict[str,
     total = settings["steps"]
     replicated = NamedSharding(mesh, PartitionSpec())
     batch_sharding = parallel.batch_sharding(mesh)
-    model, train_data, eval_data, meta, tx, state, state_sharding = _model_and_state(config, total, mesh, rules)
+    model, train_data, eval_data, meta, tx, state, state_sharding, example = _model_and_state(config, total, mesh,
+                                                                                              rules)
     task = meta.task
     lead = jax.process_index() == 0
 
@@ -320,6 +322,9 @@ def _train(config: Mapping[str, Any], workdir: pathlib.Path, settings: dict[str,
         start = int(state.step)
         if lead:
             (workdir / "config.json").write_text(json.dumps(to_jsonable(config), indent=2, sort_keys=True))
+            for line in report.header_lines(report.config_digest(to_jsonable(config)), model, example, mesh, start,
+                                            total):
+                print(line, flush=True)
         writer = MetricWriter(workdir, tensorboard=settings["tensorboard"], enabled=lead)
         writer.truncate_after(start)        # records of steps past the restored one would appear twice
         if sigterm.set:
@@ -346,6 +351,7 @@ def _train(config: Mapping[str, Any], workdir: pathlib.Path, settings: dict[str,
         eval_step = jax.jit(make_eval_step(model, task, moe_k=settings["eval_moe_k"]),
                             in_shardings=(state_sharding, batch_sharding), out_shardings=replicated)
         bar = progress_bar(total, start)
+        emit = report.printer(bar, lead)
         window_start, window_items = time.perf_counter(), 0
         for step in range(start, total):
             batch = _put_batch(train_data.batch(step), batch_sharding)
@@ -362,11 +368,11 @@ def _train(config: Mapping[str, Any], workdir: pathlib.Path, settings: dict[str,
                 elapsed = time.perf_counter() - window_start
                 record = {k: v for k, v in metrics.items() if k not in ("finite", "state_finite")}
                 record["items_per_sec"] = window_items / max(elapsed, 1e-9)
-                writer.write(done, "train", record)
+                emit(report.train_line(done, total, writer.write(done, "train", record), task))
                 window_start, window_items = time.perf_counter(), 0
             if done % settings["eval_every"] == 0 and done != total:
-                writer.write(done, "eval", evaluate(eval_step, state, eval_data, task, settings["eval_steps"],
-                                                    batch_sharding))
+                emit(report.eval_line(done, writer.write(done, "eval", evaluate(
+                    eval_step, state, eval_data, task, settings["eval_steps"], batch_sharding)), task))
             if done % settings["checkpoint_every"] == 0 or done == total:
                 ckpt.save(done, _state_dict(state))
             if sigterm.set and done != total:
@@ -376,7 +382,7 @@ def _train(config: Mapping[str, Any], workdir: pathlib.Path, settings: dict[str,
                 return {"step": int(state.step), "preempted": True}
         ckpt.wait()
         final = evaluate(eval_step, state, eval_data, task, settings["eval_steps"], batch_sharding)
-        writer.write(int(state.step), "eval", final)
+        emit(report.eval_line(int(state.step), writer.write(int(state.step), "eval", final), task))
         return {**final, "step": int(state.step), "preempted": False}
     finally:
         if bar is not None:

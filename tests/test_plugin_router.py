@@ -85,5 +85,9 @@ def test_selected_from_the_command_line_with_an_unwritten_field(tmp_path, data_d
         capture_output=True, text=True, timeout=600, cwd=HERE.parent)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "final step 4" in proc.stdout
+    # Not a terminal: the header and one line per log_every steps are printed anyway (no progress bar).
+    assert "moejax: parameters" in proc.stdout and "0: E=8 k=2 temperature_topk dropless/bulk" in proc.stdout
+    assert "1: E=4 k=1 topk dropless/padded" in proc.stdout
+    assert "step 2/4  loss" in proc.stdout and "step 4/4  loss" in proc.stdout and "eval step 4" in proc.stdout
     saved = (tmp_path / "run" / "config.json").read_text()
     assert '"temperature_topk"' in saved and '"temperature": 0.25' in saved and '"gmm": "padded"' in saved

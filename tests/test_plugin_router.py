@@ -42,14 +42,14 @@ def test_the_plugin_equals_top_k_with_a_scaled_router_in_values_and_gradients():
     assert plugin_cfg == layer_config(RouterConfig(kind="temperature_topk", temperature=tau))
     oracle_cfg = layer_config(RouterConfig(kind="topk", k=2, renormalize=True))
     x = jax.random.normal(jax.random.key(0), (2, 6, 5))
-    params = nn.unbox(MoELayer(plugin_cfg).init(jax.random.key(1), x))["params"]
+    params = nn.unbox(jax.jit(MoELayer(plugin_cfg).init)(jax.random.key(1), x))["params"]
     scaled = {**params, "router": {"kernel": params["router"]["kernel"] / tau}}
 
     def loss(cfg, p, xx):
         return jnp.sum(jnp.sin(MoELayer(cfg).apply({"params": p}, xx, deterministic=False).y))
 
-    val, (gp, gx) = jax.value_and_grad(lambda p, xx: loss(plugin_cfg, p, xx), argnums=(0, 1))(params, x)
-    want, (wp, wx) = jax.value_and_grad(lambda p, xx: loss(oracle_cfg, p, xx), argnums=(0, 1))(scaled, x)
+    val, (gp, gx) = jax.jit(jax.value_and_grad(lambda p, xx: loss(plugin_cfg, p, xx), argnums=(0, 1)))(params, x)
+    want, (wp, wx) = jax.jit(jax.value_and_grad(lambda p, xx: loss(oracle_cfg, p, xx), argnums=(0, 1)))(scaled, x)
     np.testing.assert_allclose(val, want, rtol=1e-5)
     np.testing.assert_allclose(gx, wx, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(gp["experts"]["w_in"], wp["experts"]["w_in"], rtol=1e-4, atol=1e-6)
@@ -66,9 +66,10 @@ def test_the_plugin_validates_its_own_fields_and_takes_the_library_transforms():
                        gumbel_noise=0.5)
     assert [t.name for t in cfg.transforms] == ["gumbel", "selection_bias", "group_limit"]
     x = jax.random.normal(jax.random.key(0), (16, 5))
-    variables = MoELayer(layer_config(cfg)).init(jax.random.key(1), x)
-    out, state = MoELayer(layer_config(cfg)).apply(variables, x, deterministic=False, mutable=["moe_state"],
-                                                   rngs={"jitter": jax.random.key(2)})
+    layer = MoELayer(layer_config(cfg))
+    variables = jax.jit(layer.init)(jax.random.key(1), x)
+    out, state = jax.jit(lambda v, xx: layer.apply(v, xx, deterministic=False, mutable=["moe_state"],
+                                                   rngs={"jitter": jax.random.key(2)}))(variables, x)
     groups = np.asarray(jax.tree_util.tree_leaves(state)[0])
     assert groups.shape == (4,) and np.abs(groups).sum() > 0                   # the selection bias moved
     np.testing.assert_allclose(out.stats.experts_per_token, 2.0)

@@ -352,7 +352,7 @@ def _train(config: Mapping[str, Any], workdir: pathlib.Path, settings: dict[str,
                             in_shardings=(state_sharding, batch_sharding), out_shardings=replicated)
         bar = progress_bar(total, start)
         emit = report.printer(bar, lead)
-        window_start, window_items = time.perf_counter(), 0
+        window_start, window_items, window_examples = time.perf_counter(), 0, 0
         for step in range(start, total):
             batch = _put_batch(train_data.batch(step), batch_sharding)
             state, metrics = train_step_at(step)(state, batch)
@@ -360,6 +360,7 @@ def _train(config: Mapping[str, Any], workdir: pathlib.Path, settings: dict[str,
             if not int(metrics["finite"]):
                 raise NonFiniteError(_nonfinite_message(step, metrics, state, ckpt))
             window_items += _items_per_step(batch, task)
+            window_examples += int(np.shape(batch["tokens" if task == "lm" else "labels"])[0])
             done = step + 1
             if bar is not None:
                 bar.update(1)
@@ -368,8 +369,9 @@ def _train(config: Mapping[str, Any], workdir: pathlib.Path, settings: dict[str,
                 elapsed = time.perf_counter() - window_start
                 record = {k: v for k, v in metrics.items() if k not in ("finite", "state_finite")}
                 record["items_per_sec"] = window_items / max(elapsed, 1e-9)
+                record["examples_per_sec"] = window_examples / max(elapsed, 1e-9)
                 emit(report.train_line(done, total, writer.write(done, "train", record), task))
-                window_start, window_items = time.perf_counter(), 0
+                window_start, window_items, window_examples = time.perf_counter(), 0, 0
             if done % settings["eval_every"] == 0 and done != total:
                 emit(report.eval_line(done, writer.write(done, "eval", evaluate(
                     eval_step, state, eval_data, task, settings["eval_steps"], batch_sharding)), task))

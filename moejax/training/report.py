@@ -58,12 +58,14 @@ def _load_stats(record: Mapping[str, Any]) -> str:
 
 
 def train_line(step: int, total: int, record: Mapping[str, Any], task: str) -> str:
-    """``step 100/1500  loss 0.4213  acc 0.871  3120 ex/s  dropped 0.000  load max/mean 1.63``."""
+    """``step 100/1500  loss 0.4213  acc 0.871  3120 ex/s  dropped 0.000  load max/mean 1.63`` (LMs: ``ppl``, and
+    tokens/s next to examples/s)."""
     quality = (f"ppl {float(np.exp(float(record['ce']))):.3f}" if task == "lm" and "ce" in record
                else f"acc {float(record.get('accuracy', float('nan'))):.3f}")
-    unit = "tok/s" if task == "lm" else "ex/s"
-    return (f"step {step}/{total}  loss {float(record['loss']):.4f}  {quality}  "
-            f"{float(record.get('items_per_sec', 0.0)):.0f} {unit}{_load_stats(record)}")
+    speed = f"{float(record.get('examples_per_sec', record.get('items_per_sec', 0.0))):.0f} ex/s"
+    if task == "lm":
+        speed += f"  {float(record.get('items_per_sec', 0.0)):.0f} tok/s"
+    return f"step {step}/{total}  loss {float(record['loss']):.4f}  {quality}  {speed}{_load_stats(record)}"
 
 
 def eval_line(step: int, result: Mapping[str, Any], task: str) -> str:

@@ -14,6 +14,7 @@ import dataclasses
 import math
 from typing import Any, Literal, Mapping
 
+from moejax.errors import unknown_field
 from moejax.routing import plugin as _plugin
 from moejax.routing.config import ROUTER_LOGITS, RouterConfig
 
@@ -342,5 +343,5 @@ def _typed_kwargs(cls: type, d: Mapping[str, Any], prefix: str) -> dict[str, Any
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - names)
     if unknown:
-        raise ValueError(f"{prefix}{unknown[0]}: unknown field of {cls.__name__}; known fields: {sorted(names)}")
+        raise unknown_field(f"{prefix}{unknown[0]}", names, cls.__name__)
     return dict(d)

@@ -143,3 +143,13 @@ def test_eval_capacity_factor_used_in_eval():
     cfg = MoEConfig(num_experts=8, router=RouterConfig(k=2),
                     dispatch=DispatchConfig(capacity_factor=1.0, eval_capacity_factor=2.0))
     assert cfg.capacity(64, train=True) == 16 and cfg.capacity(64, train=False) == 32
+
+
+@pytest.mark.parametrize("make,suggestion", [
+    (lambda: MoEConfig.from_dict({"num_expert": 4}), "did you mean 'num_experts'"),
+    (lambda: MoEConfig.from_dict({"dispatch": {"capacityfactor": 2.0}}), "did you mean 'capacity_factor'"),
+    (lambda: MoEConfig.from_dict({"router": {"gumble_noise": 0.5}}), "did you mean 'gumbel_noise'"),
+])
+def test_unknown_fields_suggest_the_closest_names(make, suggestion):
+    with pytest.raises(ValueError, match=suggestion):
+        make()

@@ -16,6 +16,7 @@ import numpy as np
 from moejax.data.batching import ClassificationBatches, ClassificationEval, check_process_split
 from moejax.data.lm import VOCAB_SIZE, LMBatches, LMEval, byte_stream
 from moejax.data.reader import SHORT_NAMES, is_shipped, load_split, materialize, resolve_name
+from moejax.errors import unknown_field
 
 Task = Literal["classification", "lm"]
 
@@ -145,7 +146,7 @@ class DataConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
-            raise ValueError(f"data.{unknown[0]}: unknown field of DataConfig; known fields: {sorted(names)}")
+            raise unknown_field(f"data.{unknown[0]}", names, "DataConfig")
         if isinstance(d.get("extra_keys"), list):
             d["extra_keys"] = tuple(d["extra_keys"])
         return cls(**d)

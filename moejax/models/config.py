@@ -17,6 +17,7 @@ import math
 from typing import Any, ClassVar, Literal, Mapping, Union
 
 from moejax.config import ACTIVATIONS, MoEConfig
+from moejax.errors import unknown_field
 
 FFNSpec = Union[MoEConfig, int]
 Norm = Literal["layernorm", "rmsnorm"]
@@ -95,7 +96,7 @@ def _kwargs(cls: type, d: Mapping[str, Any]) -> dict[str, Any]:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - names)
     if unknown:
-        raise ValueError(f"{PREFIX}{unknown[0]}: unknown field of {cls.__name__}; known fields: {sorted(names)}")
+        raise unknown_field(f"{PREFIX}{unknown[0]}", names, cls.__name__)
     missing = sorted(f.name for f in dataclasses.fields(cls) if f.name not in d
                      and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
     if missing:

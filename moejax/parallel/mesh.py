@@ -22,6 +22,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from moejax.errors import unknown_field
+
 AXES = ("data", "fsdp", "expert", "tensor")
 # Mesh axes that split tokens (the logical ``batch`` axis). Order matters: it is the order of the shards.
 TOKEN_AXES = ("data", "fsdp", "expert")
@@ -97,7 +99,7 @@ class MeshConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
-            raise ValueError(f"mesh.{unknown[0]}: unknown field; known fields: {sorted(names)}")
+            raise unknown_field(f"mesh.{unknown[0]}", names)
         if d.get("rules") is None:
             d.pop("rules", None)
         else:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
+from moejax.errors import unknown_field
+
 TOP_LEVEL = ("seed", "model", "data", "optimizer", "train", "mesh")
 TRAIN_DEFAULTS: dict[str, Any] = {
     "steps": 1000,
@@ -99,7 +101,7 @@ def train_settings(config: Mapping[str, Any]) -> dict[str, Any]:
     train = dict(config.get("train", {}).items()) if "train" in config else {}
     unknown = sorted(set(train) - set(TRAIN_DEFAULTS))
     if unknown:
-        raise ValueError(f"train.{unknown[0]}: unknown field; known fields: {sorted(TRAIN_DEFAULTS)}")
+        raise unknown_field(f"train.{unknown[0]}", TRAIN_DEFAULTS)
     s = {**TRAIN_DEFAULTS, **train}
     for name in ("steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
         _int_at_least(f"train.{name}", s[name], 1)

@@ -7,6 +7,8 @@ from typing import Any, Mapping
 import numpy as np
 import optax
 
+from moejax.errors import unknown_field
+
 OPTIMIZERS = ("adam", "adamw", "sgd", "lion")
 SCHEDULES = ("constant", "cosine", "warmup_cosine", "linear")
 
@@ -48,7 +50,7 @@ def validate(cfg: Mapping[str, Any], total_steps: int) -> None:
     """Raises a one-line ``ValueError`` naming the bad ``optimizer.*`` field (``optimizer.b1=1.5: ...``)."""
     unknown = sorted(set(cfg.keys()) - set(OPTIMIZER_DEFAULTS))
     if unknown:
-        raise ValueError(f"optimizer.{unknown[0]}: unknown field; known fields: {sorted(OPTIMIZER_DEFAULTS)}")
+        raise unknown_field(f"optimizer.{unknown[0]}", OPTIMIZER_DEFAULTS)
     name = _get(cfg, "name")
     if name not in OPTIMIZERS:
         raise ValueError(f"optimizer.name={name!r}: must be one of {list(OPTIMIZERS)}")

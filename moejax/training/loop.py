@@ -271,7 +271,8 @@ def _mesh_context(config: Mapping[str, Any]) -> Iterator[tuple[Mesh, Any]]:
 
 
 def _model_and_state(config: Mapping[str, Any], total_steps: int, mesh: Mesh, rules: Any):
-    """(model, train data, eval data, meta, optimiser, fresh sharded state, its shardings) for ``config``."""
+    """(model, train data, eval data, meta, optimiser, fresh sharded state, its shardings, the global example
+    input) for ``config``."""
     model, train_data, eval_data, meta = build(config)
     check_model_on_mesh(model, mesh)
     tx = optim.make_optimizer(config.get("optimizer", {}), total_steps)
@@ -410,7 +411,8 @@ def evaluate_at_k(config: Mapping[str, Any], workdir: str | pathlib.Path, ks: Se
             raise ValueError(f"ks: {k!r} is not None or an int >= 1")
     settings = train_settings(config)
     with _mesh_context(config) as (mesh, rules):
-        model, _, eval_data, meta, _, state, state_sharding = _model_and_state(config, settings["steps"], mesh, rules)
+        model, _, eval_data, meta, _, state, state_sharding, _ = _model_and_state(config, settings["steps"], mesh,
+                                                                                  rules)
         ckpt = Checkpointer(pathlib.Path(workdir), keep=settings["keep_checkpoints"], async_save=False)
         try:
             restored = ckpt.restore_latest(_state_dict(state))

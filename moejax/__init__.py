@@ -10,5 +10,5 @@ from moejax.layers import DenseLayer, MoELayer
 from moejax.routing.types import AuxLosses, ExpertChoiceRouting, Routing, RoutingStats
 
 __version__ = "0.1.0"
-__all__ = ["AuxLosses", "DenseLayer", "DispatchConfig", "ExpertChoiceRouting", "LayerContext", "LayerOutput", "MoEConfig", "MoELayer",
-           "RouterConfig", "Routing", "RoutingStats"]
+__all__ = ["AuxLosses", "DenseLayer", "DispatchConfig", "ExpertChoiceRouting", "LayerContext", "LayerOutput",
+           "MoEConfig", "MoELayer", "RouterConfig", "Routing", "RoutingStats"]

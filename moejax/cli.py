@@ -14,12 +14,13 @@ field that holds a float, int or bool is converted to that type (``--config.opti
 from __future__ import annotations
 
 import ast
+import contextlib
 import re
 from typing import Any, Sequence
 
 import ml_collections
 
-_FLAG = re.compile(r"^--config\.(?P<path>[A-Za-z_][\w.\[\]]*)(=(?P<value>.*))?$")
+_OVERRIDE = re.compile(r"^(?P<path>[A-Za-z_][\w.\[\]]*)(=(?P<value>.*))?$")     # after the ``--<flag>.`` prefix
 _STEP = re.compile(r"([A-Za-z_]\w*)|\[(\d+)\]")
 
 
@@ -39,7 +40,7 @@ def split_overrides(argv: Sequence[str], flag: str = "config") -> tuple[list[str
             rest.append(arg)
             i += 1
             continue
-        m = _FLAG.match("--config." + arg[len(prefix):])
+        m = _OVERRIDE.match(arg[len(prefix):])
         if m is None:
             raise ValueError(f"{arg}: not a valid override (expected --{flag}.<dotted.path>=<value>)")
         value = m.group("value")
@@ -71,7 +72,7 @@ def parse_value(text: str, current: Any = None) -> Any:
         raise ValueError(f"must be a number, got {text!r}")
     elif isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
-    elif isinstance(current, int) and isinstance(value, float) and value.is_integer() and not isinstance(current, bool):
+    elif isinstance(current, int) and isinstance(value, float) and value.is_integer():
         value = int(value)
     elif isinstance(current, str) and not isinstance(value, str):
         value = text
@@ -99,23 +100,11 @@ def _child(node: Any, step: str | int, path: str) -> Any:
         return node[step]
     if isinstance(node, (ml_collections.ConfigDict, dict)):
         if step not in node or node[step] is None:
-            with _unlocked(node):
+            unlocked = node.unlocked() if isinstance(node, ml_collections.ConfigDict) else contextlib.nullcontext()
+            with unlocked:
                 node[step] = ml_collections.ConfigDict()
         return node[step]
     raise ValueError(f"{path}: {step!r} is inside a {type(node).__name__}, which has no fields")
-
-
-class _unlocked:
-    def __init__(self, node: Any) -> None:
-        self.ctx = node.unlocked() if isinstance(node, ml_collections.ConfigDict) else None
-
-    def __enter__(self) -> None:
-        if self.ctx is not None:
-            self.ctx.__enter__()
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.ctx is not None:
-            self.ctx.__exit__(*exc)
 
 
 def _set(node: Any, step: str | int, value: Any, path: str) -> None:

@@ -16,7 +16,7 @@ from typing import Any, Literal, Mapping
 
 from moejax.errors import unknown_field
 from moejax.routing import plugin as _plugin
-from moejax.routing.config import ROUTER_LOGITS, RouterConfig
+from moejax.routing.config import RouterConfig
 
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "swish", "tanh", "sigmoid", "identity")
 DispatchMode = Literal["capacity", "dropless"]
@@ -113,14 +113,16 @@ class DispatchConfig:
                                                               f"{self.groups}) or by size, not both")
         if self.expert_capacity is not None:
             _check_positive_int("dispatch.expert_capacity", self.expert_capacity)
-            for name, default in (("capacity_factor", 1.25), ("eval_capacity_factor", 2.0)):
+            defaults = {f.name: f.default for f in dataclasses.fields(self)}
+            for name in ("capacity_factor", "eval_capacity_factor"):
                 value = getattr(self, name)
-                if value is not None and value != default:
+                if value is not None and value != defaults[name]:
                     _fail(f"dispatch.{name}", value, f"dispatch.expert_capacity={self.expert_capacity} sets C; "
                                                      f"leave the capacity factors at their defaults or None")
 
     def num_groups(self, num_tokens: int, shape: tuple[int, ...] | None = None) -> int:
-        """``G`` for ``num_tokens`` routed tokens (1 in dropless mode); a one-line error when it does not divide them."""
+        """``G`` for ``num_tokens`` routed tokens (1 in dropless mode); a one-line error when it does not divide
+        them."""
         if self.mode != "capacity":
             return 1
         if self.group_size is not None:
@@ -319,11 +321,8 @@ class MoEConfig:
         if not hasattr(d, "items"):
             _fail("MoEConfig", d, "must be a mapping of MoEConfig fields")
         kwargs = _typed_kwargs(cls, dict(d.items()), prefix="")
-        router = kwargs.get("router")
-        if router is not None and not isinstance(router, RouterConfig) or "router" in kwargs and router is None:
-            if not hasattr(router, "items"):
-                _fail("router", router, "must be a RouterConfig or a mapping of its fields")
-            kwargs["router"] = RouterConfig.from_dict(router)
+        if "router" in kwargs and not isinstance(kwargs["router"], RouterConfig):
+            kwargs["router"] = RouterConfig.from_dict(kwargs["router"])     # a mapping, or a one-line error
         if "dispatch" in kwargs and not isinstance(kwargs["dispatch"], DispatchConfig):
             if not hasattr(kwargs["dispatch"], "items"):
                 _fail("dispatch", kwargs["dispatch"], "must be a DispatchConfig or a mapping of its fields")

@@ -152,10 +152,6 @@ def from_config(dispatch: Any, capacity: int, groups: int = 1) -> Dispatcher:
     group and ``G = groups``; wrapped in :class:`~moejax.parallel.expert_parallel.ExpertParallel` when the current
     mesh has an ``expert`` axis larger than 1."""
     from moejax.parallel import expert_parallel
-    try:
-        cls = MODES[dispatch.mode]
-    except KeyError:
-        raise ValueError(f"dispatch.mode={dispatch.mode!r}: must be one of {sorted(MODES)}") from None
-    local = cls.from_config(dispatch, capacity, groups)
+    local = MODES[dispatch.mode].from_config(dispatch, capacity, groups)    # the mode: checked by DispatchConfig
     mesh = expert_parallel.expert_mesh()
     return local if mesh is None else expert_parallel.ExpertParallel(local, mesh)

@@ -25,5 +25,5 @@ def make_layer(config: MoEConfig, name: str | None = None) -> nn.Module:
     return LAYERS[config.layer](config, name=name)
 
 
-__all__ = ["LAYERS", "LayerContext", "LayerOutput", "ChainOfExpertsLayer", "DenseLayer", "MoELayer", "SMEARLayer", "SoftMoELayer",
-           "SoftRouting", "chain_stats", "make_layer", "soft_logits", "soft_routing"]
+__all__ = ["LAYERS", "LayerContext", "LayerOutput", "ChainOfExpertsLayer", "DenseLayer", "MoELayer", "SMEARLayer",
+           "SoftMoELayer", "SoftRouting", "chain_stats", "make_layer", "soft_logits", "soft_routing"]

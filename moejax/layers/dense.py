@@ -12,7 +12,8 @@ from moejax.routing.types import RoutingStats
 
 
 class DenseLayer(nn.Module):
-    """``out = DenseLayer(...).apply(variables, x)`` (a :class:`~moejax.layers.LayerOutput`): one FFN of width ``hidden_dim`` over x: [..., D].
+    """``out = DenseLayer(...).apply(variables, x)`` (a :class:`~moejax.layers.LayerOutput`): one FFN of width
+    ``hidden_dim`` over x: [..., D].
 
     Returns :meth:`RoutingStats.dense` so that trainers treat MoE and dense models alike. Parameters live
     directly in this module's scope (``w_in`` [D, F] on (embed, mlp), ...).

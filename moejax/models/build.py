@@ -180,15 +180,17 @@ def routed_active(spec: MoEConfig, d_model: int, num_tokens: int, train: bool = 
     return most, float(most) if fixed else None
 
 
-def param_counts(model: nn.Module, x: Any, *, train: bool = True) -> ParamCounts:
+def param_counts(model: nn.Module, x: Any, *, train: bool = True, params: Any = None) -> ParamCounts:
     """Counts of ``model`` (built by :func:`build_model`) for inputs like ``x`` (an array or
     ``jax.ShapeDtypeStruct``); nothing is computed (``jax.eval_shape``).
 
     ``x``'s batch size matters only to expert-choice layers, whose mean number of experts per token is
     ``C E / T``: pass the shape of a training batch; ``train`` picks the capacity factor (training or eval).
+    ``params``: the model's parameters (or their shapes) when the caller has them; otherwise they are traced.
     """
-    shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)
-    total = count_params(shapes["params"])
+    if params is None:
+        params = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)["params"]
+    total = count_params(params)
     cfg = model.config
     tokens = routed_tokens(cfg, x.shape)
     routed, idle_max, idle_mean = 0, 0, 0.0

@@ -9,8 +9,9 @@ Two ways to write one, equivalent:
   ``transforms=("group_limit", "selection_bias", ...)`` names an order;
 * typed: ``RouterConfig(kind="topk", options=TopK(renormalize=True), transforms=(Jitter(0.01),))``.
 
-``dataclasses.replace(config, field=value)`` takes flat fields too. A field that belongs to another kind, a transform the kind cannot take, or an unknown field is a one-line
-``ValueError`` naming ``router.<field>`` and the kind. Reading ``config.<field>`` returns the option or transform
+``dataclasses.replace(config, field=value)`` takes flat fields too. A field that belongs to another kind, a
+transform the kind cannot take, or an unknown field is a one-line ``ValueError`` naming ``router.<field>`` and the
+kind. Reading ``config.<field>`` returns the option or transform
 field (a transform that is absent reads as its defaults), so ``config.renormalize`` or ``config.gate_dropout``
 work for every kind.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping, Sequence
 
+from moejax.errors import unknown_field
 from moejax.routing import plugin
 from moejax.routing.plugin import RouterKind, Transform, fail
 
@@ -73,8 +75,9 @@ class RouterConfig:
             missing = sorted(t.requires - kind_cls.offers)
             if missing:
                 name = _naming_field(t, fields)
-                fail(name, getattr(t, name), f"transform {t.name!r} needs a router kind that "
-                                             f"{_CAPABILITY.get(missing[0], missing[0])}; router.kind={kind!r} does not")
+                needs = _CAPABILITY.get(missing[0], missing[0])
+                fail(name, getattr(t, name), f"transform {t.name!r} needs a router kind that {needs}; "
+                                             f"router.kind={kind!r} does not")
         if logits != "linear" and plugin.LEARNED not in kind_cls.offers:
             fail("logits", logits, f"kind={kind!r} has no learned router")
         for name, value in (("kind", kind), ("k", k), ("logits", logits), ("options", options),
@@ -94,10 +97,6 @@ class RouterConfig:
                     return getattr(t, name)
             return next(f for f in dataclasses.fields(owner) if f.name == name).default
         raise AttributeError(f"RouterConfig of kind {self.__dict__.get('kind')!r} has no field {name!r}")
-
-    @property
-    def kind_class(self) -> type[RouterKind]:
-        return type(self.options)
 
     def to_dict(self) -> dict[str, Any]:
         """Flat fields (what an ``ml_collections`` config writes); ``RouterConfig(**d)`` rebuilds the config."""
@@ -173,9 +172,7 @@ def _split_fields(kind_cls: type[RouterKind], fields: dict[str, Any]
         if kinds:
             fail(name, value, f"not a field of router.kind={kind_cls.name!r} (it belongs to kind(s) {kinds}); "
                               f"this kind's own fields: {list(own_names)}")
-        close = plugin._closest(name, known)
-        raise ValueError(f"router.{name}: unknown field of router.kind={kind_cls.name!r}{close}; "
-                         f"known fields: {known}")
+        raise unknown_field(f"router.{name}", known, f"router.kind={kind_cls.name!r}")
     return own, by_transform
 
 

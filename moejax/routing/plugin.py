@@ -28,11 +28,11 @@ Capabilities a kind offers (``RouterKind.offers``) and transforms require:
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from typing import Any, Callable, ClassVar
 
 import jax
 
+from moejax.errors import closest
 from moejax.routing.types import AnyRouting, Routing
 
 LEARNED, TOKEN_CHOICE, SELECTION_LOGITS, SELECTION_SCORES = "learned", "token_choice", "selection_logits", \
@@ -209,21 +209,16 @@ def register_transform(cls: type[Transform]) -> type[Transform]:
     return cls
 
 
-def _closest(name: str, names: list[str]) -> str:
-    close = difflib.get_close_matches(name, names, n=3)
-    return f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
-
-
 def router_kind(name: Any) -> type[RouterKind]:
     """The registered kind class ``router.kind=name``; a one-line error naming the registered kinds."""
     if not isinstance(name, str) or name not in _KINDS:
-        fail("kind", name, f"unknown router kind{_closest(str(name), sorted(_KINDS))}; registered: {sorted(_KINDS)}")
+        fail("kind", name, f"unknown router kind{closest(str(name), _KINDS)}; registered: {sorted(_KINDS)}")
     return _KINDS[name]
 
 
 def transform(name: Any) -> type[Transform]:
     if not isinstance(name, str) or name not in _TRANSFORMS:
-        fail("transforms", name, f"unknown transform{_closest(str(name), sorted(_TRANSFORMS))}; "
+        fail("transforms", name, f"unknown transform{closest(str(name), _TRANSFORMS)}; "
                                  f"registered: {sorted(_TRANSFORMS)}")
     return _TRANSFORMS[name]
 

@@ -85,16 +85,6 @@ class Router(nn.Module):
             routing = t.on_routing(routing, call)
         return (routing, logits) if return_logits else routing
 
-    def logits(self, x: jax.Array, train: bool) -> jax.Array:
-        """float32[T, E] router logits of x: [T, D] (with the input transforms, e.g. Switch jitter, in training)."""
-        call = plugin.RouteCall(module=self, train=train, k=self.config.k, capacity=None,
-                                num_experts=self.num_experts, num_tokens=x.shape[0], token_ids=None,
-                                prev_logits=None, transforms=self.config.transforms)
-        h = x.astype(jnp.float32)
-        for t in self.config.transforms:
-            h = t.on_input(h, call)
-        return self._logits(h)
-
     def _logits(self, x: jax.Array) -> jax.Array:
         kernel = self._kernel("kernel", x.shape[-1])
         if self.config.logits == "attention":

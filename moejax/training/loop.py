@@ -8,7 +8,7 @@ import pathlib
 import signal
 import tempfile
 import time
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
@@ -270,9 +270,21 @@ def _mesh_context(config: Mapping[str, Any]) -> Iterator[tuple[Mesh, Any]]:
         yield mesh, rules
 
 
-def _model_and_state(config: Mapping[str, Any], total_steps: int, mesh: Mesh, rules: Any):
-    """(model, train data, eval data, meta, optimiser, fresh sharded state, its shardings, the global example
-    input) for ``config``."""
+class _Setup(NamedTuple):
+    """What :func:`_model_and_state` builds for a config."""
+
+    model: nn.Module
+    train_data: Any
+    eval_data: Any
+    meta: Any
+    tx: Any
+    state: TrainState            # fresh, sharded
+    state_sharding: Any
+    example: jax.Array           # zeros shaped like the global training input
+
+
+def _model_and_state(config: Mapping[str, Any], total_steps: int, mesh: Mesh, rules: Any) -> _Setup:
+    """The model, data, optimiser and a fresh sharded train state for ``config``."""
     model, train_data, eval_data, meta = build(config)
     check_model_on_mesh(model, mesh)
     tx = optim.make_optimizer(config.get("optimizer", {}), total_steps)
@@ -283,7 +295,7 @@ def _model_and_state(config: Mapping[str, Any], total_steps: int, mesh: Mesh, ru
     eval_batch = int(config["data"].get("eval_batch_size") or example.shape[0])     # global, like example
     check_eval_shape(model, example, eval_batch)
     state, state_sharding = init_state(model, tx, example, int(config.get("seed", 0)), mesh, rules)
-    return model, train_data, eval_data, meta, tx, state, state_sharding, example
+    return _Setup(model, train_data, eval_data, meta, tx, state, state_sharding, example)
 
 
 def _nonfinite_message(step: int, metrics: Mapping[str, Any], state: TrainState, ckpt: Checkpointer) -> str:
@@ -306,8 +318,8 @@ def _train(config: Mapping[str, Any], workdir: pathlib.Path, settings: dict[str,
     total = settings["steps"]
     replicated = NamedSharding(mesh, PartitionSpec())
     batch_sharding = parallel.batch_sharding(mesh)
-    model, train_data, eval_data, meta, tx, state, state_sharding, example = _model_and_state(config, total, mesh,
-                                                                                              rules)
+    model, train_data, eval_data, meta, tx, state, state_sharding, example = _model_and_state(
+        config, total, mesh, rules)
     task = meta.task
     lead = jax.process_index() == 0
 
@@ -323,8 +335,8 @@ def _train(config: Mapping[str, Any], workdir: pathlib.Path, settings: dict[str,
         start = int(state.step)
         if lead:
             (workdir / "config.json").write_text(json.dumps(to_jsonable(config), indent=2, sort_keys=True))
-            for line in report.header_lines(report.config_digest(to_jsonable(config)), model, example, mesh, start,
-                                            total):
+            for line in report.header_lines(report.config_digest(to_jsonable(config)), model, example, state.params,
+                                            mesh, start, total):
                 print(line, flush=True)
         writer = MetricWriter(workdir, tensorboard=settings["tensorboard"], enabled=lead)
         writer.truncate_after(start)        # records of steps past the restored one would appear twice
@@ -411,8 +423,9 @@ def evaluate_at_k(config: Mapping[str, Any], workdir: str | pathlib.Path, ks: Se
             raise ValueError(f"ks: {k!r} is not None or an int >= 1")
     settings = train_settings(config)
     with _mesh_context(config) as (mesh, rules):
-        model, _, eval_data, meta, _, state, state_sharding, _ = _model_and_state(config, settings["steps"], mesh,
-                                                                                  rules)
+        setup = _model_and_state(config, settings["steps"], mesh, rules)
+        model, eval_data, meta, state, state_sharding = (setup.model, setup.eval_data, setup.meta, setup.state,
+                                                         setup.state_sharding)
         ckpt = Checkpointer(pathlib.Path(workdir), keep=settings["keep_checkpoints"], async_save=False)
         try:
             restored = ckpt.restore_latest(_state_dict(state))

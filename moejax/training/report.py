@@ -20,11 +20,13 @@ def config_digest(jsonable: Any) -> str:
     return hashlib.sha256(json.dumps(jsonable, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def header_lines(digest: str, model: Any, example: jax.Array, mesh: Any, start: int, total: int) -> list[str]:
-    """Config digest, devices and mesh, total and active parameters, each MoE layer's dispatch."""
+def header_lines(digest: str, model: Any, example: jax.Array, params: Any, mesh: Any, start: int, total: int
+                 ) -> list[str]:
+    """Config digest, devices and mesh, total and active parameters (``params``: the train state's), each MoE
+    layer's dispatch."""
     from moejax.dispatch.gmm import resolve_name
     from moejax.models import param_counts
-    counts = param_counts(model, jax.ShapeDtypeStruct(example.shape, example.dtype))
+    counts = param_counts(model, jax.ShapeDtypeStruct(example.shape, example.dtype), params=params)
     devices = jax.devices()
     mesh_text = " ".join(f"{name}={size}" for name, size in mesh.shape.items())
     active = f"{counts.active_max:,}" + ("" if counts.active_mean in (None, counts.active_max)

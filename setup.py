@@ -36,6 +36,10 @@ setup(
         # Metrics: TensorBoard event files without TensorFlow; progress bar.
         "tensorboardX>=2.6",
         "tqdm>=4.60",
+        # Pretrained models (moejax.hf, moejax.generate): Hugging Face checkpoints read lazily through the numpy API
+        # of safetensors; their tokenizer.json through tokenizers. Neither pulls in torch.
+        "safetensors>=0.4",
+        "tokenizers>=0.15",
     ],
     extras_require={
         "test": [

@@ -92,6 +92,18 @@ def test_transformer_lm_end_to_end(tmp_path, data_dir):
     result = train_and_evaluate(cfg, tmp_path)
     assert result["step"] == 4 and result["perplexity"] > 1.0
     assert len(result["expert_load"]) == cfg.model.num_layers
+    # The trained workdir is a model source for generation and evaluation (byte tokenizer).
+    from moejax import generate as generate_cli, lm_eval
+    texts = generate_cli.run(["--model", str(tmp_path), "--prompt", "def f(", "--prompt", "import", "--max_new_tokens=3"])
+    assert len(texts) == 2
+    text = tmp_path / "text.txt"
+    text.write_text("def main():\n    return 0\n" * 8)
+    summary = lm_eval.run(["--model", str(tmp_path), "--text", str(text), "--length=16", "--max_windows=4",
+                           "--out", str(tmp_path / "eval")])
+    assert summary["tokens"] == 4 * 16 and summary["perplexity"] > 1.0
+    usage = np.load(tmp_path / "eval" / "expert_usage.npz")
+    moe_layers = [k for k in usage.files if k != "windows"]
+    assert moe_layers and all(usage[k].shape[:2] == (4, 16) for k in moe_layers)
 
 
 def test_vit_end_to_end(tmp_path, data_dir):

@@ -25,6 +25,8 @@ the shared-expert gate and the selection bias belong to each iteration's ``MoELa
 """
 from __future__ import annotations
 
+from typing import ClassVar
+
 import dataclasses
 
 import flax.linen as nn
@@ -60,6 +62,10 @@ class ChainOfExpertsLayer(nn.Module):
     configured). The context is that of :class:`~moejax.layers.MoELayer` (``k`` applies to every iteration, the
     logits flow from iteration to iteration; ``out.logits`` are the last iteration's). Stats: :func:`chain_stats`.
     """
+
+    # A token's output depends on that token alone (given a token-choice router and dropless dispatch), so
+    # incremental decoding equals full recomputation (moejax.generation checks this flag).
+    token_wise: ClassVar[bool] = True
 
     config: MoEConfig
 

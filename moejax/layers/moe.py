@@ -1,6 +1,8 @@
 """The MoE layer: router -> dispatch -> experts -> combine, plus shared experts."""
 from __future__ import annotations
 
+from typing import ClassVar
+
 import dataclasses
 
 import flax.linen as nn
@@ -36,6 +38,8 @@ class MoELayer(nn.Module):
       MoE++ constant experts: ``zero_computation/...`` (:class:`~moejax.experts.ZeroComputationExperts`).
     Non-gradient state (collection ``moe_state``): ``router/selection_bias`` float32[E_r]
     (``router.selection_bias``; apply() must be given it), ``router/kernel`` when ``router.frozen``.
+    With the ``routing`` collection mutable, a token-choice layer records ``expert_index`` int32[..., K] (-1 for an
+    empty slot) and ``weight`` float32[..., K] of every token (``flax`` ``sow``; nothing is recorded otherwise).
 
     ``ctx.deterministic=False`` (training) selects the training capacity factor and enables router jitter,
     Gumbel selection noise and gate dropout, which need a ``'jitter'`` RNG. The routing mechanisms
@@ -56,6 +60,10 @@ class MoELayer(nn.Module):
     ``experts_module`` (an ``ExpertWeights``) and ``shared_module`` let a parent share one set of experts between
     several layers (Chain-of-Experts iterations); by default the layer owns ``experts`` and ``shared``.
     """
+
+    # A token's output depends on that token alone (given a token-choice router and dropless dispatch), so
+    # incremental decoding equals full recomputation (moejax.generation checks this flag).
+    token_wise: ClassVar[bool] = True
 
     config: MoEConfig
     experts_module: nn.Module | None = None
@@ -94,6 +102,13 @@ class MoELayer(nn.Module):
                            else ctx.router_logits.reshape(num_tokens, -1), k=None)    # k: already in cfg
         routing, logits = Router(cfg.num_routed, cfg.router, param_dtype=jnp.dtype(cfg.param_dtype), name="router")(
             tokens, flat, capacity=cap, return_logits=True)
+        if isinstance(routing, Routing) and not self.is_initializing():
+            # Which experts each token used, for analysis (moejax.lm_eval, expert surgery): a no-op unless the
+            # caller makes the 'routing' collection mutable (never at init, so it never enters a train state's
+            # non-gradient collections). Empty slots of dynamic-k routers read -1.
+            lead = shape[:-1]
+            self.sow("routing", "expert_index", jnp.where(routing.valid, routing.expert_index, -1).reshape(*lead, -1))
+            self.sow("routing", "weight", routing.weight.reshape(*lead, -1))
         ffn_routing = routing
         if cfg.num_zero_computation:
             ffn_routing, zc_index, zc_weight = split_routing(routing, cfg.num_experts)

@@ -20,6 +20,8 @@ applied with :class:`~moejax.experts.ExpertFFN` over the ``Padded`` grouping of 
 """
 from __future__ import annotations
 
+from typing import ClassVar
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -45,6 +47,10 @@ class SMEARLayer(nn.Module):
     over the routed groups (sums to 1); ``router_entropy`` / ``router_confidence`` of the merge weights;
     ``dropped_fraction`` 0; ``experts_per_token`` 1 (one merged expert runs per token); ``capacity`` 0.
     """
+
+    # Tokens are mixed across the routed group, so a decoded token's output depends on the other tokens of
+    # the call: not usable for incremental decoding (moejax.generation refuses it).
+    token_wise: ClassVar[bool] = False
 
     config: MoEConfig
 

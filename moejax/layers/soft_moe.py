@@ -22,6 +22,8 @@ sqrt(sum v^2 + 1e-6)``: the epsilon is our choice (the paper states none) and on
 """
 from __future__ import annotations
 
+from typing import ClassVar
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -92,6 +94,10 @@ class SoftMoELayer(nn.Module):
     weights (sums to 1); ``router_entropy`` / ``router_confidence`` of that per-token expert share;
     ``dropped_fraction`` 0; ``experts_per_token`` = E (each token reaches every expert); ``capacity`` = S.
     """
+
+    # Tokens are mixed across the routed group, so a decoded token's output depends on the other tokens of
+    # the call: not usable for incremental decoding (moejax.generation refuses it).
+    token_wise: ClassVar[bool] = False
 
     config: MoEConfig
 

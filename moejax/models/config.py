@@ -18,6 +18,7 @@ from typing import Any, ClassVar, Literal, Mapping, Union
 
 from moejax.config import ACTIVATIONS, MoEConfig
 from moejax.errors import unknown_field
+from moejax.models.attention import MHA, AttentionConfig, attention_from_any
 
 FFNSpec = Union[MoEConfig, int]
 Norm = Literal["layernorm", "rmsnorm"]
@@ -172,28 +173,38 @@ class TransformerConfig:
     Attributes:
       d_model: ``D``.
       num_layers: number of blocks (attention + FFN).
-      num_heads: ``H``; must divide ``d_model`` (head width ``D / H``).
+      num_heads: ``H`` query heads; must divide ``d_model`` unless the attention kind sets its head width.
+      attention: the attention kind and its options (:mod:`moejax.models.attention`): ``MHA()`` (default;
+        ``num_kv_heads`` for GQA, ``head_dim``, ``qkv_bias``, ``qk_norm``, ``sliding_window``) or ``MLA(...)``
+        (multi-head latent attention); a mapping ``{'kind': 'mha', ...}`` in a config dict.
       moe: the MoE FFN, or None for a dense baseline (every FFN dense).
       moe_every: block ``i`` (0-based) has an MoE FFN iff ``(i + 1) % moe_every == 0``: 1 = every block,
         2 = every other block starting with the second (GShard / Switch).
+      dense_layers: indices of blocks whose FFN is dense although ``moe_every`` selects them (DeepSeek's first
+        dense layers, Qwen2-MoE's ``mlp_only_layers``).
       dense_hidden_dim: hidden width of the dense FFNs; None = ``4 * d_model``.
       ffn_kind, activation, use_bias: the dense FFNs (MoE FFNs use ``moe``).
       norm: pre-norm kind, ``layernorm`` or ``rmsnorm``.
+      norm_eps: epsilon of every norm (block, final and the attention's QK / latent norms).
       dropout_rate: dropout on the attention and FFN outputs in training.
       dtype, param_dtype: computation and parameter dtypes of the non-MoE parts.
     """
 
     KIND: ClassVar[str] = "transformer"
+    ROTARY: ClassVar[bool] = False
     d_model: int = 128
     num_layers: int = 2
     num_heads: int = 4
+    attention: AttentionConfig = dataclasses.field(default_factory=MHA)
     moe: MoEConfig | None = None
     moe_every: int = 1
+    dense_layers: tuple[int, ...] = ()
     dense_hidden_dim: int | None = None
     ffn_kind: str = "mlp"
     activation: str = "gelu"
     use_bias: bool = True
     norm: Norm = "layernorm"
+    norm_eps: float = 1e-6
     dropout_rate: float = 0.0
     dtype: str = "float32"
     param_dtype: str = "float32"
@@ -202,8 +213,17 @@ class TransformerConfig:
         _ffn_common(self)
         _positive_int("num_layers", self.num_layers)
         _positive_int("num_heads", self.num_heads)
-        if self.d_model % self.num_heads:
-            _fail("num_heads", self.num_heads, f"must divide {PREFIX}d_model={self.d_model}")
+        if not isinstance(self.attention, AttentionConfig):
+            _fail("attention", self.attention, "must be an attention config (e.g. MHA(), MLA(...))")
+        self.attention.check(d_model=self.d_model, num_heads=self.num_heads, rotary=self.ROTARY, prefix=PREFIX)
+        if isinstance(self.norm_eps, bool) or not isinstance(self.norm_eps, (int, float)) \
+                or not 0 < self.norm_eps < 1:
+            _fail("norm_eps", self.norm_eps, "must be a number in (0, 1)")
+        if isinstance(self.dense_layers, list):
+            object.__setattr__(self, "dense_layers", tuple(self.dense_layers))
+        if not isinstance(self.dense_layers, tuple) or any(
+                isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.num_layers for i in self.dense_layers):
+            _fail("dense_layers", self.dense_layers, f"must be a tuple of block indices in [0, {self.num_layers})")
         if self.moe is not None and not isinstance(self.moe, MoEConfig):
             _fail("moe", self.moe, "must be an MoEConfig or None")
         _positive_int("moe_every", self.moe_every)
@@ -215,25 +235,27 @@ class TransformerConfig:
         _choice("norm", self.norm, ("layernorm", "rmsnorm"))
 
     @property
-    def head_dim(self) -> int:
-        return self.d_model // self.num_heads
-
-    @property
     def dense_width(self) -> int:
         return self.dense_hidden_dim or 4 * self.d_model
 
     def is_moe_block(self, i: int) -> bool:
-        return self.moe is not None and (i + 1) % self.moe_every == 0
+        return self.moe is not None and (i + 1) % self.moe_every == 0 and i not in self.dense_layers
 
     def ffn_specs(self) -> tuple[FFNSpec, ...]:
         return tuple(self.moe if self.is_moe_block(i) else self.dense_width for i in range(self.num_layers))
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]):
-        """From a plain dict or ``ConfigDict``; a nested ``moe`` mapping becomes ``MoEConfig.from_dict``."""
+        """From a plain dict or ``ConfigDict``; a nested ``moe`` mapping becomes ``MoEConfig.from_dict``, an
+        ``attention`` mapping the attention kind it names."""
         kw = _kwargs(cls, d)
         if kw.get("moe") is not None:
             kw["moe"] = moe_from_any("moe", kw["moe"])
+        if "attention" in kw:
+            try:
+                kw["attention"] = attention_from_any(kw["attention"])
+            except ValueError as e:
+                raise ValueError(f"{PREFIX}{e}") from e
         return cls(**kw)
 
 
@@ -248,6 +270,7 @@ class LMConfig(TransformerConfig):
     """
 
     KIND: ClassVar[str] = "transformer_lm"
+    ROTARY: ClassVar[bool] = True
     vocab_size: int
     tie_embeddings: bool = True
     rope_base: float = 10000.0
@@ -259,9 +282,6 @@ class LMConfig(TransformerConfig):
         if isinstance(self.rope_base, bool) or not isinstance(self.rope_base, (int, float)) \
                 or not math.isfinite(self.rope_base) or self.rope_base <= 1:
             _fail("rope_base", self.rope_base, "must be a finite number > 1")
-        if self.head_dim % 2:
-            _fail("num_heads", self.num_heads, f"rotary embeddings need an even head width, got "
-                                               f"{PREFIX}d_model / {PREFIX}num_heads = {self.head_dim}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -66,7 +66,7 @@ class ViTClassifier(nn.Module):
                          (x.shape[1], cfg.d_model), pdtype)
         x = constrain(x + pos.astype(dtype))
         x = nn.Dropout(cfg.dropout_rate, deterministic=deterministic)(x)
-        x, stats = Encoder(cfg, causal=False, rope_base=None, name="encoder")(x, ctx)
+        x, stats, _ = Encoder(cfg, causal=False, rope_base=None, name="encoder")(x, ctx)
         pooled = x[:, 0] if cfg.pooling == "cls" else x.mean(axis=1)   # [B, D]
         logits = nn.Dense(cfg.num_classes, dtype=dtype, param_dtype=pdtype, kernel_init=dense_init((None,)),
                           bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (None,)),

@@ -42,6 +42,9 @@ setup(
         "tokenizers>=0.15",
     ],
     extras_require={
+        # The maintained grouped-matmul kernels (dispatch.gmm=tokamax; auto's first choice on GPU/TPU). tokamax
+        # 0.0.12 needs jax>=0.9.2 and pins typeguard==2.13.3; its qwix needs flax>=0.12.
+        "tokamax": ["tokamax>=0.0.12"],
         "test": [
             "pytest>=8",
             "pytest-xdist>=3.5",
@@ -51,6 +54,8 @@ setup(
             "nbformat>=5.9",
             "ipykernel>=6.29",
             "matplotlib>=3.8",
+            # The tokamax backend's contract tests (they skip without it); installs beside the pins above.
+            "tokamax>=0.0.12",
         ],
     },
 )

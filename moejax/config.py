@@ -63,9 +63,9 @@ class DispatchConfig:
         choices before second choices, then by token order) or ``score`` (batch-prioritised routing:
         first choices before second choices, then by descending router weight).
       gmm: grouped matmul used by ``dropless`` (``bulk`` also runs whole expert FFNs in its layout, see
-        :mod:`moejax.dispatch.bulk_ffn`): ``auto`` (``bulk`` on CPU, ``ragged_dot`` on GPU/TPU) or a
+        :mod:`moejax.dispatch.bulk_ffn`): ``auto`` (``bulk`` on CPU; ``tokamax`` when installed, else ``ragged_dot``, on GPU/TPU) or a
         name registered in :mod:`moejax.dispatch.gmm` (``bulk``, ``padded``, ``blocked``, ``pallas``,
-        ``pallas_triton``, ``ragged_dot``, ``reference``).
+        ``pallas_triton``, ``ragged_dot``, ``tokamax``, ``reference``).
       gmm_tile: row tile of the ``bulk`` (its overflow blocks) / ``padded`` / ``blocked`` / ``pallas`` grouped
         matmuls (see ``benchmarks/results/`` for measured tiles).
       groups: ``G``, capacity mode: the ``T`` routed tokens are split into ``G`` equal, consecutive groups,

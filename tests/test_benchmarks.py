@@ -57,3 +57,33 @@ def test_gmm_benchmark_bfloat16_forward_reports_tflops(tmp_path, monkeypatch):
     (row,) = json.loads(out.read_text())["results"]
     assert row["impl"] == "ragged_dot" and row["skew"] == "zipf"
     assert row["tflops"] > 0 and row["dense_tflops"] > 0
+
+
+def test_accelerator_check_smoke(tmp_path, monkeypatch, capsys):
+    # The one command a lent GPU/TPU runs, at tiny shapes on CPU: every item runs and is recorded, the results go
+    # to --out (never into benchmarks/results), and the backend auto should pick is printed.
+    results = ROOT / "benchmarks" / "results"
+    before = set(results.iterdir())
+    run_script("accelerator_check.py", ["--smoke", "--out", str(tmp_path)], monkeypatch)
+    assert set(results.iterdir()) == before
+    (path,) = tmp_path.glob("accelerator_cpu_*.json")
+    data = json.loads(path.read_text())
+    assert path.with_suffix(".md").exists() and data["smoke"] and data["auto_now"] == "bulk"
+    items = data["items"]
+    assert [(name, item["status"]) for name, item in items.items()] == \
+        [("contract", "ok"), ("gmm", "ok"), ("layer", "ok"), ("train", "ok")]
+    contract = items["contract"]["rows"]
+    assert {r["dtype"] for r in contract} == {"float32", "bfloat16"} and all(r["ok"] for r in contract)
+    timed = [r for r in items["gmm"]["rows"] if "ratio" in r]
+    assert {(r["shape"], r["skew"]) for r in timed} == {(s, k) for s in ("mixtral", "deepseek_v3")
+                                                       for k in ("balanced", "zipf")}
+    # XLA:CPU lowers ragged_dot to a dense product over all experts: refused, with the reason, not timed.
+    dense = [r for r in items["gmm"]["rows"] if r["backend"] == "ragged_dot"]
+    assert dense and all("XLA counts" in r["error"] and "ms" not in r for r in dense)
+    assert all(r["ratio"] > 0 for r in items["layer"]["rows"])
+    (train,) = items["train"]["rows"]
+    assert train["tokens_per_sec"] > 0 and train["train_flops_per_token"] > 0 and "mfu" not in train
+    assert data["recommended_auto"]["backend"] == "bulk"
+    assert "auto should pick: bulk" in capsys.readouterr().out
+    with pytest.raises(SystemExit):              # --smoke never writes into benchmarks/results
+        run_script("accelerator_check.py", ["--smoke"], monkeypatch)

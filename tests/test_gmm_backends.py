@@ -19,7 +19,14 @@ from gmm_contract import GmmContract
 from moejax import kernels
 from moejax.dispatch import backends, get_fused_ffn, get_gmm, gmm, padded_gmm
 from moejax.dispatch.backends import GMM, GmmBackend, forget_logged, register_gmm_backend, select_gmm
+from moejax.dispatch.backends.gmm import tokamax as tokamax_backend
 from moejax.kernels import reference
+
+needs_tokamax = pytest.mark.skipif(not tokamax_backend.available(),
+                                   reason=f"tokamax does not import here ({tokamax_backend.import_error()}); "
+                                          f"{tokamax_backend.INSTALL_HINT}")
+# What auto picks on GPU/TPU here: tokamax when it imports (the measured-elsewhere rule of backends/gmm/tokamax.py).
+GPU_TPU_AUTO = "tokamax" if tokamax_backend.available() else "ragged_dot"
 
 # ---------------------------------------------------------------- XLA backends
 
@@ -221,6 +228,107 @@ def _tgmm_triton(tiling):
     return jax.jit(functools.partial(kernels.tgmm_triton, tiling=tiling, interpret=True))
 
 
+# ---------------------------------------------------------------- tokamax (optional package)
+
+
+@needs_tokamax
+class TestTokamax(GmmContract):
+    """tokamax.ragged_dot on CPU: its XLA implementation (its Pallas kernels refuse CPU devices)."""
+
+    NAME = "tokamax"
+
+    def test_rows_past_all_groups_are_zero_even_when_the_kernel_leaves_garbage(self):
+        # tokamax's Mosaic TPU kernel never writes the rows past the last group (NaN in the TPU interpreter, below);
+        # a stand-in kernel that writes NaN there, in its value and in its lhs gradient, must not leak through.
+        lhs, rhs, cot = gmm_contract.operands(self.SHAPE, 3, jnp.float32)
+        gs = jnp.asarray([3, 0, 12, 9, 0, 0], jnp.int32)
+        fn = jax.jit(functools.partial(gmm_contract.value_and_grads,
+                                       functools.partial(tokamax_backend.gmm_tokamax, implementation=(_garbage_tail,))))
+        out, (d_lhs, d_rhs) = fn(lhs, rhs, gs, cot)
+        want, (w_lhs, w_rhs) = gmm_contract.oracle(lhs, rhs, gs, cot)
+        gmm_contract.check_against(out, d_lhs, d_rhs, want, w_lhs, w_rhs, self.SHAPE, [3, 0, 12, 9, 0, 0],
+                                   jnp.float32, self.F32_TOL)
+
+    @pytest.mark.filterwarnings("ignore:Pydantic serializer warnings")     # tokamax types `interpret` as bool
+    def test_mosaic_tpu_kernel_forward_in_tpu_interpret_mode(self, monkeypatch):
+        # tokamax's Mosaic TPU kernel (the one MaxText runs) traced for an abstract TPU v5e and run in JAX's TPU
+        # interpret mode, through gmm_tokamax as on a TPU (rows padded to 128, rows past the groups zeroed). Forward
+        # only: its optimize_remat VJP cannot differentiate the interpreter's callbacks. K and N are tile multiples
+        # because the interpreter refuses the partial edge blocks a TPU clips.
+        op, mesh = _tpu_interpreted_mosaic()
+        monkeypatch.setattr(tokamax_backend, "current_platform", lambda platform=None: "tpu")
+        shape = (200, 256, 128, 4)                                   # M=200: padded to 256
+        fwd = jax.jit(functools.partial(tokamax_backend.gmm_tokamax, implementation=op))
+        for sizes in ([60, 0, 70, 5], [0, 0, 0, 200], [1, 127, 2, 0]):
+            lhs, rhs, _ = gmm_contract.operands(shape, sum(sizes), jnp.float32)
+            gs = jnp.asarray(sizes, jnp.int32)
+            with jax.sharding.use_abstract_mesh(mesh):
+                out = fwd(lhs, rhs, gs)
+            np.testing.assert_allclose(out, reference.gmm(lhs, rhs, gs), rtol=1e-4, atol=1e-4)
+            np.testing.assert_array_equal(np.asarray(out)[sum(sizes):], 0.0)
+
+
+def test_without_tokamax_auto_passes_over_it_and_naming_it_says_how_to_install(monkeypatch):
+    monkeypatch.setattr(tokamax_backend, "import_error", lambda: "ModuleNotFoundError: No module named 'tokamax'")
+    assert [gmm.resolve_name("auto", p) for p in ("cpu", "gpu", "tpu")] == ["bulk", "ragged_dot", "ragged_dot"]
+    with pytest.raises(ValueError, match=r"^dispatch.gmm='tokamax': runs only on an install with the optional "
+                                         r"package tokamax \(pip install -e \"\.\[tokamax\]\"; here "
+                                         r"ModuleNotFoundError.*not on platform 'gpu'"):
+        select_gmm("tokamax", "gpu")
+
+
+def _garbage_tail(lhs, rhs, *, group_sizes, ragged_dot_dimension_numbers, precision, preferred_element_type,
+                  activation):
+    """A tokamax implementation that computes the groups right and leaves NaN in every row past them, in its value
+    and in its lhs gradient (what an unwritten output buffer looks like)."""
+    del ragged_dot_dimension_numbers, precision, activation
+    gs = jnp.asarray(group_sizes)
+
+    @jax.custom_vjp
+    def f(a, b):
+        out = jax.lax.ragged_dot(a, b, gs, preferred_element_type=jnp.float32).astype(preferred_element_type)
+        return jnp.where((jnp.arange(a.shape[0]) < gs.sum())[:, None], out, jnp.nan)
+
+    def fwd(a, b):
+        return f(a, b), (a, b)
+
+    def bwd(res, d_out):
+        a, b = res
+        _, vjp = jax.vjp(lambda x, y: jax.lax.ragged_dot(x, y, gs), a, b)
+        d_a, d_b = vjp(d_out)
+        return jnp.where((jnp.arange(a.shape[0]) < gs.sum())[:, None], d_a, jnp.nan), d_b
+
+    f.defvjp(fwd, bwd)
+    return f(lhs, rhs)
+
+
+@functools.lru_cache(maxsize=None)
+def _tpu_interpreted_mosaic():
+    """(tokamax's Mosaic TPU ragged dot in TPU interpret mode, an abstract mesh whose device is a TPU v5e).
+
+    tokamax's own ``interpret=True`` is not enough on CPU: the op refuses non-TPU devices and its pipeline asks the
+    device for TPU tiling facts while tracing. Private tokamax and JAX API: skips if either moved.
+    """
+    try:
+        import jax.experimental.pallas.tpu as pltpu
+        from jax._src import mesh as mesh_lib
+        from tokamax._src.ops.ragged_dot import pallas_mosaic_tpu
+    except (ImportError, AttributeError) as err:
+        pytest.skip(f"tokamax's Mosaic TPU kernel or JAX's TPU interpret mode moved: {err}")
+
+    import dataclasses
+
+    @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+    class AnyDevice(pallas_mosaic_tpu.PallasMosaicTpuRaggedDot):
+        def supported_on(self, device) -> bool:
+            return True
+
+    # "uninitialized": rows past the groups are never written; reading them must not raise (they are masked).
+    op = AnyDevice(config=None, interpret=pltpu.InterpretParams(out_of_bounds_reads="uninitialized"))
+    device = mesh_lib.AbstractDevice(device_kind="TPU v5 lite", num_cores=1, platform="tpu")
+    return op, jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
+
+
 # ---------------------------------------------------------------- selection
 
 
@@ -231,7 +339,7 @@ def test_every_builtin_backend_has_a_contract_subclass():
 
 def test_auto_and_pallas_resolve_per_platform_in_fallback_order():
     assert [gmm.resolve_name("auto", p) for p in ("cpu", "gpu", "tpu", "metal")] == \
-        ["bulk", "ragged_dot", "ragged_dot", "blocked"]
+        ["bulk", GPU_TPU_AUTO, GPU_TPU_AUTO, "blocked"]
     assert [gmm.resolve_name("pallas", p) for p in ("cpu", "gpu", "tpu", "cuda")] == \
         ["pallas_mosaic", "pallas_triton", "pallas_mosaic", "pallas_triton"]
     assert select_gmm("pallas", "cpu").interpreted("cpu") and not select_gmm("pallas", "tpu").interpreted("tpu")
@@ -292,7 +400,7 @@ def test_a_third_party_backend_declares_its_platforms_and_can_lead_auto(monkeypa
     register_gmm_backend(GmmBackend("test_library", reference.gmm, platforms=("gpu",), kernel="library kernel"),
                          prefer_for=("gpu", "tpu"))
     assert gmm.resolve_name("auto", "gpu") == "test_library"
-    assert gmm.resolve_name("auto", "tpu") == "ragged_dot"          # not on TPU: the next in the fallback order
+    assert gmm.resolve_name("auto", "tpu") == GPU_TPU_AUTO          # not on TPU: the next in the fallback order
     assert gmm.resolve_name("auto", "cpu") == "bulk"
     with pytest.raises(ValueError, match="dispatch.gmm='test_library': runs only on GPU, not on platform 'cpu'"):
         get_gmm("test_library")

@@ -25,6 +25,8 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "eval_moe_k": None,            # k of every routed layer in evaluation (None: each layer's router.k)
     "consistency_weight": 0.0,     # THOR: two stochastic passes + weight * symmetric KL between their outputs
     "router_entropy_weight": 0.0,  # Huang et al. 2024's dynamic loss: weight * sum over layers of router entropy
+    "profile_steps": None,         # (start, stop): a jax.profiler trace of those steps in workdir/profile
+    "peak_tflops": None,           # per-device peak TFLOP/s for MFU where the built-in table has none (e.g. CPU)
 }
 # Fields whose default None is an "unset" integer (ml_collections placeholders, overridable on the command line).
 _OPTIONAL_INTS = ("eval_steps", "moe_k_start", "moe_k_end", "eval_moe_k")
@@ -36,6 +38,8 @@ def train_config(**overrides: Any):
     cfg = config_dict.ConfigDict({k: v for k, v in TRAIN_DEFAULTS.items() if v is not None})
     for name in _OPTIONAL_INTS:
         cfg[name] = config_dict.placeholder(int)
+    cfg.profile_steps = config_dict.placeholder(tuple)      # --config.train.profile_steps=10,15
+    cfg.peak_tflops = config_dict.placeholder(float)
     cfg.update(overrides)
     return cfg
 
@@ -122,6 +126,11 @@ def train_settings(config: Mapping[str, Any]) -> dict[str, Any]:
     for name in ("async_checkpoints", "tensorboard"):
         if not isinstance(s[name], bool):
             raise ValueError(f"train.{name}={s[name]!r}: must be True or False")
+    from moejax.training.profiling import check_profile_steps
+    s["profile_steps"] = check_profile_steps(s["profile_steps"], s["steps"])
+    peak = s["peak_tflops"]
+    if peak is not None and (isinstance(peak, bool) or not isinstance(peak, (int, float)) or not 0 < peak < 1e6):
+        raise ValueError(f"train.peak_tflops={peak!r}: must be None or a positive number of TFLOP/s per device")
     return s
 
 

@@ -23,6 +23,8 @@ from moejax.training.checkpoint import Checkpointer
 from moejax.training.config import scheduled_moe_k, train_settings
 from moejax.training import report
 from moejax.training.metrics import MetricWriter, progress_bar
+from moejax.training.profiling import ProfileWindow
+from moejax.training.throughput import Throughput, Window
 from moejax.training.steps import (AuxWeights, NonFiniteError, TrainState, first_nonfinite, make_eval_step,
                                    make_train_step, split_batch)
 
@@ -220,13 +222,6 @@ def _put_batch(batch: Mapping[str, Any], sharding: NamedSharding) -> dict[str, j
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
 
 
-def _items_per_step(batch: Mapping[str, Any], task: str) -> int:
-    if task == "lm":
-        b, l1 = batch["tokens"].shape
-        return b * (l1 - 1)
-    return int(np.asarray(batch["labels"]).shape[0])
-
-
 def train_and_evaluate(config: Mapping[str, Any], workdir: str | pathlib.Path) -> dict[str, Any]:
     """Trains ``config`` in ``workdir``, resuming from its newest good checkpoint; returns the final eval.
 
@@ -325,6 +320,8 @@ def _train(config: Mapping[str, Any], workdir: pathlib.Path, settings: dict[str,
 
     ckpt = Checkpointer(workdir, keep=settings["keep_checkpoints"], async_save=settings["async_checkpoints"])
     writer = bar = None
+    profile = ProfileWindow(workdir, settings["profile_steps"])
+    throughput = Throughput(getattr(model, "config", None), example.shape, peak_tflops=settings["peak_tflops"])
     try:
         # Raises, moving nothing, for a checkpoint of another model; never starts over when checkpoints were
         # found but none could be used.
@@ -338,6 +335,7 @@ def _train(config: Mapping[str, Any], workdir: pathlib.Path, settings: dict[str,
             for line in report.header_lines(report.config_digest(to_jsonable(config)), model, example, state.params,
                                             mesh, start, total):
                 print(line, flush=True)
+            print(throughput.describe(), flush=True)
         writer = MetricWriter(workdir, tensorboard=settings["tensorboard"], enabled=lead)
         writer.truncate_after(start)        # records of steps past the restored one would appear twice
         if sigterm.set:
@@ -365,29 +363,32 @@ def _train(config: Mapping[str, Any], workdir: pathlib.Path, settings: dict[str,
                             in_shardings=(state_sharding, batch_sharding), out_shardings=replicated)
         bar = progress_bar(total, start)
         emit = report.printer(bar, lead)
-        window_start, window_items, window_examples = time.perf_counter(), 0, 0
+        window = Window()
         for step in range(start, total):
             batch = _put_batch(train_data.batch(step), batch_sharding)
+            compiles, t0 = len(train_steps), time.perf_counter()
+            profile.before_step(step)
             state, metrics = train_step_at(step)(state, batch)
             # The one host sync per step: the step's finiteness (loss, gradient and the updated state).
             if not int(metrics["finite"]):
                 raise NonFiniteError(_nonfinite_message(step, metrics, state, ckpt))
-            window_items += _items_per_step(batch, task)
-            window_examples += int(np.shape(batch["tokens" if task == "lm" else "labels"])[0])
             done = step + 1
+            profile.after_step(done, state)
+            examples = int(np.shape(batch["tokens" if task == "lm" else "labels"])[0])
+            window.add(examples, examples * throughput.tokens_per_example, compiled=len(train_steps) != compiles,
+                       seconds=time.perf_counter() - t0)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{float(metrics['loss']):.4f}")
             if done % settings["log_every"] == 0 or done == total:
-                elapsed = time.perf_counter() - window_start
                 record = {k: v for k, v in metrics.items() if k not in ("finite", "state_finite")}
-                record["items_per_sec"] = window_items / max(elapsed, 1e-9)
-                record["examples_per_sec"] = window_examples / max(elapsed, 1e-9)
+                record.update(throughput.record(window, metrics.get("experts_per_token")))
                 emit(report.train_line(done, total, writer.write(done, "train", record), task))
-                window_start, window_items, window_examples = time.perf_counter(), 0, 0
+                window.reset()
             if done % settings["eval_every"] == 0 and done != total:
-                emit(report.eval_line(done, writer.write(done, "eval", evaluate(
-                    eval_step, state, eval_data, task, settings["eval_steps"], batch_sharding)), task))
+                with window.paused():
+                    emit(report.eval_line(done, writer.write(done, "eval", evaluate(
+                        eval_step, state, eval_data, task, settings["eval_steps"], batch_sharding)), task))
             if done % settings["checkpoint_every"] == 0 or done == total:
                 ckpt.save(done, _state_dict(state))
             if sigterm.set and done != total:
@@ -400,6 +401,7 @@ def _train(config: Mapping[str, Any], workdir: pathlib.Path, settings: dict[str,
         emit(report.eval_line(int(state.step), writer.write(int(state.step), "eval", final), task))
         return {**final, "step": int(state.step), "preempted": False}
     finally:
+        profile.close()
         if bar is not None:
             bar.close()
         if writer is not None:

@@ -60,13 +60,18 @@ def _load_stats(record: Mapping[str, Any]) -> str:
 
 
 def train_line(step: int, total: int, record: Mapping[str, Any], task: str) -> str:
-    """``step 100/1500  loss 0.4213  acc 0.871  3120 ex/s  dropped 0.000  load max/mean 1.63`` (LMs: ``ppl``, and
-    tokens/s next to examples/s)."""
+    """``step 100/1500  loss 0.4213  acc 0.871  3120 ex/s  MFU 41.3%  dropped 0.000  load max/mean 1.63`` (LMs:
+    ``ppl``; tokens/s next to examples/s when an example has several tokens (LM, ViT); MFU where the device's peak is
+    known, :mod:`moejax.training.throughput`)."""
     quality = (f"ppl {float(np.exp(float(record['ce']))):.3f}" if task == "lm" and "ce" in record
                else f"acc {float(record.get('accuracy', float('nan'))):.3f}")
-    speed = f"{float(record.get('examples_per_sec', record.get('items_per_sec', 0.0))):.0f} ex/s"
-    if task == "lm":
-        speed += f"  {float(record.get('items_per_sec', 0.0)):.0f} tok/s"
+    examples = float(record.get('examples_per_sec', record.get('items_per_sec', 0.0)))
+    speed = f"{examples:.0f} ex/s"
+    tokens = float(record.get("tokens_per_sec", record.get("items_per_sec", 0.0) if task == "lm" else examples))
+    if task == "lm" or tokens != examples:
+        speed += f"  {tokens:.0f} tok/s"
+    if "mfu" in record:
+        speed += f"  MFU {100 * float(record['mfu']):.1f}%"
     return f"step {step}/{total}  loss {float(record['loss']):.4f}  {quality}  {speed}{_load_stats(record)}"
 
 

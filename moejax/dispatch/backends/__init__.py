@@ -7,7 +7,7 @@
 
 One selection function per operation, :func:`select_gmm` and :func:`select_capacity` ``(name, platform=None) ->
 backend``: a backend name stands for itself, an alias for an ordered fallback list per platform (``auto``: bulk on
-CPU, ragged_dot on GPU/TPU, blocked elsewhere; ``pallas``: Mosaic on TPU, Triton on GPU, Mosaic in the Pallas
+CPU, tokamax (when installed) then ragged_dot on GPU/TPU, blocked elsewhere; ``pallas``: Mosaic on TPU, Triton on GPU, Mosaic in the Pallas
 interpreter on CPU). A backend that does not support the platform is a one-line ValueError naming the config field
 and the platform. Each selection is logged at INFO once per (field, name, platform) per process. The Pallas
 backends import :mod:`moejax.kernels` (which depends on jax only) when called, never at import.

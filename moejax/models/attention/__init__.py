@@ -7,8 +7,8 @@ from moejax.models.attention.base import (ATTENTION_KINDS, AttentionCall, Attent
                                           attention_from_any, init_cache, register_attention)
 from moejax.models.attention.mha import MHA, SelfAttention, attention_weights, causal_mask, full_call
 from moejax.models.attention.mla import MLA, LatentAttention
-from moejax.models.attention.rope import apply_rope, rope_angles
+from moejax.models.attention.rope import Rope, RopeScaling, apply_rope, rope_angles
 
 __all__ = ["ATTENTION_KINDS", "AttentionCall", "AttentionConfig", "KVCache", "LatentAttention", "MHA", "MLA",
-           "SelfAttention", "apply_rope", "attention_from_any", "attention_weights", "causal_mask", "full_call",
+           "Rope", "RopeScaling", "SelfAttention", "apply_rope", "attention_from_any", "attention_weights", "causal_mask", "full_call",
            "init_cache", "register_attention", "rope_angles"]

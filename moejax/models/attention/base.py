@@ -62,7 +62,7 @@ class AttentionConfig:
         """Cross-checks against the model (``d_model``, ``num_heads``, whether rotary positions are used); errors
         name fields as ``<prefix>num_heads`` / ``<prefix>attention.<field>``."""
 
-    def build(self, *, d_model: int, num_heads: int, causal: bool, rope_base: float | None, norm_eps: float,
+    def build(self, *, d_model: int, num_heads: int, causal: bool, rope_base: Any, norm_eps: float,
               dtype: str, param_dtype: str, name: str) -> nn.Module:
         """The Flax module, called as ``attn(x, call, cache) -> (y, new_cache)``."""
         raise NotImplementedError
@@ -71,6 +71,15 @@ class AttentionConfig:
                    dtype: jnp.dtype) -> dict[str, jax.ShapeDtypeStruct]:
         """The arrays one layer caches for ``length`` slots of ``batch`` sequences (each [B, S, ...])."""
         raise NotImplementedError
+
+    def flops(self, *, d_model: int, num_heads: int, keys: float) -> float:
+        """Forward matmul FLOPs per token (2 per multiply-add) of one layer whose queries attend to ``keys`` keys
+        on average (:mod:`moejax.training.flops`); kinds without a count raise ``NotImplementedError``."""
+        raise NotImplementedError(f"attention kind {self.KIND!r} has no FLOPs count")
+
+    def window(self) -> int | None:
+        """The sliding-window length, if the kind has one."""
+        return None
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.KIND, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}}

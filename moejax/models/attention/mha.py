@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from moejax.models.attention.base import (AttentionCall, AttentionConfig, check_int, fail, masked_softmax,
                                           register_attention, write_cache)
-from moejax.models.attention.rope import apply_rope
+from moejax.models.attention.rope import Rope, apply_rope
 
 QK_NORMS = ("head", "full")
 
@@ -98,6 +98,15 @@ class MHA(AttentionConfig):
         return SelfAttention(num_heads, causal, rope_base, jnp.dtype(dtype), jnp.dtype(param_dtype), config=self,
                              norm_eps=norm_eps, name=name)
 
+    def flops(self, *, d_model: int, num_heads: int, keys: float) -> float:
+        """Projections ``[D, H*Dh]``, ``[D, Hkv*Dh]`` x2, ``[H*Dh, D]``; scores and values ``2 * H * Dh`` MACs per key."""
+        dh, hkv = self.head_width(d_model, num_heads), self.kv_heads(num_heads)
+        macs = d_model * num_heads * dh + 2 * d_model * hkv * dh + num_heads * dh * d_model + 2 * num_heads * dh * keys
+        return 2.0 * macs
+
+    def window(self) -> int | None:
+        return self.sliding_window
+
     def cache_spec(self, *, batch: int, length: int, d_model: int, num_heads: int,
                    dtype: jnp.dtype) -> dict[str, jax.ShapeDtypeStruct]:
         shape = (batch, length, self.kv_heads(num_heads), self.head_width(d_model, num_heads))
@@ -108,14 +117,14 @@ class SelfAttention(nn.Module):
     """Multi-head self-attention over x: [B, L, D] -> [B, L, D] (kind ``mha``; see :class:`MHA`).
 
     ``causal``: each position attends to itself and earlier ones only. ``rope_base``: apply rotary position
-    embeddings to queries and keys (None: no positional information here, e.g. ViT's learned positions).
-    Called as ``attn(x, call, cache)`` (the attention contract, :mod:`moejax.models.attention.base`), or as
+    embeddings to queries and keys (a base or a :class:`~moejax.models.attention.rope.Rope` with scaling; None: no
+    positional information here, e.g. ViT's learned positions). Called as ``attn(x, call, cache)`` (the attention contract, :mod:`moejax.models.attention.base`), or as
     ``attn(x)`` / ``attn(x, positions)`` for a plain full-length call, which returns y only.
     """
 
     num_heads: int
     causal: bool = True
-    rope_base: float | None = 10000.0
+    rope_base: float | Rope | None = 10000.0
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     config: MHA = MHA()

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from moejax.models.attention.base import (AttentionCall, AttentionConfig, check_int, fail, masked_softmax,
                                           register_attention, write_cache)
 from moejax.models.attention.mha import heads_kernel
-from moejax.models.attention.rope import apply_rope
+from moejax.models.attention.rope import Rope, apply_rope
 
 
 @register_attention
@@ -38,6 +38,8 @@ class MLA(AttentionConfig):
       qk_rope_head_dim: ``Dr``, per-head query channels (and the shared key channels) with rotary embedding.
       v_head_dim: ``Dv``, per-head value width.
       rope_interleave: the rotary pairs are adjacent channels (DeepSeek's checkpoints); False: half-split pairs.
+      latent_norm_eps: epsilon of the query and key/value latent RMSNorms; None = the model's ``norm_eps``
+        (Hugging Face's DeepSeek-V3 fixes them at 1e-6 whatever its ``rms_norm_eps``).
     """
 
     KIND: ClassVar[str] = "mla"
@@ -47,6 +49,7 @@ class MLA(AttentionConfig):
     qk_rope_head_dim: int = 64
     v_head_dim: int = 128
     rope_interleave: bool = True
+    latent_norm_eps: float | None = None
 
     def __post_init__(self) -> None:
         check_int("q_lora_rank", self.q_lora_rank, allow_none=True)
@@ -56,6 +59,9 @@ class MLA(AttentionConfig):
             fail("qk_rope_head_dim", self.qk_rope_head_dim, "rotary embeddings need an even width")
         if not isinstance(self.rope_interleave, bool):
             fail("rope_interleave", self.rope_interleave, "must be a bool")
+        eps = self.latent_norm_eps
+        if eps is not None and (isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1):
+            fail("latent_norm_eps", eps, "must be None or a number in (0, 1)")
 
     def check(self, *, d_model: int, num_heads: int, rotary: bool, prefix: str = "") -> None:
         if not rotary:
@@ -65,6 +71,15 @@ class MLA(AttentionConfig):
               dtype: str, param_dtype: str, name: str) -> nn.Module:
         return LatentAttention(self, num_heads, causal, rope_base, norm_eps, jnp.dtype(dtype),
                                jnp.dtype(param_dtype), name=name)
+
+    def flops(self, *, d_model: int, num_heads: int, keys: float) -> float:
+        """Query (low-rank or direct), ``kv_a``, ``kv_b`` (each token's latent up-projected once) and output
+        projections; per attended key ``H * (Dn + Dr)`` MACs for the score and ``H * Dv`` for the value."""
+        h, dn, dr, dv, r = num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim, self.kv_lora_rank
+        q = d_model * h * (dn + dr) if self.q_lora_rank is None else \
+            d_model * self.q_lora_rank + self.q_lora_rank * h * (dn + dr)
+        macs = q + d_model * (r + dr) + r * h * (dn + dv) + h * dv * d_model + keys * h * (dn + dr + dv)
+        return 2.0 * macs
 
     def cache_spec(self, *, batch: int, length: int, d_model: int, num_heads: int,
                    dtype: jnp.dtype) -> dict[str, jax.ShapeDtypeStruct]:
@@ -78,7 +93,7 @@ class LatentAttention(nn.Module):
     config: MLA
     num_heads: int
     causal: bool
-    rope_base: float
+    rope_base: float | Rope
     norm_eps: float
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
@@ -88,7 +103,8 @@ class LatentAttention(nn.Module):
         return jnp.einsum("bld,d...->bl...", x.astype(self.dtype), kernel.astype(self.dtype))
 
     def _norm(self, x: jax.Array, name: str) -> jax.Array:
-        return nn.RMSNorm(epsilon=self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
+        eps = self.norm_eps if self.config.latent_norm_eps is None else self.config.latent_norm_eps
+        return nn.RMSNorm(epsilon=eps, dtype=self.dtype, param_dtype=self.param_dtype,
                           scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("lora",)),
                           name=name)(x)
 
@@ -119,7 +135,8 @@ class LatentAttention(nn.Module):
         f32 = jnp.float32
         scores = (jnp.einsum("blhd,bshd->bhls", q_nope.astype(f32), k_nope.astype(f32))
                   + jnp.einsum("blhd,bsd->bhls", q_rope.astype(f32), k_rope.astype(f32)))
-        w = masked_softmax(scores / jnp.sqrt(f32(dn + dr)), call.mask(length, causal=self.causal))
+        scale = (dn + dr) ** -0.5 * (self.rope_base.softmax_factor if isinstance(self.rope_base, Rope) else 1.0)
+        w = masked_softmax(scores * f32(scale), call.mask(length, causal=self.causal))
         out = jnp.einsum("bhls,bshd->blhd", w.astype(self.dtype), v.astype(self.dtype))   # [B, L, H, Dv]
         kernel, _ = heads_kernel((h, dv, d), ("heads", "kv", "embed"), 2, self.param_dtype, name="out")()
         return jnp.einsum("blhk,hkd->bld", out, kernel.astype(self.dtype)), new_cache

@@ -23,6 +23,16 @@ ATTENTIONS = {
 }
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _quick_compiles():
+    """Tiny models: XLA's optimisations cost more compile time than they save (same numbers); restored after
+    this module."""
+    before = jax.config.values["jax_disable_most_optimizations"]
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", before)
+
+
 def _model(attention, moe=MOE):
     cfg = LMConfig(vocab_size=40, d_model=16, num_heads=4, num_layers=2, attention=attention, moe=moe,
                    norm="rmsnorm", dense_layers=(0,))

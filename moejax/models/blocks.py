@@ -13,6 +13,7 @@ from moejax.config import MoEConfig
 from moejax.context import LayerContext
 from moejax.layers import DenseLayer, make_layer
 from moejax.models.attention import AttentionCall, KVCache, full_call
+from moejax.models.attention.rope import Rope
 from moejax.models.config import FFNSpec, TransformerConfig
 from moejax.context import LayerOutput
 from moejax.routing.types import RoutingStats
@@ -69,7 +70,7 @@ class Block(nn.Module):
     config: TransformerConfig
     ffn: FFNSpec
     causal: bool
-    rope_base: float | None
+    rope_base: float | Rope | None
 
     @nn.compact
     def __call__(self, x: jax.Array, ctx: LayerContext, call: AttentionCall,
@@ -106,7 +107,7 @@ class Encoder(nn.Module):
 
     config: TransformerConfig
     causal: bool
-    rope_base: float | None
+    rope_base: float | Rope | None
 
     @nn.compact
     def __call__(self, x: jax.Array, ctx: LayerContext, positions: jax.Array | None = None, *,

@@ -19,6 +19,7 @@ from typing import Any, ClassVar, Literal, Mapping, Union
 from moejax.config import ACTIVATIONS, MoEConfig
 from moejax.errors import unknown_field
 from moejax.models.attention import MHA, AttentionConfig, attention_from_any
+from moejax.models.attention.rope import Rope, RopeScaling
 
 FFNSpec = Union[MoEConfig, int]
 Norm = Literal["layernorm", "rmsnorm"]
@@ -267,6 +268,8 @@ class LMConfig(TransformerConfig):
       vocab_size: ``V``.
       tie_embeddings: the output projection is the transposed token embedding.
       rope_base: the base ``theta`` of the rotary frequencies ``theta^(-2i / head_dim)``.
+      rope_scaling: context-extension scaling of those frequencies (:class:`~moejax.models.attention.rope.
+        RopeScaling`: ``linear`` or ``yarn``; a mapping with ``kind`` in a config dict), None for none.
     """
 
     KIND: ClassVar[str] = "transformer_lm"
@@ -274,6 +277,7 @@ class LMConfig(TransformerConfig):
     vocab_size: int
     tie_embeddings: bool = True
     rope_base: float = 10000.0
+    rope_scaling: RopeScaling | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -282,6 +286,18 @@ class LMConfig(TransformerConfig):
         if isinstance(self.rope_base, bool) or not isinstance(self.rope_base, (int, float)) \
                 or not math.isfinite(self.rope_base) or self.rope_base <= 1:
             _fail("rope_base", self.rope_base, "must be a finite number > 1")
+        if hasattr(self.rope_scaling, "items"):
+            try:
+                object.__setattr__(self, "rope_scaling", RopeScaling(**dict(self.rope_scaling.items())))
+            except (TypeError, ValueError) as e:
+                _fail("rope_scaling", self.rope_scaling, str(e))
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
+            _fail("rope_scaling", self.rope_scaling, "must be None or a RopeScaling / mapping with 'kind'")
+
+    @property
+    def rope(self) -> Rope:
+        """The rotary embedding settings handed to every attention layer."""
+        return Rope(float(self.rope_base), self.rope_scaling)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

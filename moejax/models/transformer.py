@@ -68,7 +68,7 @@ class TransformerLM(nn.Module):
                          name="embed")
         x = constrain(embed(tokens))                                   # [B, L, D]
         x = nn.Dropout(cfg.dropout_rate, deterministic=deterministic)(x)
-        x, stats, new_cache = Encoder(cfg, causal=True, rope_base=cfg.rope_base, name="decoder")(
+        x, stats, new_cache = Encoder(cfg, causal=True, rope_base=cfg.rope, name="decoder")(
             x, ctx, positions, token_mask=token_mask, cache=cache)
         if cfg.tie_embeddings:
             logits = embed.attend(x)

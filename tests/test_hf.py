@@ -23,9 +23,9 @@ from safetensors.numpy import save_file
 import moejax.hf as hf
 from moejax import parallel
 from moejax.config import DispatchConfig
-from moejax.generation import generate
+from moejax.generation import decode_fn, for_decoding, generate
 from moejax.hf.layout import TensorMap, linear
-from moejax.models import TransformerLM
+from moejax.models import TransformerLM, make_cache
 from moejax.parallel.mesh import DEFAULT_RULES, MeshConfig, make_mesh
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
@@ -137,6 +137,42 @@ def test_batched_greedy_generation_equals_transformers(family):
     out = generate(model.config, model.variables, prompts, max_new_tokens=16)
     for i in range(len(prompts)):
         assert out.tokens[i].tolist() == ref[f"generated_{i}"].tolist(), f"prompt {i}"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cached_decoding_equals_transformers_at_every_step(family):
+    """Prefill 3 tokens of prompt 0 into a KV cache (MLA: the compressed latent), then feed one token at a time:
+    every step's logits equal transformers' full forward pass at that position."""
+    model, ref = _loaded(family), _reference(family)
+    tokens, n = jnp.asarray(ref["prompts"][:1]), int(ref["prompt_lengths"][0])
+    step = jax.jit(decode_fn(for_decoding(model.config), model.variables))
+    cache = make_cache(model.config, 1, n)
+    logits, cache = step(tokens[:, :3], jnp.arange(3)[None], jnp.ones((1, 3), bool), cache)
+    got = [logits[0]]
+    for t in range(3, n):
+        logits, cache = step(tokens[:, t:t + 1], jnp.full((1, 1), t), jnp.ones((1, 1), bool), cache)
+        got.append(logits[0])
+    np.testing.assert_allclose(np.concatenate(got), ref["logits_0"], atol=1e-4, rtol=0)
+
+
+def test_command_line_generation_and_evaluation_on_a_checkpoint_directory(tmp_path):
+    """python -m moejax.generate / moejax.lm_eval on a Hugging Face directory: its tokenizer.json encodes the prompt
+    (BOS included) and decodes transformers' own greedy continuation; perplexity and expert usage are written."""
+    from tokenizers import Tokenizer
+    from moejax import generate as generate_cli, lm_eval
+    ref, path = _reference("deepseek_v3"), _dir("deepseek_v3")
+    text = str(ref["prompt_texts"][0])
+    out = generate_cli.run(["--model", path, "--prompt", text, "--max_new_tokens=16", "--stop_token=none"])
+    tok = Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
+    assert out == [tok.decode(ref["generated_0"].tolist(), skip_special_tokens=True)]
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(" ".join(str(t) for t in ref["prompt_texts"]) * 4)
+    summary = lm_eval.run(["--model", path, "--text", str(corpus), "--length=8", "--max_windows=3",
+                           "--out", str(tmp_path / "eval")])
+    assert summary["tokens"] == 24 and np.isfinite(summary["perplexity"])
+    assert sorted(summary["expert_frequency"]) == ["decoder/block_1/ffn", "decoder/block_2/ffn"]
+    with np.load(tmp_path / "eval" / "expert_usage.npz") as usage:
+        assert usage["decoder/block_1/ffn"].shape == (3, 8, 4)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -1,6 +1,6 @@
 """Perplexity and per-token expert usage of a Hugging Face MoE checkpoint or a moejax workdir.
 
-    python -m moejax.lm_eval --model=<dir> (--text=<file> | --tfds=<name>[:<split>]) [--length=128]
+    python -m moejax.lm_eval --model=<dir> (--text=<file> | --tfds=<name>[:<split>] [--data_dir=...]) [--length=128]
         [--max_windows=64] [--batch_size=8] [--text_key=text] [--out=<dir>]
 
 Writes ``<out>/lm_eval.json`` (perplexity, tokens, per-layer expert frequencies) and ``<out>/expert_usage.npz``
@@ -26,7 +26,9 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--model", required=True, help="Hugging Face directory or moejax workdir")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--text", help="a UTF-8 text file")
-    src.add_argument("--tfds", help="a TFDS text dataset, name[:split] (default split: test)")
+    src.add_argument("--tfds", help="a TFDS text dataset, name[:split] (default split: test); the project's offline "
+                                    "builders (e.g. stdlib_bytes) too")
+    p.add_argument("--data_dir", default=None, help="TFDS data directory")
     p.add_argument("--text_key", default="text")
     p.add_argument("--length", type=int, default=128)
     p.add_argument("--max_windows", type=int, default=64)
@@ -42,9 +44,9 @@ def read_text(args: argparse.Namespace) -> str:
             return pathlib.Path(args.text).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise ValueError(f"--text={args.text}: cannot read it as UTF-8 text ({e})") from e
-    import tensorflow_datasets as tfds
+    from moejax.data.reader import load_split
     name, _, split = args.tfds.partition(":")
-    source = tfds.data_source(name, split=split or "test")
+    source = load_split(name, split or "test", args.data_dir)
     parts = []
     for i in range(len(source)):
         value = source[i][args.text_key]

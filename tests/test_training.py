@@ -104,6 +104,9 @@ def test_transformer_lm_end_to_end(tmp_path, data_dir):
     usage = np.load(tmp_path / "eval" / "expert_usage.npz")
     moe_layers = [k for k in usage.files if k != "windows"]
     assert moe_layers and all(usage[k].shape[:2] == (4, 16) for k in moe_layers)
+    on_tfds = lm_eval.run(["--model", str(tmp_path), "--tfds", "stdlib_bytes:validation", "--data_dir", data_dir,
+                           "--length=16", "--max_windows=2"])
+    assert on_tfds["tokens"] == 32 and on_tfds["perplexity"] > 1.0
 
 
 def test_vit_end_to_end(tmp_path, data_dir):

@@ -189,6 +189,7 @@ def test_digest_sees_every_single_bit_and_ignores_sharding():
 def test_flipped_bit_and_garbage_are_quarantined_and_the_run_falls_back(workdir, trained, data_dir, caplog):
     flip_bit(data_file(workdir / "checkpoints" / "8"))
     write_garbage(data_file(workdir / "checkpoints" / "6"))
+    (workdir / "checkpoints" / "20.orbax-checkpoint-tmp-1234").mkdir()     # a half-written save left behind
     before = {s: file_list(workdir / "checkpoints" / str(s)) for s in (6, 8)}
     with caplog.at_level(logging.WARNING, logger="moejax"):
         result = train_and_evaluate(small(data_dir), workdir)       # resumes from 4, redoes 5..8

@@ -1,8 +1,8 @@
-"""One wording for config errors that every section shares."""
+"""One wording for config errors that every section shares, and the one-line exit of the command lines."""
 from __future__ import annotations
 
 import difflib
-from typing import Iterable
+from typing import Callable, Iterable, Sequence
 
 
 def closest(name: str, names: Iterable[str]) -> str:
@@ -17,3 +17,15 @@ def unknown_field(field: str, known: Iterable[str], owner: str = "") -> ValueErr
     names = sorted(known)
     hint = closest(field.rsplit(".", 1)[-1], names)
     return ValueError(f"{field}: unknown field{' of ' + owner if owner else ''}{hint}; known fields: {names}")
+
+
+def command_main(run: Callable[[Sequence[str]], object], argv: Sequence[str] | None) -> int:
+    """Exit status of a command line ``run(argv)`` (default ``sys.argv[1:]``): 0, or 2 after printing a ValueError as
+    one line ``error: ...`` on stderr (the project's rule for bad input: one line naming the field)."""
+    import sys
+    try:
+        run(sys.argv[1:] if argv is None else argv)
+    except ValueError as e:
+        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return 2
+    return 0

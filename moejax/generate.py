@@ -16,6 +16,7 @@ import jax
 
 from moejax.generation import Sampling, generate
 from moejax.generation.sources import load_language_model
+from moejax.errors import command_main
 
 
 def parse(argv: Sequence[str]) -> argparse.Namespace:
@@ -59,12 +60,7 @@ def run(argv: Sequence[str]) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        run(sys.argv[1:] if argv is None else argv)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return command_main(run, argv)
 
 
 if __name__ == "__main__":

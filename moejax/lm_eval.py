@@ -19,6 +19,7 @@ import numpy as np
 
 from moejax.generation.evaluate import evaluate_lm, windows
 from moejax.generation.sources import load_language_model
+from moejax.errors import command_main
 
 
 def parse(argv: Sequence[str]) -> argparse.Namespace:
@@ -72,12 +73,7 @@ def run(argv: Sequence[str]) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        run(sys.argv[1:] if argv is None else argv)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return command_main(run, argv)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -55,15 +55,16 @@ def windows(stream: Sequence[int], length: int, max_windows: int | None = None) 
     return stream[: n * (length + 1)].reshape(n, length + 1)
 
 
-def _paths(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """{'decoder/block_1/ffn': {'expert_index': (...,), ...}} from a nested collection."""
+def routing_paths(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """``{'decoder/block_1/ffn': {'expert_index': (...,), ...}}``: the layers that recorded routing in a nested
+    ``routing`` collection, by parameter path."""
     out = {}
     for key, value in tree.items():
         path = f"{prefix}/{key}" if prefix else str(key)
-        if isinstance(value, dict) and "expert_index" in value:
+        if isinstance(value, Mapping) and "expert_index" in value:
             out[path] = value
-        elif isinstance(value, dict):
-            out.update(_paths(value, path))
+        elif isinstance(value, Mapping):
+            out.update(routing_paths(value, path))
     return out
 
 
@@ -79,7 +80,7 @@ def evaluate_lm(cfg: LMConfig, variables: Any, token_windows: np.ndarray, *, bat
         (logits, _), state = model.apply(variables, batch[:, :-1], mutable=collections)
         logp = jax.nn.log_softmax(logits, axis=-1)
         nll = -jnp.take_along_axis(logp, batch[:, 1:, None], axis=-1)[..., 0].sum()
-        layers = {p: v["expert_index"][0] for p, v in _paths(state.get("routing", {})).items()}
+        layers = {p: v["expert_index"][0] for p, v in routing_paths(state.get("routing", {})).items()}
         return nll, layers
 
     total, used = 0.0, {}

@@ -2,6 +2,7 @@
 
     python -m moejax.generate --model=<dir> --prompt="The experts" [--prompt=...] [--max_new_tokens=32]
         [--temperature=0] [--top_k=0] [--top_p=1] [--seed=0] [--dtype=bfloat16] [--stop_token=<id>|none]
+        [--contrast_weak_k=1 [--contrast_beta=0.5] [--contrast_alpha=0.1]]   (self-contrast decoding, SCMoE)
 
 Prompts of different lengths are batched (left-padded); ``--temperature=0`` is greedy. The stop token defaults to
 the checkpoint's ``eos_token_id``. Errors are one line (exit status 2).
@@ -14,7 +15,7 @@ from typing import Sequence
 
 import jax
 
-from moejax.generation import Sampling, generate
+from moejax.generation import Sampling, SelfContrast, generate
 from moejax.generation.sources import load_language_model
 from moejax.errors import command_main
 
@@ -30,6 +31,10 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default=None, help="cast floating parameters, e.g. bfloat16")
     p.add_argument("--stop_token", default=None, help="token id, or 'none' (default: the checkpoint's eos)")
+    p.add_argument("--contrast_weak_k", type=int, default=None,
+                   help="self-contrast decoding (SCMoE) against the model with this many experts per token")
+    p.add_argument("--contrast_beta", type=float, default=0.5)
+    p.add_argument("--contrast_alpha", type=float, default=0.1)
     return p.parse_args(argv)
 
 
@@ -47,9 +52,11 @@ def run(argv: Sequence[str]) -> list[str]:
             stop = int(args.stop_token)
         except ValueError:
             raise ValueError(f"--stop_token={args.stop_token!r}: must be a token id or 'none'") from None
+    contrast = None if args.contrast_weak_k is None else SelfContrast(
+        weak_k=args.contrast_weak_k, beta=args.contrast_beta, alpha=args.contrast_alpha)
     prompts = [lm.tokenizer.encode(p) for p in args.prompt]
     out = generate(lm.config, lm.variables, prompts, max_new_tokens=args.max_new_tokens, sampling=sampling,
-                   stop_token=stop, rng=jax.random.PRNGKey(args.seed))
+                   stop_token=stop, rng=jax.random.PRNGKey(args.seed), contrast=contrast)
     texts = []
     for prompt, ids in zip(args.prompt, out.as_lists()):
         if stop is not None and ids and ids[-1] == stop:

@@ -8,7 +8,7 @@ import pytest
 
 from moejax.config import DispatchConfig, MoEConfig
 from moejax.routing.config import RouterConfig
-from moejax.generation import Sampling, decode_fn, filter_logits, for_decoding, generate, next_token
+from moejax.generation import Sampling, SelfContrast, decode_fn, filter_logits, for_decoding, generate, next_token
 from moejax.generation.evaluate import evaluate_lm, windows
 from moejax.models import MHA, MLA, LMConfig, TransformerLM, ViTConfig, make_cache
 from moejax.models.config import TransformerConfig
@@ -167,3 +167,22 @@ def test_evaluate_lm_matches_the_forward_pass_and_records_every_token():
                                np.bincount(idx.ravel(), minlength=4) / idx.size, atol=1e-6)
     with pytest.raises(ValueError, match=r"^length=50: the text has 20 tokens"):
         windows(list(range(20)), 50)
+
+
+def test_self_contrast_scores_and_decoding():
+    """SCMoE's score by hand; beta=0, or a weak activation equal to the strong one, is plain greedy decoding; a
+    weak top-1 activation changes the contrast scores and only plausible tokens can be chosen."""
+    strong, weak = jnp.log(jnp.array([[0.6, 0.3, 0.05, 0.05]])), jnp.log(jnp.array([[0.7, 0.1, 0.1, 0.1]]))
+    scores = SelfContrast(beta=1.0, alpha=0.1).combine(strong, weak)
+    np.testing.assert_allclose(scores[0, :2], [2 * np.log(0.6) - np.log(0.7), 2 * np.log(0.3) - np.log(0.1)],
+                               rtol=1e-5)
+    assert np.isneginf(scores[0, 2:]).all()                                   # 0.05 < 0.1 * 0.6: implausible
+    assert int(jnp.argmax(scores)) == 1                                       # the strong activation's addition
+    cfg, variables, _ = _model(ATTENTIONS["mha"], moe=MoEConfig(num_experts=4, hidden_dim=8, router=RouterConfig(k=2)))
+    prompts = [[1, 2, 3], [4, 5]]
+    plain = generate(cfg, variables, prompts, max_new_tokens=4).as_lists()
+    assert generate(cfg, variables, prompts, max_new_tokens=4, contrast=SelfContrast(beta=0.0)).as_lists() == plain
+    assert generate(cfg, variables, prompts, max_new_tokens=4,
+                    contrast=SelfContrast(weak_k=2, beta=0.7)).as_lists() == plain
+    with pytest.raises(ValueError, match=r"^contrast\.weak_k=0"):
+        SelfContrast(weak_k=0)

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moejax.config import MoEConfig
+from moejax.generation.contrast import SelfContrast
 from moejax.generation.sampling import Sampling, next_token
 from moejax.layers import LAYERS
 from moejax.models.config import LMConfig
@@ -70,12 +71,15 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndar
 
 def generate(cfg: LMConfig, variables: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              sampling: Sampling = Sampling(), stop_token: int | None = None, pad_id: int = 0,
-             rng: jax.Array | None = None, cache_dtype: str | None = None) -> Generated:
+             rng: jax.Array | None = None, cache_dtype: str | None = None,
+             contrast: SelfContrast | None = None) -> Generated:
     """Generates up to ``max_new_tokens`` tokens after each prompt (a list of token-id lists).
 
     ``variables``: the model's variables (``{'params': ..., **moe_state}``). ``stop_token``: a sequence ends after
     emitting it (later positions hold ``pad_id``). ``rng``: required unless greedy. One prefill call over the left-
-    padded prompts, then ``max_new_tokens - 1`` single-token calls in one compiled loop.
+    padded prompts, then ``max_new_tokens - 1`` single-token calls in one compiled loop. ``contrast``: self-contrast
+    decoding (:class:`~moejax.generation.contrast.SelfContrast`): the same model run a second time with weaker
+    expert activation (its own KV cache), the next token chosen from the contrast of the two.
     """
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens!r}: must be an integer >= 1")
@@ -89,18 +93,19 @@ def generate(cfg: LMConfig, variables: Any, prompts: Sequence[Sequence[int]], *,
     tokens, lengths = left_pad(prompts, pad_id)
     rng = jax.random.PRNGKey(0) if rng is None else rng
     out, n = _generate(cfg, variables, jnp.asarray(tokens), jnp.asarray(lengths), rng, max_new_tokens, sampling,
-                       -1 if stop_token is None else int(stop_token), int(pad_id), cache_dtype)
+                       -1 if stop_token is None else int(stop_token), int(pad_id), cache_dtype, contrast)
     return Generated(np.asarray(out), np.asarray(n), lengths)
 
 
-def decode_fn(cfg: LMConfig, variables: Any):
+def decode_fn(cfg: LMConfig, variables: Any, moe_k: int | None = None):
     """``step(tokens int[B, L], positions int[B, L], mask bool[B, L], cache) -> (logits float32[B, L, V], cache)``,
-    the model's cached forward call (non-gradient state such as selection biases is read, never updated)."""
+    the model's cached forward call (non-gradient state such as selection biases is read, never updated);
+    ``moe_k``: experts per token of every routed layer for this view of the model (None: each layer's own)."""
     model = TransformerLM(cfg)
     mutable = [k for k in variables if k != "params"]
 
     def step(tokens, positions, mask, cache):
-        res = model.apply(variables, tokens, positions=positions, token_mask=mask, cache=cache,
+        res = model.apply(variables, tokens, positions=positions, token_mask=mask, cache=cache, moe_k=moe_k,
                           mutable=mutable or False)
         logits, _, cache = res[0] if mutable else res
         return logits, cache
@@ -108,16 +113,24 @@ def decode_fn(cfg: LMConfig, variables: Any):
     return step
 
 
-@jax.jit(static_argnames=("cfg", "max_new", "sampling", "stop", "pad", "cache_dtype"))
+@jax.jit(static_argnames=("cfg", "max_new", "sampling", "stop", "pad", "cache_dtype", "contrast"))
 def _generate(cfg: LMConfig, variables: Any, tokens: jax.Array, lengths: jax.Array, rng: jax.Array, max_new: int,
-              sampling: Sampling, stop: int, pad: int, cache_dtype: str | None) -> tuple[jax.Array, jax.Array]:
+              sampling: Sampling, stop: int, pad: int, cache_dtype: str | None,
+              contrast: SelfContrast | None) -> tuple[jax.Array, jax.Array]:
     b, p = tokens.shape
-    step = decode_fn(cfg, variables)
+    views = [decode_fn(cfg, variables)] + ([] if contrast is None else [decode_fn(cfg, variables, contrast.weak_k)])
+
+    def step(tokens, positions, mask, caches):
+        outs = [view(tokens, positions, mask, c) for view, c in zip(views, caches)]
+        logits = [o[0] for o in outs]
+        combined = logits[0] if contrast is None else contrast.combine(*logits)
+        return combined, tuple(o[1] for o in outs)
+
     padding = p - lengths                                                          # [B]
     slots = jnp.arange(p)[None]
     positions = jnp.maximum(slots - padding[:, None], 0)
     mask = slots >= padding[:, None]
-    cache = make_cache(cfg, b, p + max_new, cache_dtype)
+    cache = tuple(make_cache(cfg, b, p + max_new, cache_dtype) for _ in views)
     logits, cache = step(tokens, positions, mask, cache)
     rng, key = jax.random.split(rng)
     first = next_token(logits[:, -1], key, sampling)

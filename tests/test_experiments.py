@@ -198,3 +198,122 @@ def test_dynamoe_configs_match_budgets_and_are_valid():
     assert [(l["num_experts"], l["router"]["k"]) for l in dyn] == [(l["num_experts"], l["router"]["k"]) for l in top]
     assert [l["num_experts"] for l in dyn] == [6, 5, 3, 2]
     assert_unknown_preset_and_variant_refused(config, "full,digits-dyn-nope")
+
+
+def test_theory_cl_tiny_sweep_end_to_end(tmp_path):
+    run = _load("theory_cl", "run")
+    summary = run.main(["--preset=tiny", "--variants=M1,M2N-frozen,M2N-never", f"--results={tmp_path / 'results'}"])
+    records = {v: json.loads((tmp_path / "results" / f"{v}_seed0.json").read_text())
+               for v in ("M1", "M2N-frozen", "M2N-never")}
+    frozen, never, single = records["M2N-frozen"], records["M2N-never"], records["M1"]
+    assert frozen["seed"] == 0 and frozen["config"]["experts"] == 8 and frozen["config"]["t1"] == 100
+    assert frozen["curve"]["round"] == list(range(20, 201, 20))
+    # Provenance: the commit of this repository and whether the tree had uncommitted changes.
+    assert set(frozen["code"]) >= {"git_commit", "dirty", "repository"} and frozen["code"]["repository"] == str(ROOT.parent)
+    # Freezing is the only difference: identical up to T1, then the frozen gate stops while the other moves.
+    upto = frozen["curve"]["round"].index(100) + 1
+    for key in ("gen_error", "forgetting", "gate_drift"):
+        assert frozen["curve"][key][:upto] == never["curve"][key][:upto]
+    assert frozen["gate_rounds"] == 100 and never["gate_rounds"] == 200 and single["gate_rounds"] == 0
+    assert frozen["metrics"]["gate_drift_after_t1"] == 0.0 < never["metrics"]["gate_drift_after_t1"]
+    # Same task stream for every variant of a seed: M=1's routing counts are the cluster counts of the MoE runs.
+    assert np.sum(single["routing_counts"], 0).tolist() == np.sum(frozen["routing_counts"], 0).tolist()
+    assert sum(frozen["load"]) == 200 and 0.0 <= frozen["metrics"]["purity"] <= 1.0
+    cmp = summary["comparisons"]["never - frozen, M=2N"]
+    assert cmp["seeds"] == [0] and cmp["gen_error"]["mean"] == pytest.approx(
+        never["metrics"]["gen_error"] - frozen["metrics"]["gen_error"], abs=1e-5)
+    assert "M=1 - M=2N, frozen" in summary["comparisons"]
+    assert (tmp_path / "results" / "curves.png").stat().st_size > 0
+    assert "| M2N-never | 1 |" in (tmp_path / "results" / "table.md").read_text()
+
+
+def test_theory_cl_min_norm_update_interpolates_and_is_minimal():
+    cl = _load("theory_cl", "cl_moe")
+    rng = np.random.default_rng(0)
+    x, w, y = rng.normal(size=(10, 6)), rng.normal(size=10), rng.normal(size=6)
+    new = cl.min_norm_update(w, x, y)
+    np.testing.assert_allclose(x.T @ new, y, atol=1e-10)  # the task is interpolated exactly
+    # It moved within the span of X's columns, so any other interpolator (new + z, X^T z = 0) is farther from w.
+    null = np.linalg.svd(x.T)[2][6:]                       # [4, 10] orthonormal basis of X's null space
+    np.testing.assert_allclose(null @ (new - w), 0.0, atol=1e-10)
+    z = null.T @ rng.normal(size=4)
+    assert np.linalg.norm(new - w) < np.linalg.norm(new + z - w)
+    np.testing.assert_allclose(cl.min_norm_update(new, x, y), new, atol=1e-12)  # a learnt task moves nothing
+    # On a task drawn from the stream: the signal sample pins the expert's coordinate along v_n.
+    problem = cl.make_problem(rng, 10, 6, 4, beta=1.0, sigma=0.05)
+    x, y, n = cl.sample_task(rng, problem)
+    fitted = cl.min_norm_update(np.zeros(10), x, y)
+    assert fitted @ problem.signals[n] == pytest.approx(problem.ground_truths[n] @ problem.signals[n])
+
+
+def test_theory_cl_gate_gradients_match_finite_differences():
+    cl = _load("theory_cl", "cl_moe")
+    rng = np.random.default_rng(1)
+    theta, x = rng.normal(size=(10, 5)), rng.normal(size=(10, 6))
+    moved, load, rounds, alpha = np.array([0.0, 0.7, 0.0, 0.0, 0.0]), np.array([.1, .3, .2, .25, .15]), 7, 0.5
+
+    def loss(th):  # L_loc + L_aux as functions of the current gate only (loads and past P terms are constants)
+        pi = cl.softmax(cl.gate_logits(th, x))
+        return pi @ moved + alpha * 5 * load @ pi / rounds
+
+    pi = cl.softmax(cl.gate_logits(theta, x))
+    grad = cl.locality_grad(pi, moved) + cl.balance_grad(pi, load, rounds, alpha)
+    stepped = cl.gate_step(theta, x, grad, lr=1.0)
+    numeric = np.zeros_like(theta)
+    for i in range(theta.shape[0]):
+        for j in range(theta.shape[1]):
+            e = np.zeros_like(theta)
+            e[i, j] = 1e-6
+            numeric[i, j] = (loss(theta + e) - loss(theta - e)) / 2e-6
+    np.testing.assert_allclose(theta - stepped, numeric, rtol=1e-5, atol=1e-8)
+    assert np.array_equal(cl.gate_step(theta, x, np.zeros(5), lr=3.0), theta)
+
+
+def test_theory_cl_frozen_gate_does_not_change_after_t1():
+    cl = _load("theory_cl", "cl_moe")
+    base = dict(dim=10, samples=6, clusters=4, experts=8, rounds=300, lr=10.0, noise=3.0, alpha=50.0, beta=1.0,
+                sigma=0.05, signal_weight=0.0, reference_t1=100, log_every=10)
+    frozen = cl.simulate(cl.SimConfig(freeze_after=100, **base), seed=3)
+    never = cl.simulate(cl.SimConfig(freeze_after=None, **base), seed=3)
+    rounds = np.asarray(frozen["curve"]["round"])
+    drift = np.asarray(frozen["curve"]["gate_drift"])
+    assert frozen["gate_rounds"] == 100 and np.all(drift[rounds > 100] == 0.0) and np.all(drift[rounds <= 100] > 0)
+    assert np.sum(np.asarray(never["curve"]["gate_drift"])[rounds > 100]) > 0
+    # A frozen gate's noise-free routing of each cluster's signal cannot change after T1.
+    m = cl.derived_metrics(frozen, 300, 100)
+    assert m["gate_drift_after_t1"] == 0.0 and m["consistent_first_after_t1"] is not None
+    # The same seed reproduces the run exactly.
+    assert cl.simulate(cl.SimConfig(freeze_after=100, **base), seed=3)["curve"] == frozen["curve"]
+
+
+def test_theory_cl_analysis_helpers_and_configs():
+    cl, run, config = (_load("theory_cl", n) for n in ("cl_moe", "run", "config"))
+    rounds = [100, 200, 300, 400, 500, 600]
+    assert cl.converged_round(rounds, [1.0, 1.0, 0.0, 5.0, 0.0, 0.0], 0.01, 3) == 500
+    assert cl.converged_round(rounds, [1.0, 0.0, 0.0, 0.9, 0.0, 0.0], 0.01, 3) == 300  # median ignores one spike
+    assert cl.converged_round(rounds, [1.0] * 6, 0.01, 3) is None
+    assert (run.later(None, 500), run.later(500, None), run.later(600, 500), run.later(None, None)) == (1, -1, 1, 0)
+    assert run.sign_test(3, 3) == pytest.approx(0.125) and run.sign_test(0, 4) == 1.0
+    p = run.paired([1.0, 2.0, 3.0], [0.0, 0.0, 0.0])
+    assert p["mean"] == 2.0 and p["positive"] == 3 and p["ci95"][0] == pytest.approx(2.0 - 4.303 * 1.0 / math.sqrt(3),
+                                                                                       rel=1e-3)
+    for preset in config.PRESETS:
+        for variant in config.PILOT_VARIANTS:
+            cfg = config.get_config(f"{preset},{variant}")
+            sim = config.sim_config(cfg)
+            assert sim.dim > sim.samples and cfg.t1 % cfg.log_every == 0 and cfg.t1 < cfg.rounds
+            assert sim.freeze_after == (cfg.t1 if variant.partition("@")[0].endswith("frozen") else None)
+    assert config.parse_variant("M4N-never@aligned") == (16, "never", "aligned")
+    assert config.parse_variant("M1") == (1, "none", config.PRIMARY_REGIME)
+    for bad in ("M1-frozen", "M2N", "M3N-frozen", "M2N-never@nope"):
+        with pytest.raises(ValueError, match="^variant="):
+            config.parse_variant(bad)
+    assert_unknown_preset_and_variant_refused(config, "tiny,M2N-sometimes")
+
+
+def test_theory_cl_full_preset_refuses_a_dirty_tree(tmp_path, monkeypatch):
+    run = _load("theory_cl", "run")
+    monkeypatch.setattr(run, "provenance", lambda: {"git_commit": "abc", "dirty": True, "dirty_paths": ["x.py"]})
+    with pytest.raises(SystemExit, match="uncommitted"):
+        run.main(["--preset=full", "--variants=M1", "--seeds=0", f"--results={tmp_path}"])
+    assert not list(tmp_path.glob("*.json"))

@@ -36,6 +36,26 @@ def pin_one_thread() -> None:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
 
 
+def use_compile_cache(directory: str) -> None:
+    """A persistent XLA compilation cache in ``directory`` (call before the first compilation). The seeds of a
+    variant compile identical programs, so only the first pays; results are unaffected."""
+    import jax
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def refuse_dirty(args: argparse.Namespace, presets: Sequence[str] = ("full",)) -> dict[str, Any]:
+    """:func:`code_version`, after refusing (``SystemExit``) to run a registered preset from a tree with uncommitted
+    changes unless ``args.allow_dirty`` (PROTOCOL.md: every result from a recorded commit; a dirty run is a trial)."""
+    code = code_version()
+    if not getattr(args, "table", False) and args.preset in presets and code["dirty"] is not False \
+            and not getattr(args, "allow_dirty", False):
+        raise SystemExit(f"refusing --preset={args.preset} from a tree with uncommitted changes "
+                         f"{code['dirty_paths']} (commit first; --allow_dirty for a trial)")
+    return code
+
+
 def load_sibling(run_file: str, prefix: str, name: str) -> ModuleType:
     """``<dir of run_file>/<name>.py`` imported as module ``<prefix>_<name>`` (every experiment has a config.py)."""
     full = f"{prefix}_{name}"
@@ -48,16 +68,34 @@ def load_sibling(run_file: str, prefix: str, name: str) -> ModuleType:
     return sys.modules[full]
 
 
+def _git(root: str, *argv: str) -> str | None:
+    """stdout of ``git -C root argv``, or None when git fails or is absent."""
+    try:
+        out = subprocess.run(["git", "-C", root, *argv], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout if out.returncode == 0 else None
+
+
+def _is_experiment_output(path: str) -> bool:
+    """``experiments/<name>/results/...`` or ``experiments/<name>/pilot/...``: what sweeps write, not code."""
+    parts = path.split("/")
+    return len(parts) > 2 and parts[0] == "experiments" and parts[2] in ("results", "pilot")
+
+
 def code_version() -> dict[str, Any]:
-    """Which moejax ran: its path, the git commit of its checkout (if any), and ``$MOEJAX_CODE_VERSION``."""
+    """Which moejax ran: its path, the git commit of its checkout (if any), ``dirty`` (uncommitted changes, tracked
+    or not, outside the experiments' ``results/`` and ``pilot/`` outputs: a run from a dirty tree is a trial, not a
+    result; None when git cannot tell), the first of those paths, and ``$MOEJAX_CODE_VERSION``."""
     import moejax
     root = os.path.dirname(os.path.dirname(os.path.abspath(moejax.__file__)))
-    try:
-        commit = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True,
-                                timeout=10).stdout.strip() or None
-    except OSError:
-        commit = None
-    return {"moejax_path": root, "git_commit": commit, "note": os.environ.get("MOEJAX_CODE_VERSION")}
+    head = _git(root, "rev-parse", "HEAD")
+    status = _git(root, "status", "--porcelain", "--untracked-files=all")
+    paths = None if status is None else [line[3:] for line in status.splitlines()
+                                         if line.strip() and not _is_experiment_output(line[3:])]
+    return {"moejax_path": root, "git_commit": (head or "").strip() or None,
+            "dirty": None if paths is None else bool(paths), "dirty_paths": None if paths is None else paths[:50],
+            "note": os.environ.get("MOEJAX_CODE_VERSION")}
 
 
 def machine() -> dict[str, Any]:

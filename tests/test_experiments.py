@@ -14,7 +14,7 @@ import pytest
 
 from moejax.config import MoEConfig, RouterConfig
 from moejax.routing import Router
-from moejax.models import model_config
+from moejax.models import build_model, model_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1] / "experiments"
 
@@ -317,3 +317,222 @@ def test_theory_cl_full_preset_refuses_a_dirty_tree(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="uncommitted"):
         run.main(["--preset=full", "--variants=M1", "--seeds=0", f"--results={tmp_path}"])
     assert not list(tmp_path.glob("*.json"))
+
+
+def test_moqe_tiny_sweep_end_to_end(tmp_path):
+    run = _load("moqe", "run")
+    config = _load("moqe", "config")
+    summary = run.main(["--preset=tiny", "--variants=moe", f"--workdir={tmp_path / 'work'}",
+                        f"--results={tmp_path / 'results'}", "--compile_cache="])
+    moe = json.loads((tmp_path / "results" / "moe_seed0.json").read_text())
+    q = moe["quantization"]
+    # The unquantized loss is the trainer's own evaluation on the same batches.
+    assert q["loss"] == pytest.approx(moe["final_eval"]["loss"], rel=1e-4)
+    assert set(q["sets"]) == {"experts", "dense_ffn", "non_expert", "all"}
+    for cells in q["sets"].values():
+        assert list(cells) == [str(b) for b in config.BITS]
+        errors = [cells[str(b)]["relative_error"] for b in config.BITS]
+        assert errors == sorted(errors) and 0 < errors[0] < errors[-1]          # fewer bits, larger error
+        assert all(math.isfinite(c["increase"]) for c in cells.values())
+    size = config.SIZES["tiny"]
+    # Experts: block 1 (moe_every=2) with E experts of [D, F] and [F, D]; its own dense FFN: block 0, [D, 2F] x 2.
+    assert q["sets"]["experts"]["8"]["num_params"] == size["experts"] * 2 * size["d"] * size["f"]
+    assert q["sets"]["dense_ffn"]["8"]["num_params"] == 2 * size["d"] * 2 * size["f"]
+    n = q["sets"]
+    assert n["all"]["8"]["num_params"] == n["experts"]["8"]["num_params"] + n["non_expert"]["8"]["num_params"] \
+        + size["d"] * size["experts"]                                            # + the router kernel
+    assert moe["code"]["moejax_path"] == str(ROOT.parent) and "dirty" in moe["code"]
+    pair = summary["comparisons"]["experts_vs_own_dense_ffn_2"]
+    assert pair["per_seed"] == [pytest.approx(n["experts"]["2"]["increase"] - n["dense_ffn"]["2"]["increase"])]
+    assert summary["verdicts"]["claim2_better_than_dense"]["verdict"] == "not run"     # dense not in --variants
+    assert summary["verdicts"]["claim1_secondary_own_dense_ffn"]["verdict"] in (
+        "reproduced", "partly", "not reproduced", "not testable here")
+    # The dense variants' parameter sets, checked on a freshly initialised model (no training needed).
+    dense_cfg = config.get_config("tiny,dense")
+    sets = run.selectors(False, config.moe_blocks(dense_cfg.model.num_layers))
+    assert set(sets) == {"ffn_moe_blocks", "dense_ffn", "non_ffn", "all"}
+    assert sets["ffn_moe_blocks"]("decoder/block_1/ffn/w_in") and not sets["ffn_moe_blocks"]("decoder/block_0/ffn/w_in")
+    assert sets["non_ffn"]("decoder/block_0/attn/query/kernel") and not sets["non_ffn"]("decoder/block_0/ffn/w_out")
+
+
+def test_moqe_configs_are_valid():
+    config = _load("moqe", "config")
+    for preset in config.PRESETS:
+        counts = {}
+        for variant in config.VARIANTS:
+            cfg = config.get_config(f"{preset},{variant}")
+            typed = model_config(cfg.model, vocab_size=256)
+            counts[variant] = sum(2 * cfg.model.d_model * (s if isinstance(s, int) else s.num_experts * s.hidden_dim)
+                                  for s in typed.ffn_specs())
+            moe = cfg.model.moe
+            if moe is not None:   # top-2 of width-F experts: the same active width as the dense variant's FFN
+                assert moe.router.k * moe.hidden_dim == config.get_config(f"{preset},dense").model.dense_hidden_dim
+        assert counts["dense_wide"] == counts["moe"]       # same total FFN parameters (routers aside)
+    assert_unknown_preset_and_variant_refused(config, "tiny,nope")
+
+
+def test_mc_smoe_tiny_sweep_end_to_end(tmp_path):
+    run = _load("mc_smoe", "run")
+    summary = run.main(["--preset=tiny", f"--workdir={tmp_path / 'work'}", f"--results={tmp_path / 'results'}",
+                        "--compile_cache="])
+    record = json.loads((tmp_path / "results" / "smoe16_seed0.json").read_text())
+    full = record["full"]
+    assert full["loss"] == pytest.approx(record["final_eval"]["loss"], rel=1e-4)
+    # No fine-tuning in the tiny preset (0 steps): the control's "fine-tuned" loss is the unmerged loss.
+    assert full["memory_reduction"] == 0.0 and full["finetuned"] == [full["loss"]]
+    row = record["merge"]["2"]
+    assert set(row) == {"msmoe", "frequency", "average", "prune"}
+    for method, entry in row.items():
+        assert math.isfinite(entry["bound"]) and math.isfinite(entry["drop"])
+        assert "finetuned" not in entry                # the tiny preset fine-tunes the unmerged control only
+        assert sorted(set(entry["assignment"]["decoder/block_0/ffn"])) == [0, 1]
+    # Dropping router columns stores less than binding the slots; merged experts halve the expert parameters.
+    assert row["prune"]["params"] < row["msmoe"]["params"] < full["params"]
+    comp = record["compress"]["2"]["low_rank-2"]
+    assert comp["memory_reduction"] > row["msmoe"]["memory_reduction"] and comp["flops_reduction"] > 0
+    assert set(summary["verdicts"]) == {"claim1_merging", "claim1_secondary_without_finetuning",
+                                        "claim2_compression"}
+    assert summary["verdicts"]["claim1_merging"]["verdict"] == "not run"       # no fine-tuned baselines in tiny
+    assert summary["verdicts"]["claim1_secondary_without_finetuning"]["verdict"] in (
+        "reproduced", "partly", "not reproduced")
+
+
+def test_mc_smoe_surgery_oracles():
+    """Without training: merging into E groups is the identity in both router forms; factorisations at full rank
+    reproduce the experts; the bound form of a merge is the drop form when every group has one member; FLOPs by hand."""
+    import flax.linen as nn
+
+    mc = _load("mc_smoe", "merge_compress")
+    config = _load("mc_smoe", "config")
+    cfg = config.get_config("tiny")
+    typed = model_config(cfg.model, vocab_size=256)
+    model = build_model(typed)
+    tokens = jax.random.randint(jax.random.key(1), (2, 9), 0, 256)
+    variables = dict(nn.unbox(model.init(jax.random.key(0), tokens[:, :-1], deterministic=True)))
+    batch = {"tokens": np.asarray(tokens), "mask": np.ones((2, 8), np.float32)}
+    e = typed.moe.num_experts
+    calib = mc.calibrate(model, variables, [batch], e)
+    (path,) = mc.moe_paths(typed)
+    assert calib.tokens == 16 and calib.frequency[path].sum() == pytest.approx(1.0)
+    np.testing.assert_allclose(np.diag(calib.similarity[path]), 1.0, rtol=1e-9)
+    ref, _ = model.apply(variables, tokens[:, :-1], deterministic=True)
+    for method in config.METHODS:
+        merged = mc.merge_all(variables["params"], [path], calib, e, method)
+        for form in ("bound", "drop"):
+            cfg_f, vars_f = mc.merged_variables(typed, variables, merged, form)
+            out, _ = build_model(cfg_f).apply(vars_f, tokens[:, :-1], deterministic=True)
+            np.testing.assert_allclose(out, ref, atol=1e-5)
+    experts = mc.get_in(variables["params"], (*path.split("/"), "experts"))
+    d, f = typed.d_model, typed.moe.hidden_dim
+    for kind, rank in (("dense", None), ("low_rank", min(d, f)), ("shared_basis", d)):
+        p = mc.Parameterised.build(variables["params"], {path: experts}, {path: np.arange(e)}, kind, rank)
+        for name, w in p.experts()[path].items():
+            np.testing.assert_allclose(w, experts[name], atol=1e-5)
+        out, _ = model.apply({"params": p.params()}, tokens[:, :-1], deterministic=True)
+        np.testing.assert_allclose(out, ref, atol=1e-4)
+    # Fine-tuning a bound merge (2 groups of 4 slots): the router stays frozen, the slots of a group stay one
+    # expert, and everything else moves.
+    merged = mc.merge_all(variables["params"], [path], calib, 2, "msmoe")
+    _, bound = mc.merged_variables(typed, variables, merged, "bound")
+    assign = np.asarray(merged.layers[path].assignment)
+    param = mc.Parameterised.build(bound["params"], {path: merged.layers[path].experts}, {path: assign})
+    settings = dict(steps=3, learning_rate=1e-2, warmup_steps=1, kd_lambda=0.2, kd_temperature=2.0)
+    tuned = mc.finetune(model, model, variables, {}, param, lambda i: {"tokens": np.asarray(tokens)}, 0, settings)
+    before, after = param.params(), tuned.params()
+    layer = lambda p: mc.get_in(p, path.split("/"))      # noqa: E731
+    np.testing.assert_array_equal(layer(after)["router"]["kernel"], layer(before)["router"]["kernel"])
+    slots = np.asarray(layer(after)["experts"]["w_in"])
+    for g in range(2):
+        members = np.flatnonzero(assign == g)
+        np.testing.assert_array_equal(slots[members], np.broadcast_to(slots[members[0]], slots[members].shape))
+    assert not np.allclose(slots, layer(before)["experts"]["w_in"])
+    assert not np.allclose(after["embed"]["embedding"], before["embed"]["embedding"])
+    low = mc.Parameterised.build(variables["params"], {path: experts}, {path: np.arange(e)}, "low_rank", 2)
+    assert low.num_expert_params() == e * 2 * 2 * (d + f)
+    assert mc.expert_flops(64, 128, 2, "dense", None) == 2 * 2 * 2 * 64 * 128
+    assert mc.expert_flops(64, 128, 2, "low_rank", 16) == 2 * 2 * 2 * 16 * (64 + 128)
+    assert mc.flops_per_token(64, 2, 127, 256, 16, 128, 2) == 2 * (8 * 64 * 64 + 4 * 64 * 64 + 2 * 64 * 16
+                                                                   + 4 * 2 * 64 * 128) + 2 * 64 * 256
+
+
+def _moqe_run(variant: str, seed: int, loss: float, increases: dict) -> dict:
+    """A synthetic moqe record: ``increases = {set: {bits: increase}}``."""
+    sets = {name: {str(b): {"loss": loss + inc, "increase": inc, "relative_error": 0.1 * (9 - b), "num_params": 1}
+                   for b, inc in per_bits.items()} for name, per_bits in increases.items()}
+    return {"variant": variant, "seed": seed, "bits": [8, 4, 3, 2], "params": {"total": 1, "active": 1},
+            "quantization": {"loss": loss, "sets": sets}, "wall_clock_s": 1.0}
+
+
+@pytest.mark.parametrize("experts,ffn,moe_loss,verdicts", [
+    # experts lose a fifth of the dense FFNs' increase; the MoE beats dense even with 2-bit experts
+    ({8: 0, 4: 0.002, 3: 0.01, 2: 0.04}, {8: 0, 4: 0.01, 3: 0.05, 2: 0.2}, 1.50, ("reproduced", "reproduced")),
+    # experts more robust but not twice as robust; 2-bit experts lose the MoE's advantage, 3-bit ones keep it
+    ({8: 0, 4: 0.01, 3: 0.04, 2: 0.15}, {8: 0, 4: 0.01, 3: 0.05, 2: 0.2}, 1.55, ("partly", "partly")),
+    # the dense FFNs barely move even at 2 bits; the unquantized MoE is worse than dense
+    ({8: 0, 4: 0, 3: 0, 2: 0.001}, {8: 0, 4: 0, 3: 0.001, 2: 0.005}, 1.70, ("not testable here", "not testable here")),
+])
+def test_moqe_decision_rules(experts, ffn, moe_loss, verdicts):
+    run = _load("moqe", "run")
+    runs = []
+    for seed in range(5):
+        jitter = 0.001 * seed        # seed-to-seed spread well below the differences
+        runs.append(_moqe_run("moe", seed, moe_loss + jitter, {
+            "experts": {b: v + jitter for b, v in experts.items()}, "dense_ffn": ffn,
+            "non_expert": ffn, "all": ffn}))
+        runs.append(_moqe_run("dense", seed, 1.60 + jitter, {"ffn_moe_blocks": ffn, "dense_ffn": ffn,
+                                                              "non_ffn": ffn, "all": ffn}))
+    summary = run.summarize(runs)
+    assert summary["verdicts"]["claim1_robustness"]["verdict"] == verdicts[0]
+    assert summary["verdicts"]["claim2_better_than_dense"]["verdict"] == verdicts[1]
+    pair = summary["comparisons"]["experts_vs_dense_ffn_2"]
+    assert pair["ci95"][0] <= pair["mean"] <= pair["ci95"][1] and len(pair["per_seed"]) == 5
+
+
+def _mc_smoe_run(seed: int, ft: dict, compress_ft: float, no_ft: dict | None = None) -> dict:
+    """A synthetic mc_smoe record with one G (4): fine-tuned losses ``ft = {method: loss}``, the unmerged control
+    2.0 (once and twice fine-tuned), and one compression fine-tuned to ``compress_ft``."""
+    no_ft = no_ft or {m: v + 0.1 for m, v in ft.items()}
+    merge = {m: {"bound": no_ft[m], "drop": no_ft[m], "primary_form": "drop" if m == "prune" else "bound",
+                 "finetuned": ft[m], "memory_reduction": 0.68, "flops_reduction": 0.0} for m in ft}
+    return {"seed": seed, "full": {"loss": 2.05, "finetuned": [2.0, 2.0], "params": 1, "flops": 1},
+            "calibration": {"frequency": {"l0": [1 / 16] * 16}}, "merge": {"4": merge},
+            "compress": {"4": {"low_rank-16": {"loss": 2.5, "finetuned": compress_ft, "memory_reduction": 0.825,
+                                               "flops_reduction": 0.307}}},
+            "wall_clock_s": 1.0}
+
+
+@pytest.mark.parametrize("ft,compress_ft,verdicts", [
+    ({"msmoe": 2.01, "frequency": 2.03, "average": 2.10, "prune": 2.08}, 2.015, ("reproduced", "reproduced")),
+    # averaging beats pruning (so it is not "ineffective"); nothing is within 1% of the control
+    ({"msmoe": 2.03, "frequency": 2.04, "average": 2.05, "prune": 2.08}, 2.05, ("partly", "not reproduced")),
+    ({"msmoe": 2.06, "frequency": 2.03, "average": 2.05, "prune": 2.08}, 2.05, ("not reproduced", "not reproduced")),
+    # pruning 75% of the experts is itself within 1%: the loss threshold cannot discriminate
+    ({"msmoe": 2.01, "frequency": 2.03, "average": 2.10, "prune": 2.01}, 2.015, ("reproduced", "not testable here")),
+])
+def test_mc_smoe_decision_rules(ft, compress_ft, verdicts):
+    run = _load("mc_smoe", "run")
+    runs = [_mc_smoe_run(seed, {m: v + 0.0005 * seed for m, v in ft.items()}, compress_ft) for seed in range(5)]
+    v = run.verdicts(runs)
+    assert v["claim1_merging"]["verdict"] == verdicts[0]
+    assert v["claim2_compression"]["verdict"] == verdicts[1]
+    # Merging that costs nothing before fine-tuning fails claim 1's control.
+    free = [_mc_smoe_run(s, ft, compress_ft, no_ft={m: 2.05 for m in ft}) for s in range(5)]
+    assert run.verdicts(free)["claim1_merging"]["verdict"] == "not testable here"
+
+
+def test_mc_smoe_configs_are_valid():
+    config = _load("mc_smoe", "config")
+    for preset in config.PRESETS:
+        cfg = config.get_config(preset)
+        typed = model_config(cfg.model, vocab_size=256)
+        settings = config.surgery_settings(preset)
+        e = typed.moe.num_experts
+        assert all(1 <= g < e for g in settings["groups"]) and set(settings["compressions"]) <= set(config.COMPRESSIONS)
+        assert all(1 <= r <= min(typed.d_model, typed.moe.hidden_dim) for r in settings["ranks"])
+        assert set(settings["finetune_methods"]) <= set(config.METHODS)
+    full = config.get_config("full").model
+    assert full.moe.num_experts == 16 and full.moe.router.k == 2 and full.moe.dispatch.mode == "dropless"
+    assert config.surgery_settings("full")["groups"] == (8, 4)
+    with pytest.raises(ValueError, match="^preset="):
+        config.surgery_settings("huge")
+    assert_unknown_preset_and_variant_refused(config, "tiny,nope")

@@ -40,7 +40,7 @@ SEEDS = {"tiny": (0,), "full": (0, 1, 2, 3, 4), "pilot": (0, 1)}
 PILOT_VARIANTS = ("moe", "dense")
 BITS = (8, 4, 3, 2)
 SIZES = {
-    "tiny": dict(d=16, layers=2, heads=2, experts=4, f=8, seq=32, batch=4, steps=6, eval_steps=2),
+    "tiny": dict(d=16, layers=2, heads=2, experts=4, f=8, seq=32, batch=8, steps=6, eval_steps=2),
     "full": dict(d=64, layers=4, heads=4, experts=8, f=64, seq=128, batch=16, steps=1500, eval_steps=16),
 }
 SIZES["pilot"] = dict(SIZES["full"], steps=600)    # fewer steps: the pilot asks "can it discriminate?"

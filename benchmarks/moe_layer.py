@@ -11,7 +11,15 @@ XLA's cost analysis counts a while loop's body once, so for the loop-based gmms 
 ``bulk``) the work of the rows their matmuls actually process for this routing is printed as well
 ("block work/useful").
 
-    python benchmarks/moe_layer.py [--json PATH] [--rounds 7] [--smoke]
+The headline (``--learned``, run first by default) is the layer as users run it: ``MoELayer`` with its own learned
+router (top-k softmax, renormalised), loss through the layer's output, gradients into x and every parameter,
+router included, for MLP (GELU) and SwiGLU experts, with a balanced-at-init router and a Zipf-skewed one (fixed
+router-logit offsets ``-0.5 * log(i + 1)`` through the ``steer`` transform; the measured busiest-expert load over
+the mean is printed), against ``DenseLayer`` of width
+``K * F`` of the same kind; the peak memory XLA plans for each compiled fwd+bwd (arguments + outputs + temporaries,
+``memory_analysis``) is printed beside the ratio. The forced-routing table stays as the diagnostic below it.
+
+    python benchmarks/moe_layer.py [--json PATH] [--rounds 7] [--smoke] [--learned | --forced]
 """
 from __future__ import annotations
 
@@ -28,7 +36,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from moejax import dispatch
+from moejax.config import DispatchConfig, MoEConfig
 from moejax.dispatch import padded_gmm
+from moejax.layers import DenseLayer, MoELayer
+from moejax.routing.config import RouterConfig
 from moejax.experts.ffn import Dense, ffn
 from moejax.routing import finish_token_choice
 
@@ -155,6 +166,78 @@ def run_setting(name: str, s: dict, skew: str, rounds: int, only: list[str] | No
     return result
 
 
+LEARNED_DISPATCH = {"dropless_auto": DispatchConfig(mode="dropless"),
+                    "capacity_index_cf1.25": DispatchConfig(mode="capacity", capacity_impl="index",
+                                                            capacity_factor=1.25, eval_capacity_factor=1.25)}
+ZIPF_SKEW = 0.5          # E=8: load 0.38, 0.24, 0.14, 0.09, ... (max/mean ~3); E=64 K=8: max/mean ~7.7
+
+
+def _peak_bytes(compiled) -> float:
+    m = compiled.memory_analysis()
+    if m is None:
+        return float("nan")
+    return float(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes)
+
+
+def run_learned(name: str, s: dict, kind: str, skew: str, rounds: int) -> dict:
+    """The layer as users run it: learned router, gradients into everything; ratio = dense time / MoE time."""
+    t, d, f, e, k = s["t"], s["d"], s["f"], s["e"], s["k"]
+    act = "silu" if kind == "glu" else ACT
+    keys = jax.random.split(jax.random.key(1), 4)
+    x = jax.random.normal(keys[0], (t, d))
+    cot = jax.random.normal(keys[1], (t, d))
+    fns: dict[str, tuple[Callable, float]] = {}
+    loads: dict[str, float] = {}
+
+    def add(label, module, variables):
+        params, rest = variables["params"], {c: v for c, v in variables.items() if c != "params"}
+
+        def loss(p, xx):
+            out = module.apply({"params": p, **rest}, xx, deterministic=True)
+            return jnp.sum(out.y * cot)
+
+        compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x).compile()
+        jax.block_until_ready(compiled(params, x))                         # warm up
+        fns[label] = (lambda: compiled(params, x), _peak_bytes(compiled))
+        stats = jax.jit(lambda v, xx: module.apply(v, xx).stats)(variables, x)
+        loads[label] = float(jnp.max(stats.expert_load) * stats.expert_load.shape[0])
+
+    dense = DenseLayer(k * f, kind, act, False, "float32", "float32")
+    add("dense", dense, jax.jit(dense.init)(keys[2], x))
+    for label, disp in LEARNED_DISPATCH.items():
+        cfg = MoEConfig(num_experts=e, hidden_dim=f, expert_kind=kind, activation=act, use_bias=False,
+                        router=RouterConfig(k=k, renormalize=True, steer=skew == "zipf"), dispatch=disp)
+        layer = MoELayer(cfg)
+        variables = dict(jax.jit(layer.init)(keys[3], x))
+        if skew == "zipf":
+            offsets = -ZIPF_SKEW * jnp.log1p(jnp.arange(e, dtype=jnp.float32))
+            variables["moe_state"] = {"router": {"steer_offset": offsets}}
+        add(label, layer, variables)
+    times = {label: [] for label in fns}
+    for round_ in range(rounds + 1):
+        for label, (call, _) in fns.items():
+            start = time.perf_counter()
+            jax.block_until_ready(call())
+            times[label].append(time.perf_counter() - start)
+        if round_ == 0:
+            times = {label: [] for label in fns}
+    result = {"setting": name, **s, "kind": kind, "routing": skew, "rounds": rounds,
+              "dense_ms": 1e3 * statistics.median(times["dense"]), "dense_peak_mib": fns["dense"][1] / 2 ** 20,
+              "impls": {}}
+    print(f"\n{name} {s} {kind} learned router, routing={skew}: dense fwd+bwd {result['dense_ms']:.1f} ms, "
+          f"peak {result['dense_peak_mib']:.1f} MiB")
+    for label in LEARNED_DISPATCH:
+        ratios = [a / b for a, b in zip(times["dense"], times[label])]
+        row = {"moe_ms": 1e3 * statistics.median(times[label]), "ratio_median": statistics.median(ratios),
+               "ratio_min": min(ratios), "ratio_max": max(ratios), "peak_mib": fns[label][1] / 2 ** 20,
+               "load_max_over_mean": loads[label]}
+        result["impls"][label] = row
+        print(f"  {label:28s} {row['moe_ms']:8.1f} ms  dense/moe {row['ratio_median']:.3f} "
+              f"[{row['ratio_min']:.3f}, {row['ratio_max']:.3f}]  peak {row['peak_mib']:.1f} MiB  "
+              f"load max/mean {row['load_max_over_mean']:.2f}")
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", help="write the results to this path")
@@ -162,6 +245,9 @@ def main() -> None:
     parser.add_argument("--settings", default="S1,S2")
     parser.add_argument("--routings", default=None, help="default balanced,zipf (--smoke: zipf)")
     parser.add_argument("--only", default="", help="comma-separated substrings of implementation names")
+    parser.add_argument("--learned", action="store_true", help="only the learned-router headline")
+    parser.add_argument("--forced", action="store_true", help="only the forced-routing diagnostic")
+    parser.add_argument("--kinds", default="mlp,glu", help="expert kinds of the learned-router headline")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny shapes and at most 2 rounds (the test suite); default --only padded_t8,blocked,"
                              "capacity_index_cf1.0")
@@ -173,11 +259,15 @@ def main() -> None:
         only = only or ["padded_t8", "blocked", "capacity_index_cf1.0"]
     routings = args.routings or ("zipf" if args.smoke else "balanced,zipf")
     print(f"jax {jax.__version__}, backend {jax.default_backend()}, devices {jax.devices()}")
-    results = [run_setting(name, s, skew, rounds, only) for name, s in settings.items()
-               for skew in routings.split(",")]
+    learned = [] if args.forced else [
+        run_learned(name, s, kind, skew, rounds) for name, s in settings.items() for kind in args.kinds.split(",")
+        for skew in ("balanced", "zipf")]
+    results = [] if args.learned else [run_setting(name, s, skew, rounds, only) for name, s in settings.items()
+                                       for skew in routings.split(",")]
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"jax": jax.__version__, "backend": jax.default_backend(), "results": results}, fh, indent=1)
+            json.dump({"jax": jax.__version__, "backend": jax.default_backend(), "learned": learned,
+                       "results": results}, fh, indent=1)
 
 
 if __name__ == "__main__":

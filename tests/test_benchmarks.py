@@ -19,8 +19,17 @@ def run_script(name: str, argv: list[str], monkeypatch: pytest.MonkeyPatch) -> N
 
 def test_moe_layer_benchmark_smoke(tmp_path, monkeypatch, capsys):
     out = tmp_path / "layer.json"
-    run_script("moe_layer.py", ["--smoke", "--rounds", "1", "--routings", "balanced,zipf",
+    run_script("moe_layer.py", ["--smoke", "--rounds", "1", "--routings", "balanced,zipf", "--kinds", "glu",
                                 "--only", "bulk_t16,capacity_index_cf1.0", "--json", str(out)], monkeypatch)
+    learned = json.loads(out.read_text())["learned"]
+    assert [(r["kind"], r["routing"]) for r in learned] == [("glu", "balanced"), ("glu", "zipf")]
+    for r in learned:
+        assert set(r["impls"]) == {"dropless_auto", "capacity_index_cf1.25"} and r["dense_peak_mib"] > 0
+        for row in r["impls"].values():
+            assert row["ratio_min"] <= row["ratio_median"] <= row["ratio_max"] and row["peak_mib"] > 0
+    # The Zipf-skewed router really skews the load (balanced-at-init routers do not, up to sampling noise).
+    assert learned[1]["impls"]["dropless_auto"]["load_max_over_mean"] > learned[0]["impls"]["dropless_auto"][
+        "load_max_over_mean"]
     results = json.loads(out.read_text())["results"]
     assert [r["routing"] for r in results] == ["balanced", "zipf"]
     for r in results:

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 from types import ModuleType
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 
 def parser(name: str, description: str) -> argparse.ArgumentParser:
@@ -43,6 +43,17 @@ def use_compile_cache(directory: str) -> None:
     jax.config.update("jax_compilation_cache_dir", directory)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def start(args: argparse.Namespace) -> None:
+    """What a sweep's ``main`` does before anything imports jax's backend: one XLA thread (``--threads=1``), the
+    refusal to run a registered preset from a dirty tree (:func:`refuse_dirty`), and the persistent compilation
+    cache of ``--compile_cache`` (``<workdir>`` expanded; not for ``--table``)."""
+    if args.threads == 1:  # must happen before jax initialises its CPU client
+        pin_one_thread()
+    refuse_dirty(args)
+    if getattr(args, "compile_cache", "") and not args.table:
+        use_compile_cache(args.compile_cache.replace("<workdir>", args.workdir))
 
 
 def refuse_dirty(args: argparse.Namespace, presets: Sequence[str] = ("full",)) -> dict[str, Any]:
@@ -110,6 +121,42 @@ def mean_std(values: Sequence[float]) -> dict[str, float]:
     import numpy as np
     v = np.asarray(values, float)
     return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0}
+
+
+def ci95(values: Sequence[float]) -> list[float] | None:
+    """The 95% t-interval of the mean of ``values`` (None for fewer than two)."""
+    import numpy as np
+    from scipy import stats
+    v = np.asarray(values, float)
+    if v.size < 2:
+        return None
+    half = float(stats.t.ppf(0.975, v.size - 1) * v.std(ddof=1) / np.sqrt(v.size))
+    return [float(v.mean()) - half, float(v.mean()) + half]
+
+
+def lm_loss_fn(model: Any) -> Callable[[Any, Iterable[Mapping[str, Any]]], float]:
+    """``(variables, batches) -> mean next-token cross-entropy (nats)`` of an LM over the real targets (``mask``) of
+    batches ``{'tokens': int[B, L + 1], 'mask': [B, L]}``; compiled once per model and batch shape, so every modified
+    copy of a model's variables (quantized, merged, ...) reuses it."""
+    import jax
+    import jax.numpy as jnp
+
+    @jax.jit
+    def sums(variables, tokens, mask):
+        logits, _ = model.apply(variables, tokens[:, :-1], deterministic=True)
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+        ce = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+        m = mask.astype(jnp.float32)
+        return jnp.sum(ce * m), jnp.sum(m)
+
+    def loss(variables, batches) -> float:
+        total, count = 0.0, 0.0
+        for batch in batches:
+            s, c = sums(variables, jnp.asarray(batch["tokens"]), jnp.asarray(batch["mask"]))
+            total, count = total + float(s), count + float(c)
+        return total / max(count, 1.0)
+
+    return loss
 
 
 def pm(s: dict[str, float], digits: int = 3) -> str:

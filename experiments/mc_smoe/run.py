@@ -56,29 +56,6 @@ def load_sibling(name: str):
     return sweep.load_sibling(__file__, "mc_smoe", name)
 
 
-def make_loss_fn(model) -> Callable[[Any, list], float]:
-    """``(variables, batches) -> mean next-byte cross-entropy (nats)`` over the real targets of ``batches``."""
-    import jax
-    import jax.numpy as jnp
-
-    @jax.jit
-    def sums(variables, tokens, mask):
-        logits, _ = model.apply(variables, tokens[:, :-1], deterministic=True)
-        logp = jax.nn.log_softmax(logits.astype(jnp.float32))
-        ce = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
-        m = mask.astype(jnp.float32)
-        return jnp.sum(ce * m), jnp.sum(m)
-
-    def loss(variables, batches) -> float:
-        total, count = 0.0, 0.0
-        for batch in batches:
-            s, c = sums(variables, jnp.asarray(batch["tokens"]), jnp.asarray(batch["mask"]))
-            total, count = total + float(s), count + float(c)
-        return total / max(count, 1.0)
-
-    return loss
-
-
 def surgery(config, state: dict, settings: dict, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Steps 1-4 of the module docstring on one trained model; returns the record's surgery fields."""
     import jax
@@ -107,7 +84,7 @@ def surgery(config, state: dict, settings: dict, log: Callable[[str], None] = pr
     def loss_fn_for(cfg) -> Callable:
         key = cfg.moe.num_experts
         if key not in losses:
-            losses[key] = make_loss_fn(build_model(cfg))
+            losses[key] = sweep.lm_loss_fn(build_model(cfg))
         return losses[key]
 
     base_loss = loss_fn_for(typed)
@@ -196,11 +173,7 @@ def surgery(config, state: dict, settings: dict, log: Callable[[str], None] = pr
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse(argv)
-    if args.threads == 1:  # must happen before jax initialises its CPU client
-        sweep.pin_one_thread()
-    sweep.refuse_dirty(args)
-    if args.compile_cache and not args.table:
-        sweep.use_compile_cache(args.compile_cache.replace("<workdir>", args.workdir))
+    sweep.start(args)
     import json
 
     from moejax.training.metrics import to_python
@@ -283,20 +256,10 @@ def summarize(runs: list[dict]) -> dict:
 MERGING_COSTS = 0.01           # nats/byte: the control of claim 1, merging to G must cost at least this somewhere
 
 
-def ci95(values) -> list[float] | None:
-    """The 95% t-interval of the mean of ``values`` (None for fewer than two)."""
-    from scipy import stats
-    v = np.asarray(values, float)
-    if v.size < 2:
-        return None
-    half = float(stats.t.ppf(0.975, v.size - 1) * v.std(ddof=1) / np.sqrt(v.size))
-    return [float(v.mean()) - half, float(v.mean()) + half]
-
-
 def paired(runs: list[dict], a: Callable[[dict], float], b: Callable[[dict], float]) -> dict[str, Any]:
     """``a(run) - b(run)`` per seed: the values, mean ± std, 95% interval, and in how many seeds a < b."""
     diffs = [a(r) - b(r) for r in runs]
-    return {"per_seed": diffs, **sweep.mean_std(diffs), "ci95": ci95(diffs), "a_lower": sum(d < 0 for d in diffs),
+    return {"per_seed": diffs, **sweep.mean_std(diffs), "ci95": sweep.ci95(diffs), "a_lower": sum(d < 0 for d in diffs),
             "seeds": [r["seed"] for r in runs]}
 
 

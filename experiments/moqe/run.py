@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import pathlib
 import sys
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 # This checkout's moejax, not whichever one an editable install points to: the code that runs must be the code
 # whose commit the record names (PROTOCOL.md, "Provenance").
@@ -70,36 +70,11 @@ def selectors(moe: bool, moe_blocks: Sequence[int]) -> dict[str, Callable[[str],
             "all": all_weights}
 
 
-def make_loss_fn(model) -> Callable[[Any, Iterable[Mapping[str, Any]]], float]:
-    """``(variables, batches) -> mean next-byte cross-entropy (nats)`` over the real targets of ``batches``;
-    compiled once per model and batch shape, so every quantized copy of a model reuses it."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
-    @jax.jit
-    def sums(variables, tokens, mask):
-        logits, _ = model.apply(variables, tokens[:, :-1], deterministic=True)
-        logp = jax.nn.log_softmax(logits.astype(jnp.float32))
-        ce = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
-        m = mask.astype(jnp.float32)
-        return jnp.sum(ce * m), jnp.sum(m)
-
-    def loss(variables, batches) -> float:
-        total, count = 0.0, 0.0
-        for batch in batches:
-            s, c = sums(variables, jnp.asarray(batch["tokens"]), jnp.asarray(batch["mask"]))
-            total, count = total + float(s), count + float(c)
-        return total / max(count, 1.0)
-
-    return loss
-
-
 def quantization_sweep(model, variables: Mapping[str, Any], batches: Sequence[Mapping[str, Any]],
                        sets: Mapping[str, Callable[[str], bool]], bits: Sequence[int]) -> dict[str, Any]:
     """``{"loss": unquantized, "sets": {name: {bits: {loss, increase, relative_error, num_params}}}}``."""
     from moejax.surgery.quantize import quantization_error, quantize_tree
-    loss_fn = make_loss_fn(model)
+    loss_fn = sweep.lm_loss_fn(model)
     base = loss_fn(variables, batches)
     out: dict[str, Any] = {}
     for name, select in sets.items():
@@ -128,11 +103,7 @@ def load_sibling(name: str):
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse(argv)
-    if args.threads == 1:  # must happen before jax initialises its CPU client
-        sweep.pin_one_thread()
-    sweep.refuse_dirty(args)
-    if args.compile_cache and not args.table:
-        sweep.use_compile_cache(args.compile_cache.replace("<workdir>", args.workdir))
+    sweep.start(args)
     import json
     import time
 
@@ -202,18 +173,7 @@ def _paired(runs: list[dict], a: str, b: str, fa: Callable[[dict], float], fb: C
         return None
     diffs = [fa(ra[s]) - fb(rb[s]) for s in seeds]
     return {"seeds": seeds, "per_seed": diffs, "negative": sum(d < 0 for d in diffs), **sweep.mean_std(diffs),
-            "ci95": ci95(diffs)}
-
-
-def ci95(values: Sequence[float]) -> list[float] | None:
-    """The 95% t-interval of the mean of ``values`` (None for fewer than two)."""
-    import numpy as np
-    from scipy import stats
-    v = np.asarray(values, float)
-    if v.size < 2:
-        return None
-    half = float(stats.t.ppf(0.975, v.size - 1) * v.std(ddof=1) / np.sqrt(v.size))
-    return [float(v.mean()) - half, float(v.mean()) + half]
+            "ci95": sweep.ci95(diffs)}
 
 
 def summarize(runs: list[dict]) -> dict:

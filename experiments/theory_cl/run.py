@@ -152,23 +152,12 @@ def rounded(obj: Any, digits: int = 6) -> Any:
 
 # ----------------------------------------------------------------------------------------------- aggregation
 def paired(a: list[float], b: list[float]) -> dict[str, Any]:
-    """a - b over seeds: mean, sample std, 95% t-interval of the mean, how many seeds are > 0, < 0."""
+    """a - b over seeds: mean, sample std, 95% t-interval of the mean (NaNs for one seed), how many seeds are > 0,
+    < 0."""
     diffs = [x - y for x, y in zip(a, b)]
-    n = len(diffs)
-    s = sweep.mean_std(diffs)
-    half = t_quantile(n - 1) * s["std"] / math.sqrt(n) if n > 1 else float("nan")
-    return {**s, "ci95": [s["mean"] - half, s["mean"] + half], "n": n,
+    ci = sweep.ci95(diffs) or [float("nan"), float("nan")]
+    return {**sweep.mean_std(diffs), "ci95": ci, "n": len(diffs),
             "positive": sum(d > 0 for d in diffs), "negative": sum(d < 0 for d in diffs)}
-
-
-def t_quantile(dof: int) -> float:
-    """The 0.975 quantile of Student's t (scipy when present; else a table, normal beyond 30)."""
-    try:
-        from scipy.stats import t
-        return float(t.ppf(0.975, dof))
-    except ImportError:
-        table_ = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 9: 2.262, 19: 2.093, 29: 2.045}
-        return table_.get(dof, 1.96 if dof > 29 else 2.1)
 
 
 def later(a: int | None, b: int | None) -> int:

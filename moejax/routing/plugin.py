@@ -174,6 +174,18 @@ _TRANSFORMS: dict[str, type[Transform]] = {}
 COMMON_FIELDS = ("kind", "k", "logits", "transforms")
 
 
+def expert_state(call: RouteCall, name: str, field: str, what: str) -> Any:
+    """The router's non-gradient float32[E] variable ``moe_state/<name>`` (zeros at init), for transforms that keep
+    per-expert state there (selection bias, steering offsets). Applying without the collection is an error naming
+    it: a missing variable would silently route as if it were zero."""
+    import jax.numpy as jnp
+    module = call.module
+    if not module.is_initializing() and not module.has_variable("moe_state", name):
+        raise ValueError(f"moe_state: router.{field}=True keeps its {what} in the 'moe_state' collection; pass the "
+                         f"variables' 'moe_state' to apply() (e.g. {{'params': ..., 'moe_state': ...}})")
+    return module.variable("moe_state", name, jnp.zeros, (call.num_experts,), jnp.float32)
+
+
 def field_names(cls: type) -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(cls))
 

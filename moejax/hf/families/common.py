@@ -153,6 +153,15 @@ def router_tensor(i: int, hf: str, d: int, e: int) -> TensorMap:
     return linear(block(i, "ffn", "router", "kernel"), hf, (d,), (e,))
 
 
+def routed_tensors(i: int, cfg: LMConfig, spec: MoEConfig, module: str = "mlp",
+                   names: tuple[str, str, str] = GLU) -> list[TensorMap]:
+    """Block ``i``'s router ``model.layers.<i>.<module>.gate.weight`` and its stacked SwiGLU experts
+    ``<module>.experts.{e}.<names>`` (the layout Mixtral, Qwen-MoE and OLMoE share)."""
+    p, d, e = f"model.layers.{i}.{module}", cfg.d_model, spec.num_experts
+    return [router_tensor(i, p + ".gate.weight", d, e),
+            *glu_tensors(block(i, "ffn", "experts"), p + ".experts.{e}", d, spec.hidden_dim, names, experts=e)]
+
+
 def decoder_tensors(cfg: LMConfig, attention, moe_ffn) -> list[TensorMap]:
     """Embeddings, then per layer its norms, ``attention(i, cfg)`` and either ``moe_ffn(i, cfg, spec)`` or the dense
     SwiGLU ``model.layers.<i>.mlp`` -> ``ffn/w_*``."""

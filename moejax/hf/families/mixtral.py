@@ -14,8 +14,8 @@ from typing import Any
 from moejax.config import MoEConfig
 from moejax.hf.config_keys import HFConfig, read_common
 from moejax.hf.family import Family, register_family
-from moejax.hf.families.common import (block, decoder_tensors, glu_tensors, lm_config, mha, mha_of, mha_tensors,
-                                       routed_moe, router_tensor, write_common)
+from moejax.hf.families.common import (decoder_tensors, lm_config, mha, mha_of, mha_tensors, routed_moe,
+                                       routed_tensors, write_common)
 from moejax.hf.layout import TensorMap
 from moejax.models.config import LMConfig
 
@@ -50,7 +50,4 @@ class Mixtral(Family):
 
     @staticmethod
     def _moe(i: int, cfg: LMConfig, spec: MoEConfig) -> list[TensorMap]:
-        p, d, e = f"model.layers.{i}.block_sparse_moe", cfg.d_model, spec.num_experts
-        return [router_tensor(i, p + ".gate.weight", d, e),
-                *glu_tensors(block(i, "ffn", "experts"), p + ".experts.{e}", d, spec.hidden_dim, ("w1", "w3", "w2"),
-                             experts=e)]
+        return routed_tensors(i, cfg, spec, "block_sparse_moe", ("w1", "w3", "w2"))

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from moejax.config import MoEConfig
 from moejax.hf.config_keys import HFConfig, read_common
 from moejax.hf.family import Family, register_family
-from moejax.hf.families.common import (block, decoder_tensors, glu_tensors, lm_config, mha, mha_of, mha_tensors,
-                                       routed_moe, router_tensor, write_common)
+from moejax.hf.families.common import (decoder_tensors, lm_config, mha, mha_of, mha_tensors, routed_moe,
+                                       routed_tensors, write_common)
 from moejax.hf.layout import TensorMap
 from moejax.models.config import LMConfig
 
@@ -46,10 +45,4 @@ class Olmoe(Family):
         return out
 
     def tensors(self, cfg: LMConfig) -> list[TensorMap]:
-        return decoder_tensors(cfg, mha_tensors, self._moe)
-
-    @staticmethod
-    def _moe(i: int, cfg: LMConfig, spec: MoEConfig) -> list[TensorMap]:
-        p, d, e = f"model.layers.{i}.mlp", cfg.d_model, spec.num_experts
-        return [router_tensor(i, p + ".gate.weight", d, e),
-                *glu_tensors(block(i, "ffn", "experts"), p + ".experts.{e}", d, spec.hidden_dim, experts=e)]
+        return decoder_tensors(cfg, mha_tensors, routed_tensors)

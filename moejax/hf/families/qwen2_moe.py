@@ -18,7 +18,7 @@ from moejax.config import MoEConfig
 from moejax.hf.config_keys import HFConfig, read_common, refuse
 from moejax.hf.family import Family, fail_export, register_family
 from moejax.hf.families.common import (block, decoder_tensors, glu_tensors, lm_config, mha, mha_of, mha_tensors,
-                                       read_no_sliding_window, read_sparse_layout, routed_moe, router_tensor,
+                                       read_no_sliding_window, read_sparse_layout, routed_moe, routed_tensors,
                                        write_common, write_sparse_layout)
 from moejax.hf.layout import TensorMap, linear
 from moejax.models.config import LMConfig
@@ -64,8 +64,7 @@ class Qwen2Moe(Family):
 
     @staticmethod
     def _moe(i: int, cfg: LMConfig, spec: MoEConfig) -> list[TensorMap]:
-        p, d, e = f"model.layers.{i}.mlp", cfg.d_model, spec.num_experts
-        return [router_tensor(i, p + ".gate.weight", d, e),
-                *glu_tensors(block(i, "ffn", "experts"), p + ".experts.{e}", d, spec.hidden_dim, experts=e),
+        p, d = f"model.layers.{i}.mlp", cfg.d_model
+        return [*routed_tensors(i, cfg, spec),
                 *glu_tensors(block(i, "ffn", "shared"), p + ".shared_expert", d, spec.shared_width),
                 linear(block(i, "ffn", "shared_gate", "kernel"), p + ".shared_expert_gate.weight", (d,), (1,))]

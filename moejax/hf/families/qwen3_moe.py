@@ -13,12 +13,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from moejax.config import MoEConfig
 from moejax.hf.config_keys import HFConfig, read_common
 from moejax.hf.family import Family, register_family
-from moejax.hf.families.common import (block, decoder_tensors, glu_tensors, lm_config, mha, mha_of, mha_tensors,
-                                       read_no_sliding_window, read_sparse_layout, routed_moe, router_tensor,
-                                       write_common, write_sparse_layout)
+from moejax.hf.families.common import (decoder_tensors, lm_config, mha, mha_of, mha_tensors, read_no_sliding_window,
+                                       read_sparse_layout, routed_moe, routed_tensors, write_common,
+                                       write_sparse_layout)
 from moejax.hf.layout import TensorMap
 from moejax.models.config import LMConfig
 
@@ -50,10 +49,4 @@ class Qwen3Moe(Family):
         return out
 
     def tensors(self, cfg: LMConfig) -> list[TensorMap]:
-        return decoder_tensors(cfg, mha_tensors, self._moe)
-
-    @staticmethod
-    def _moe(i: int, cfg: LMConfig, spec: MoEConfig) -> list[TensorMap]:
-        p, d, e = f"model.layers.{i}.mlp", cfg.d_model, spec.num_experts
-        return [router_tensor(i, p + ".gate.weight", d, e),
-                *glu_tensors(block(i, "ffn", "experts"), p + ".experts.{e}", d, spec.hidden_dim, experts=e)]
+        return decoder_tensors(cfg, mha_tensors, routed_tensors)

@@ -39,11 +39,7 @@ class SelectionBias(plugin.Transform):
         return not self.selection_bias
 
     def on_selection_scores(self, scores: jax.Array, call: plugin.RouteCall) -> jax.Array:
-        module = call.module
-        if not module.is_initializing() and not module.has_variable("moe_state", "selection_bias"):
-            raise ValueError("moe_state: router.selection_bias=True keeps its bias in the 'moe_state' collection; "
-                             "pass the variables' 'moe_state' to apply() (e.g. {'params': ..., 'moe_state': ...})")
-        bias = module.variable("moe_state", "selection_bias", jnp.zeros, (call.num_experts,), jnp.float32)
+        bias = plugin.expert_state(call, "selection_bias", "selection_bias", "bias")
         call.state["selection_bias"] = bias
         return scores + jax.lax.stop_gradient(bias.value.astype(jnp.float32))
 

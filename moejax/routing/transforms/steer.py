@@ -39,9 +39,5 @@ class Steer(plugin.Transform):
         return not self.steer
 
     def on_logits(self, logits: jax.Array, call: plugin.RouteCall) -> jax.Array:
-        module = call.module
-        if not module.is_initializing() and not module.has_variable("moe_state", "steer_offset"):
-            raise ValueError("moe_state: router.steer=True keeps its offsets in the 'moe_state' collection; pass the "
-                             "variables' 'moe_state' to apply() (e.g. {'params': ..., 'moe_state': ...})")
-        offset = module.variable("moe_state", "steer_offset", jnp.zeros, (call.num_experts,), jnp.float32)
+        offset = plugin.expert_state(call, "steer_offset", "steer", "offsets")
         return logits + jax.lax.stop_gradient(offset.value.astype(jnp.float32))

@@ -209,7 +209,7 @@ def run_all(args: argparse.Namespace, experiment: str, config_lib: ModuleType, v
     """
     import jax
 
-    from moejax.training.checkpoint import Checkpointer
+    from moejax.training.checkpoint import read_checkpoint
     from moejax.training.loop import to_jsonable, train_and_evaluate
     host, code = machine(), code_version()
     runs = []
@@ -227,9 +227,7 @@ def run_all(args: argparse.Namespace, experiment: str, config_lib: ModuleType, v
             start = time.perf_counter()
             final = train_and_evaluate(config, workdir)
             train_s = time.perf_counter() - start
-            ckpt = Checkpointer(workdir, keep=1, async_save=False)
-            state = ckpt.restore_raw()
-            ckpt.close()
+            state, _ = read_checkpoint(workdir)
             fields = measure(config=config, state=state, final=final, variant=variant, seed=seed)
             record = {
                 "experiment": experiment, "preset": args.preset, "variant": variant, "seed": seed, **fields,

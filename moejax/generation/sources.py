@@ -11,7 +11,6 @@ import json
 import pathlib
 from typing import Any, Protocol, Sequence
 
-import numpy as np
 
 from moejax.models.config import LMConfig
 
@@ -101,17 +100,12 @@ def _from_hf(path: pathlib.Path, meta: dict[str, Any], dtype: str | None, mesh: 
 
 
 def _from_workdir(path: pathlib.Path, meta: dict[str, Any]) -> LanguageModel:
-    from moejax.models.build import model_config
-    from moejax.training.checkpoint import Checkpointer
-    model = dict(meta["model"])
-    if model.get("kind") != "transformer_lm":
-        raise ValueError(f"model: {path} holds a {model.get('kind')!r} model; generation needs a transformer_lm")
-    ckpt = Checkpointer(path, keep=1, async_save=False)
-    try:
-        raw = ckpt.restore_raw()
-    finally:
-        ckpt.close()
-    vocab = int(np.shape(raw["params"]["embed"]["embedding"])[0])
-    cfg = model_config(model, vocab_size=vocab)
+    from moejax.models.build import model_config, sizes_from_params
+    from moejax.training.checkpoint import read_checkpoint
+    if meta["model"].get("kind") != "transformer_lm":
+        raise ValueError(f"model: {path} holds a {meta['model'].get('kind')!r} model; generation needs a "
+                         f"transformer_lm")
+    raw, _ = read_checkpoint(path)
+    cfg = model_config(dict(meta["model"]), **sizes_from_params(meta, raw["params"]))
     variables = {"params": raw["params"], **(raw.get("moe_state") or {})}
     return LanguageModel(cfg, variables, ByteTokenizer(), None, str(path))

@@ -13,6 +13,7 @@ from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
+import numpy as np
 
 from moejax.config import MoEConfig
 from moejax.experts.ffn import ffn_param_shapes
@@ -64,6 +65,20 @@ def model_config(model_cfg: Mapping[str, Any] | ModelConfig, *, num_classes: int
         _fill(d, "image_size", shape[:2], "input_shape[:2]")
         _fill(d, "channels", shape[2], "input_shape[2]")
     return cls.from_dict(d) if not isinstance(model_cfg, cls) else cls(**d)
+
+
+def sizes_from_params(experiment: Mapping[str, Any], params: Mapping[str, Any]) -> dict[str, Any]:
+    """The data-supplied sizes of :func:`model_config` (``vocab_size``, ``num_classes``, ``input_shape``) that the
+    trainer fills in from the dataset, read off a trained model's parameters where they show; the data is read only
+    for a ViT whose image size the config leaves out. ``experiment``: the run's config (``model``, ``data``)."""
+    kind = experiment["model"].get("kind")
+    if kind == "transformer_lm":
+        return {"vocab_size": int(np.shape(params["embed"]["embedding"])[0])}
+    sizes: dict[str, Any] = {"num_classes": int(np.shape(params["head"]["kernel"])[-1])}
+    if kind == "vit" and (experiment["model"].get("image_size") is None or "channels" not in experiment["model"]):
+        from moejax.data import from_config
+        sizes["input_shape"] = from_config(experiment["data"]).meta.input_shape
+    return sizes
 
 
 def build_model(model_cfg: Mapping[str, Any] | ModelConfig, *, num_classes: int | None = None,

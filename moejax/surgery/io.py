@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moejax.config import MoEConfig
-from moejax.models.build import model_config
+from moejax.models.build import model_config, sizes_from_params
 from moejax.models.config import LMConfig, ModelConfig, ViTConfig
 from moejax.surgery.model import HF, WORKDIR, Origin, SurgeryModel, moe_layers
 
@@ -57,38 +57,14 @@ def _load_hf(path: pathlib.Path) -> SurgeryModel:
 
 
 def _load_workdir(path: pathlib.Path, experiment: dict[str, Any], step: int | None) -> SurgeryModel:
-    from moejax.training.checkpoint import Checkpointer
-    ckpt = Checkpointer(path, keep=1, async_save=False)
-    try:
-        steps = ckpt.steps()
-        if not steps:
-            raise ValueError(f"model={str(path)!r}: a workdir without checkpoints")
-        if step is not None and step not in steps:
-            raise ValueError(f"step={step}: not a checkpoint of {path} (it has {steps})")
-        step = steps[-1] if step is None else step
-        raw = ckpt.restore_raw(step)
-    finally:
-        ckpt.close()
+    from moejax.training.checkpoint import read_checkpoint
+    raw, step = read_checkpoint(path, step)
     params = raw["params"]
-    config = model_config(experiment["model"], **_data_sizes(experiment, params))
+    config = model_config(experiment["model"], **sizes_from_params(experiment, params))
     variables = {"params": params, **{k: v for k, v in (raw.get("moe_state") or {}).items()
                                        if jax.tree_util.tree_leaves(v)}}
-    origin = Origin(WORKDIR, str(path), config, experiment=experiment, step=int(step), rng=np.asarray(raw["rng"]))
+    origin = Origin(WORKDIR, str(path), config, experiment=experiment, step=step, rng=np.asarray(raw["rng"]))
     return SurgeryModel(config, variables, origin)
-
-
-def _data_sizes(experiment: Mapping[str, Any], params: Mapping[str, Any]) -> dict[str, Any]:
-    """The data-supplied model sizes (``vocab_size``, ``num_classes``, ``input_shape``) that the trainer fills in
-    from the dataset, read off the parameters where they show (the data is read only for a ViT whose image size
-    the config leaves out)."""
-    kind = experiment["model"].get("kind")
-    if kind == "transformer_lm":
-        return {"vocab_size": int(np.shape(params["embed"]["embedding"])[0])}
-    sizes = {"num_classes": int(np.shape(params["head"]["kernel"])[-1])}
-    if kind == "vit" and (experiment["model"].get("image_size") is None or "channels" not in experiment["model"]):
-        from moejax.data import from_config
-        sizes["input_shape"] = from_config(experiment["data"]).meta.input_shape
-    return sizes
 
 
 # ----------------------------------------------------------------------------- saving
@@ -170,7 +146,7 @@ def _save_workdir(model: SurgeryModel, out: pathlib.Path, step: int) -> None:
     from moejax.training.checkpoint import Checkpointer
     origin = model.origin
     experiment = copy.deepcopy(dict(origin.experiment))
-    sizes = _data_sizes(experiment, model.params)
+    sizes = sizes_from_params(experiment, model.params)
     experiment["model"] = model_section(origin.experiment["model"], origin.config, model.config)
     reloaded = model_config(experiment["model"], **sizes)
     if reloaded != model.config:      # a section written in a form the minimal rewrite cannot extend: write specs whole

@@ -304,3 +304,20 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def read_checkpoint(workdir: str | pathlib.Path, step: int | None = None) -> tuple[Any, int]:
+    """The checkpoint of ``workdir`` at ``step`` (default: the newest) as saved, and its step, for analysis and
+    tools (:meth:`Checkpointer.restore_raw`: no target structure, checksums verified). Nothing is written; one-line
+    errors name the workdir or the step."""
+    ckpt = Checkpointer(workdir, keep=1, async_save=False)
+    try:
+        steps = ckpt.steps()
+        if not steps:
+            raise ValueError(f"workdir={str(workdir)!r}: has no checkpoint")
+        if step is not None and step not in steps:
+            raise ValueError(f"step={step}: not a checkpoint of {workdir} (it has {steps})")
+        step = steps[-1] if step is None else step
+        return ckpt.restore_raw(step), int(step)
+    finally:
+        ckpt.close()

@@ -1,4 +1,4 @@
-"""Gating analysis of a trained deep MoE: per-example gate distributions, mutual information, pictures.
+"""Gating analysis of a deep MoE (trained, or at its initialisation): per-example gate distributions, mutual information, pictures.
 
 Definitions (all on the test split, logs in base 2, so values are bits):
 
@@ -12,6 +12,11 @@ Definitions (all on the test split, logs in base 2, so values are bits):
 - soft MI, ``I(G; Y)``: ``G`` is an expert drawn from the gate, ``P(G = e, Y = y) = mean over examples
   with label y of p(e | x), times P(y)``; ``I = sum_y P(y) KL(P(G | y) || P(G))``. It is zero when the gate
   ignores ``Y`` and reaches ``min(H(Y), log2 E)`` only for confident, ``Y``-determined gates.
+- routed MI: the soft MI of the gate restricted to the example's top-``k`` experts and renormalised (the experts
+  the layer actually uses and their shares): the soft MI for the dense mixture (``k = E``), the hard MI for top-1.
+  At initialisation the router's logits are tiny (``normal(0.02)`` kernel), so the full gate is nearly uniform and
+  its soft MI nearly 0, while its top-1 choice is already a function of the input (a linear gate on translated
+  pixels is location-dependent by construction): the routed MI measures what the routing does at either point.
 - plug-in estimates are biased upwards, more so for labels with many values (``position``), so every MI
   is also reported minus its mean under ``SHUFFLES`` random permutations of the labels (``*_corrected``);
   the README's table shows the corrected soft MI.
@@ -48,6 +53,19 @@ def gate_distributions(model: Any, variables: dict, images: np.ndarray, batch: i
     return [np.concatenate([np.asarray(c[l]) for c in chunks]) for l in range(len(chunks[0]))]
 
 
+def accuracy(model: Any, variables: dict, images: np.ndarray, labels: np.ndarray, batch: int = 720) -> float:
+    """Share of ``images`` float32[N, ...] whose argmax logit is ``labels`` int[N] (deterministic forward)."""
+
+    @jax.jit
+    def predict(x):
+        logits, _ = model.apply(variables, x, deterministic=True)
+        return jnp.argmax(logits, -1)
+
+    pred = np.concatenate([np.asarray(predict(jnp.asarray(images[i:i + batch])))
+                           for i in range(0, len(images), batch)])
+    return float(np.mean(pred == np.asarray(labels)))
+
+
 def entropy_bits(p: np.ndarray) -> float:
     p = p[p > 0]
     return float(-(p * np.log2(p)).sum())
@@ -73,21 +91,45 @@ def soft_mutual_information(gates: np.ndarray, labels: np.ndarray, num_labels: i
 SHUFFLES = 20
 
 
+def routed_distribution(gates: np.ndarray, k: int) -> np.ndarray:
+    """float32[N, E]: the gate restricted to each example's top-``k`` experts and renormalised: the share of the
+    example's expert computation each expert receives. ``k = E``: the gate itself (dense mixture); ``k = 1``: the
+    one-hot top-1 choice (so its soft MI is the hard MI)."""
+    e = gates.shape[1]
+    if k >= e:
+        return gates
+    top = np.argsort(-gates, axis=-1, kind="stable")[:, :k]
+    kept = np.zeros_like(gates)
+    np.put_along_axis(kept, top, np.take_along_axis(gates, top, -1), -1)
+    return kept / kept.sum(-1, keepdims=True)
+
+
 def gating_summary(gates: Sequence[np.ndarray], labels: dict[str, tuple[np.ndarray, int]],
-                   seed: int = 0) -> list[dict[str, Any]]:
-    """Per layer: hard and soft MI (raw and shuffle-corrected) with each ``labels[name] = (values, count)``,
-    top-1 expert usage and mean gate entropy."""
+                   seed: int = 0, ks: Sequence[int] | None = None) -> list[dict[str, Any]]:
+    """Per layer: hard, soft and routed MI (raw and shuffle-corrected) with each ``labels[name] = (values,
+    count)``, top-1 expert usage and mean gate entropy. ``ks[l]`` is layer ``l``'s routing k (None: every layer
+    dense); the routed MI is the soft MI of :func:`routed_distribution`, i.e. of the experts the layer actually
+    uses for an example and their renormalised weights.
+
+    The shuffle null of each MI is kept too: ``*_null_mean`` (the plug-in bias that ``*_corrected`` subtracts)
+    and ``*_null_std`` (its sample std over the ``SHUFFLES`` permutations: how much a corrected value moves by
+    chance when the gate ignores the label; the noise floor that a difference is compared with)."""
     rng = np.random.RandomState(seed)
     out = []
-    for g in gates:
+    for layer, g in enumerate(gates):
         e = g.shape[1]
-        row: dict[str, Any] = {"num_experts": e}
+        k = e if ks is None else int(ks[layer])
+        routed = routed_distribution(g, k)
+        row: dict[str, Any] = {"num_experts": e, "k": k}
         for name, (y, n) in labels.items():
-            for kind, fn in (("hard", hard_mutual_information), ("soft", soft_mutual_information)):
-                mi = fn(g, y, n)
-                null = np.mean([fn(g, rng.permutation(y), n) for _ in range(SHUFFLES)])
+            for kind, fn, p in (("hard", hard_mutual_information, g), ("soft", soft_mutual_information, g),
+                                ("routed", soft_mutual_information, routed)):
+                mi = fn(p, y, n)
+                null = np.asarray([fn(p, rng.permutation(y), n) for _ in range(SHUFFLES)])
                 row[f"mi_{name}_{kind}"] = mi
-                row[f"mi_{name}_{kind}_corrected"] = mi - float(null)
+                row[f"mi_{name}_{kind}_corrected"] = mi - float(null.mean())
+                row[f"mi_{name}_{kind}_null_mean"] = float(null.mean())
+                row[f"mi_{name}_{kind}_null_std"] = float(null.std(ddof=1))
         row["top1_usage"] = (np.bincount(g.argmax(-1), minlength=e) / len(g)).tolist()
         row["mean_gate_entropy"] = float(np.mean(-(g * np.log2(np.clip(g, 1e-12, 1))).sum(-1)))
         out.append(row)

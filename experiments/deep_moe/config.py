@@ -30,7 +30,7 @@ from moejax.training.config import optimizer_config, train_config
 
 PRESETS = ("tiny", "full", "mnist")
 VARIANTS = ("dense", "top2", "top1")
-SEEDS = {"tiny": (0,), "full": (0, 1, 2), "mnist": (0, 1, 2)}
+SEEDS = {"tiny": (0,), "full": (0, 1, 2, 3, 4), "mnist": (0, 1, 2, 3, 4)}
 
 
 def moe_layer(num_experts: int, hidden_dim: int, k: int) -> dict:

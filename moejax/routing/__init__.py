@@ -7,6 +7,7 @@ from moejax.routing.attention import attention_router_logits
 from moejax.routing.balanced import (balanced_assignment, base_routing, capped_transport_plan, expert_slots,
                                      sinkhorn_plan, sinkhorn_routing, sparse_ot_routing)
 from moejax.routing.dynamic import active_experts_histogram, top_p_routing
+from moejax.routing.ksparse_ot_router import ksparse_ot_routing  # noqa: F401  (registers kind='ksparse_ot')
 from moejax.routing.expert_choice import expert_choice_routing
 from moejax.routing.fixed import consistency_loss, hash_routing, hash_scores, random_routing, routing_from_assignment
 from moejax.routing.losses import (aux_free_bias_update, expert_fraction, importance_loss, load_balance_loss,

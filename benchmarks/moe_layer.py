@@ -12,14 +12,19 @@ XLA's cost analysis counts a while loop's body once, so for the loop-based gmms 
 ("block work/useful").
 
 The headline (``--learned``, run first by default) is the layer as users run it: ``MoELayer`` with its own learned
-router (top-k softmax, renormalised), loss through the layer's output, gradients into x and every parameter,
-router included, for MLP (GELU) and SwiGLU experts, with a balanced-at-init router and a Zipf-skewed one (fixed
+router (top-k softmax, renormalised), loss through the layer's output, its value and the gradients into x and every
+parameter, router included (``jax.value_and_grad``: in a network the layer's output always feeds what follows, so its
+forward pass is computed; with ``jax.grad`` of the linear loss ``sum(y * cot)`` alone XLA drops the dense FFN's
+output matmul as dead code, which a real training step never can; ``--grad-only`` measures that way), for MLP (GELU) and SwiGLU experts, with a balanced-at-init router and a Zipf-skewed one (fixed
 router-logit offsets ``-0.5 * log(i + 1)`` through the ``steer`` transform; the measured busiest-expert load over
 the mean is printed), against ``DenseLayer`` of width
 ``K * F`` of the same kind; the peak memory XLA plans for each compiled fwd+bwd (arguments + outputs + temporaries,
-``memory_analysis``) is printed beside the ratio. The forced-routing table stays as the diagnostic below it.
+``memory_analysis``) and its temporaries alone are printed beside the ratio. The forced-routing table stays as the diagnostic below it.
 
-    python benchmarks/moe_layer.py [--json PATH] [--rounds 7] [--smoke] [--learned | --forced]
+    python benchmarks/moe_layer.py [--json PATH] [--rounds 7] [--smoke] [--learned | --forced] [--grad-only]
+
+``benchmarks/torch_moe_layer.py`` times the same layer in PyTorch (``torch._grouped_mm``) the same way, for a
+side-by-side in another environment (PyTorch is not a moejax dependency).
 """
 from __future__ import annotations
 
@@ -172,21 +177,24 @@ LEARNED_DISPATCH = {"dropless_auto": DispatchConfig(mode="dropless"),
 ZIPF_SKEW = 0.5          # E=8: load 0.38, 0.24, 0.14, 0.09, ... (max/mean ~3); E=64 K=8: max/mean ~7.7
 
 
-def _peak_bytes(compiled) -> float:
+def _memory_bytes(compiled) -> tuple[float, float]:
+    """(peak, temporaries): XLA's planned arguments + outputs + temporaries, and the temporaries alone (the
+    activations and workspace; arguments and outputs grow with the parameter count, E times the dense FFN's)."""
     m = compiled.memory_analysis()
     if m is None:
-        return float("nan")
-    return float(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes)
+        return float("nan"), float("nan")
+    return float(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes), float(m.temp_size_in_bytes)
 
 
-def run_learned(name: str, s: dict, kind: str, skew: str, rounds: int) -> dict:
-    """The layer as users run it: learned router, gradients into everything; ratio = dense time / MoE time."""
+def run_learned(name: str, s: dict, kind: str, skew: str, rounds: int, grad_only: bool = False) -> dict:
+    """The layer as users run it: learned router, loss value and gradients into everything; ratio = dense time / MoE
+    time. ``grad_only``: gradients without the loss value (lets XLA skip outputs that only the value needs)."""
     t, d, f, e, k = s["t"], s["d"], s["f"], s["e"], s["k"]
     act = "silu" if kind == "glu" else ACT
     keys = jax.random.split(jax.random.key(1), 4)
     x = jax.random.normal(keys[0], (t, d))
     cot = jax.random.normal(keys[1], (t, d))
-    fns: dict[str, tuple[Callable, float]] = {}
+    fns: dict[str, tuple[Callable, float, float]] = {}
     loads: dict[str, float] = {}
 
     def add(label, module, variables):
@@ -196,9 +204,10 @@ def run_learned(name: str, s: dict, kind: str, skew: str, rounds: int) -> dict:
             out = module.apply({"params": p, **rest}, xx, deterministic=True)
             return jnp.sum(out.y * cot)
 
-        compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x).compile()
+        transform = jax.grad if grad_only else jax.value_and_grad
+        compiled = jax.jit(transform(loss, argnums=(0, 1))).lower(params, x).compile()
         jax.block_until_ready(compiled(params, x))                         # warm up
-        fns[label] = (lambda: compiled(params, x), _peak_bytes(compiled))
+        fns[label] = (lambda: compiled(params, x), *_memory_bytes(compiled))
         stats = jax.jit(lambda v, xx: module.apply(v, xx).stats)(variables, x)
         loads[label] = float(jnp.max(stats.expert_load) * stats.expert_load.shape[0])
 
@@ -215,25 +224,28 @@ def run_learned(name: str, s: dict, kind: str, skew: str, rounds: int) -> dict:
         add(label, layer, variables)
     times = {label: [] for label in fns}
     for round_ in range(rounds + 1):
-        for label, (call, _) in fns.items():
+        for label, (call, *_) in fns.items():
             start = time.perf_counter()
             jax.block_until_ready(call())
             times[label].append(time.perf_counter() - start)
         if round_ == 0:
             times = {label: [] for label in fns}
-    result = {"setting": name, **s, "kind": kind, "routing": skew, "rounds": rounds,
+    result = {"setting": name, **s, "kind": kind, "routing": skew, "rounds": rounds, "grad_only": grad_only,
               "dense_ms": 1e3 * statistics.median(times["dense"]), "dense_peak_mib": fns["dense"][1] / 2 ** 20,
+              "dense_temp_mib": fns["dense"][2] / 2 ** 20,
               "impls": {}}
     print(f"\n{name} {s} {kind} learned router, routing={skew}: dense fwd+bwd {result['dense_ms']:.1f} ms, "
-          f"peak {result['dense_peak_mib']:.1f} MiB")
+          f"peak {result['dense_peak_mib']:.1f} MiB (temporaries {result['dense_temp_mib']:.1f})")
     for label in LEARNED_DISPATCH:
         ratios = [a / b for a, b in zip(times["dense"], times[label])]
         row = {"moe_ms": 1e3 * statistics.median(times[label]), "ratio_median": statistics.median(ratios),
                "ratio_min": min(ratios), "ratio_max": max(ratios), "peak_mib": fns[label][1] / 2 ** 20,
+               "temp_mib": fns[label][2] / 2 ** 20,
                "load_max_over_mean": loads[label]}
         result["impls"][label] = row
         print(f"  {label:28s} {row['moe_ms']:8.1f} ms  dense/moe {row['ratio_median']:.3f} "
-              f"[{row['ratio_min']:.3f}, {row['ratio_max']:.3f}]  peak {row['peak_mib']:.1f} MiB  "
+              f"[{row['ratio_min']:.3f}, {row['ratio_max']:.3f}]  peak {row['peak_mib']:.1f} MiB "
+              f"(temporaries {row['temp_mib']:.1f})  "
               f"load max/mean {row['load_max_over_mean']:.2f}")
     return result
 
@@ -248,6 +260,9 @@ def main() -> None:
     parser.add_argument("--learned", action="store_true", help="only the learned-router headline")
     parser.add_argument("--forced", action="store_true", help="only the forced-routing diagnostic")
     parser.add_argument("--kinds", default="mlp,glu", help="expert kinds of the learned-router headline")
+    parser.add_argument("--grad-only", action="store_true",
+                        help="headline: gradients only, without the loss value (the definition before 2026-12-01's "
+                             "second measurement; XLA then drops the dense FFN's output matmul)")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny shapes and at most 2 rounds (the test suite); default --only padded_t8,blocked,"
                              "capacity_index_cf1.0")
@@ -260,7 +275,7 @@ def main() -> None:
     routings = args.routings or ("zipf" if args.smoke else "balanced,zipf")
     print(f"jax {jax.__version__}, backend {jax.default_backend()}, devices {jax.devices()}")
     learned = [] if args.forced else [
-        run_learned(name, s, kind, skew, rounds) for name, s in settings.items() for kind in args.kinds.split(",")
+        run_learned(name, s, kind, skew, rounds, args.grad_only) for name, s in settings.items() for kind in args.kinds.split(",")
         for skew in ("balanced", "zipf")]
     results = [] if args.learned else [run_setting(name, s, skew, rounds, only) for name, s in settings.items()
                                        for skew in routings.split(",")]

@@ -205,7 +205,8 @@ def run_all(args: argparse.Namespace, experiment: str, config_lib: ModuleType, v
     in ``<workdir>/<preset>/<variant>_seed<seed>`` with the library's trainer, final checkpoint restored, then
     ``measure(config=, state=, final=, variant=, seed=)`` returns the experiment's own record fields. The record
     adds wall-clock (training and total, measure included), jax version, machine, code version, command and
-    config. ``after(record, workdir)`` (plots, logs; not timed) runs once the JSON is written.
+    config. ``after(record, workdir)`` (plots, logs; not timed) runs once the JSON is written. jax's in-memory
+    caches are cleared after each run.
     """
     import jax
 
@@ -239,4 +240,9 @@ def run_all(args: argparse.Namespace, experiment: str, config_lib: ModuleType, v
             if after is not None:
                 after(record, workdir)
             runs.append(record)
+            # Drop this run's compiled programs. The mc_smoe sweep (dozens of compilations per run) kept them all
+            # and died in its third run with LLVM "Cannot allocate memory" and a segfault (24 GB machine),
+            # most likely out of memory mappings (vm.max_map_count 65530); the persistent compilation cache
+            # still serves later runs.
+            jax.clear_caches()
     return runs

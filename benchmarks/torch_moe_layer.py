@@ -7,9 +7,10 @@ that has ``torch`` (>= 2.8, for ``torch._grouped_mm`` on CPU):
 
 Per setting and routing (``balanced``: the router as initialised; ``zipf``: router-logit offsets
 ``-0.5 * log(i + 1)``, as in moejax's benchmark), the MoE layer is: linear router, softmax, top-k, weights
-renormalised over the k chosen, token copies sorted by expert, SwiGLU experts through ``torch._grouped_mm`` (the
-grouped matmul transformers' MoE models use on CPU), weighted scatter-add back to tokens. Its forward+backward
-(loss ``sum(y * cot)``, gradients into x and every parameter, router included) is timed interleaved with a dense
+renormalised over the k chosen (router kernel initialised N(0, 0.02^2), as moejax's), token copies sorted by
+expert, SwiGLU experts through ``torch._grouped_mm`` (the grouped matmul transformers' MoE models use on CPU),
+weighted scatter-add back to tokens. Its forward+backward (loss ``sum(y * cot)``, gradients into x and every
+parameter, router included) is timed interleaved with a dense
 SwiGLU FFN of width ``K * F`` (the same active FLOPs), round after round, fp32, the default thread count.
 Printed: ``dense_time / moe_time`` (median and min-max over rounds; > 1: the MoE is faster). Like the moejax
 benchmark's headline, the layer's output is computed in both (eager PyTorch always runs the forward).
@@ -57,7 +58,8 @@ def run(name: str, s: dict, skew: str, rounds: int) -> dict:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(t, d, generator=gen).requires_grad_()
     cot = torch.randn(t, d, generator=gen)
-    moe = [_param(d, e, fan_in=d, gen=gen), _param(e, d, f, fan_in=d, gen=gen), _param(e, d, f, fan_in=d, gen=gen),
+    router = (0.02 * torch.randn(d, e, generator=gen)).requires_grad_()   # moejax's router init, N(0, 0.02^2)
+    moe = [router, _param(e, d, f, fan_in=d, gen=gen), _param(e, d, f, fan_in=d, gen=gen),
            _param(e, f, d, fan_in=f, gen=gen)]
     dense = [_param(d, k * f, fan_in=d, gen=gen), _param(d, k * f, fan_in=d, gen=gen),
              _param(k * f, d, fan_in=k * f, gen=gen)]

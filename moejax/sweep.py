@@ -206,7 +206,8 @@ def run_all(args: argparse.Namespace, experiment: str, config_lib: ModuleType, v
     ``measure(config=, state=, final=, variant=, seed=)`` returns the experiment's own record fields. The record
     adds wall-clock (training and total, measure included), jax version, machine, code version, command and
     config. ``after(record, workdir)`` (plots, logs; not timed) runs once the JSON is written. jax's in-memory
-    caches are cleared after each run.
+    caches are cleared after each run. A run the trainer reports as preempted (SIGTERM) writes no JSON and ends
+    the sweep with ``SystemExit(143)``.
     """
     import jax
 
@@ -227,6 +228,12 @@ def run_all(args: argparse.Namespace, experiment: str, config_lib: ModuleType, v
             shutil.rmtree(workdir, ignore_errors=True)
             start = time.perf_counter()
             final = train_and_evaluate(config, workdir)
+            if final.get("preempted"):
+                # The trainer saved a checkpoint and stopped early on SIGTERM: the model is not the run's. Record
+                # nothing for it (the same command reruns it) and stop the sweep, as the signal asked.
+                print(f"{experiment}: {variant} seed {seed} preempted by SIGTERM at step {final.get('step')}; "
+                      f"not recorded; rerun the same command to continue the sweep", file=sys.stderr, flush=True)
+                raise SystemExit(143)
             train_s = time.perf_counter() - start
             state, _ = read_checkpoint(workdir)
             fields = measure(config=config, state=state, final=final, variant=variant, seed=seed)

@@ -15,6 +15,18 @@ settings.register_profile("ci", deadline=None, max_examples=25, derandomize=True
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
+@pytest.fixture(scope="module")
+def quick_compiles():
+    """XLA with most optimisations off, for one test module (``pytestmark = pytest.mark.usefixtures(
+    "quick_compiles")``): the models in end-to-end tests are tiny, so XLA's optimisation passes cost more compile
+    time than they save at run time, and the numbers are the same to the tests' tolerances. Restored after the
+    module, so that the kernel, benchmark and FLOP-count tests in the same worker compile as users do."""
+    before = jax.config.values["jax_disable_most_optimizations"]
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", before)
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
     """A fresh TFDS data directory per test session (per xdist worker): datasets are built once into it."""

@@ -1,11 +1,9 @@
 """experiments/deep_moe, the untrained control (issue 17): the decision rule on synthetic records, the routed
 distribution, the untrained analysis on the tiny preset, that it is the trainer's exact step-0 state, and the
 refusal to run the registered preset from a dirty tree."""
-import importlib.util
 import json
 import math
 import pathlib
-import sys
 
 import jax
 import numpy as np
@@ -17,22 +15,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[1] / "experiments"
 
 
 def _load(name: str):
-    full = f"deep_moe_{name}"          # the names moejax.sweep.load_sibling gives them
-    if full not in sys.modules:
-        spec = importlib.util.spec_from_file_location(full, ROOT / "deep_moe" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[full] = module
-        spec.loader.exec_module(module)
-    return sys.modules[full]
+    return sweep.load_sibling(str(ROOT / "deep_moe" / "run.py"), "deep_moe", name)   # run.py's own names
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _quick_compiles():
-    """Tiny models: XLA's optimisations cost more compile time than they save; restored after this module."""
-    before = jax.config.values["jax_disable_most_optimizations"]
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", before)
+pytestmark = pytest.mark.usefixtures("quick_compiles")   # conftest: tiny models compile faster unoptimised
 
 
 # ---- synthetic records ----

@@ -1,35 +1,22 @@
 """experiments/sparse_ot: the tiny preset end to end, the decision rules on synthetic records, the configs."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import pathlib
-import sys
 
-import jax
 import pytest
 
+from moejax import sweep
 from moejax.models import model_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "sparse_ot"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _fast_compile():
-    before = jax.config.values["jax_disable_most_optimizations"]
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", before)
+pytestmark = pytest.mark.usefixtures("quick_compiles")   # conftest: tiny models compile faster unoptimised
 
 
 def _load(name: str):
-    full = f"sparse_ot_{name}"        # the name run.py's sweep.load_sibling gives it, so both share one module
-    if full not in sys.modules:
-        spec = importlib.util.spec_from_file_location(full, ROOT / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[full] = module
-        spec.loader.exec_module(module)
-    return sys.modules[full]
+    return sweep.load_sibling(str(ROOT / "run.py"), "sparse_ot", name)   # run.py's own names
 
 
 def test_tiny_end_to_end(tmp_path):

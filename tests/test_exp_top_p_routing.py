@@ -1,12 +1,9 @@
 """experiments/top_p_routing: the tiny preset end to end, the data generator's classes, the decision rules on
 synthetic records, and every preset/variant config validated without training."""
-import importlib.util
 import json
 import math
 import pathlib
-import sys
 
-import jax
 import numpy as np
 import pytest
 
@@ -18,22 +15,10 @@ CLASSES = ("format", "random", "copy", "arith", "text")
 
 
 def _load(name: str):
-    full = f"top_p_routing_{name}"      # the names moejax.sweep.load_sibling gives them (one TFDS registration)
-    if full not in sys.modules:
-        spec = importlib.util.spec_from_file_location(full, ROOT / "top_p_routing" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[full] = module
-        spec.loader.exec_module(module)
-    return sys.modules[full]
+    return sweep.load_sibling(str(ROOT / "top_p_routing" / "run.py"), "top_p_routing", name)   # one TFDS registration
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _quick_compiles():
-    """Tiny models: XLA's optimisations cost more compile time than they save; restored after this module."""
-    before = jax.config.values["jax_disable_most_optimizations"]
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", before)
+pytestmark = pytest.mark.usefixtures("quick_compiles")   # conftest: tiny models compile faster unoptimised
 
 
 def test_generator_tags_every_byte():

@@ -1,32 +1,27 @@
 """Smoke tests of the experiment directories: the ``tiny`` preset of each sweep end to end, plus the
 paper-specific analysis code (mutual information of gates, the redundancy test's masked routing) on
 hand-computed cases, and every preset/variant config validated without training."""
-import importlib.util
 import json
 import math
 import pathlib
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from moejax import sweep
 from moejax.config import MoEConfig, RouterConfig
 from moejax.routing import Router
 from moejax.models import build_model, model_config
+
+pytestmark = pytest.mark.usefixtures("quick_compiles")   # conftest: tiny models compile faster unoptimised
 
 ROOT = pathlib.Path(__file__).resolve().parents[1] / "experiments"
 
 
 def _load(experiment: str, name: str):
-    full = f"{experiment}_{name}"
-    if full not in sys.modules:
-        spec = importlib.util.spec_from_file_location(full, ROOT / experiment / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[full] = module
-        spec.loader.exec_module(module)
-    return sys.modules[full]
+    return sweep.load_sibling(str(ROOT / experiment / "run.py"), experiment, name)   # run.py's own names
 
 
 def assert_unknown_preset_and_variant_refused(config, bad_variant: str) -> None:

@@ -23,14 +23,7 @@ ATTENTIONS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _quick_compiles():
-    """Tiny models: XLA's optimisations cost more compile time than they save (same numbers); restored after
-    this module."""
-    before = jax.config.values["jax_disable_most_optimizations"]
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", before)
+pytestmark = pytest.mark.usefixtures("quick_compiles")   # conftest: tiny models compile faster unoptimised
 
 
 def _model(attention, moe=MOE):

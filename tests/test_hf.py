@@ -58,14 +58,7 @@ def _with_dispatch(cfg, dispatch: DispatchConfig):
     return dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, dispatch=dispatch))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _quick_compiles():
-    """Tiny models: XLA's optimisations cost more compile time than they save (same numbers); restored after
-    this module, so other test files in the worker compile as usual."""
-    before = jax.config.values["jax_disable_most_optimizations"]
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", before)
+pytestmark = pytest.mark.usefixtures("quick_compiles")   # conftest: tiny models compile faster unoptimised
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -17,12 +17,7 @@ from scipy.optimize import linear_sum_assignment, linprog
 from moejax.routing import ksparse_ot as ko
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _fast_compile():
-    before = jax.config.values["jax_disable_most_optimizations"]
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", before)
+pytestmark = pytest.mark.usefixtures("quick_compiles")   # conftest: tiny models compile faster unoptimised
 
 
 def _instance(rng, m, n, uniform=True):

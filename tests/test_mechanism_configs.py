@@ -17,6 +17,8 @@ import pytest
 from moejax.routing import smoe_dropout_k
 from moejax.training import train_and_evaluate
 
+pytestmark = pytest.mark.usefixtures("quick_compiles")   # conftest: tiny models compile faster unoptimised
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs" / "mechanisms").glob("*.py"))
 # Configs whose mechanism is a relation between layers keep all their layers; the others are cut to their first

@@ -19,6 +19,8 @@ import pytest
 
 from moejax import DispatchConfig, MoEConfig, MoELayer, RouterConfig, sweep
 
+pytestmark = pytest.mark.usefixtures("quick_compiles")   # conftest: tiny models compile faster unoptimised
+
 HERE = pathlib.Path(__file__).resolve().parent
 toy = sweep.load_sibling(__file__, "moejax_tests", "plugins/temperature_topk")   # registers 'temperature_topk'
 

@@ -21,6 +21,8 @@ from moejax.training.config import mesh_config, optimizer_config, train_config
 from moejax.training.steps import AuxWeights, make_train_step, split_batch
 from trees import assert_trees_close
 
+pytestmark = pytest.mark.usefixtures("quick_compiles")   # conftest: tiny models compile faster unoptimised
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MESHES = {
     "data8": dict(data=8),
@@ -149,6 +151,7 @@ def test_two_processes_match_one_process(tmp_path, data_dir):
     cmd = [sys.executable, "-m", "moejax.main", f"--config={config_file}", f"--workdir={tmp_path / 'two'}"]
     env = {k: v for k, v in __import__("os").environ.items() if k != "XLA_FLAGS"}
     env["JAX_PLATFORMS"] = "cpu"
+    env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"      # as the one-process run above (quick_compiles)
     results = launch.launch(cmd, num_processes=2, devices_per_process=4, env=env, timeout=300)
     for i, r in enumerate(results):
         assert r.returncode == 0, f"process {i} failed:\n{r.stdout[-4000:]}"

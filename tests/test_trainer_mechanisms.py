@@ -21,6 +21,8 @@ from moejax.training import Checkpointer, loop, train_and_evaluate
 from moejax.training.config import digits_mlp_config, train_settings
 from moejax.training.steps import AuxWeights, TrainState, make_train_step, pass_rngs, token_losses
 
+pytestmark = pytest.mark.usefixtures("quick_compiles")   # conftest: tiny models compile faster unoptimised
+
 E, D = 4, 8
 
 

@@ -25,6 +25,8 @@ from moejax.training import Checkpointer, NonFiniteError, loop, optim, train_and
 from moejax.training.checkpoint import CheckpointMismatchError, NoUsableCheckpointError, tree_digests
 from test_training import _main_cmd, final_params, tiny_mlp
 
+pytestmark = pytest.mark.usefixtures("quick_compiles")   # conftest: tiny models compile faster unoptimised
+
 
 def small(data_dir, **train):
     """The 1-device tiny MLP run of these tests: checkpoints every 2 steps, 4 kept."""
@@ -349,7 +351,7 @@ def test_chaos_random_sigkills_and_a_corrupted_checkpoint(tmp_path, data_dir):
     # One device, and a compilation cache that the first run fills, so that every later start takes seconds.
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
                JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", JAX_DISABLE_MOST_OPTIMIZATIONS="1")
     logs = tmp_path / "logs"
     logs.mkdir()
 

@@ -2,6 +2,7 @@
 checkpoints, NaN stops and config validation."""
 import importlib.util
 import json
+import os
 import pathlib
 import signal
 import subprocess
@@ -14,6 +15,8 @@ import numpy as np
 import pytest
 
 from moejax.training import Checkpointer, NonFiniteError, loop, train_and_evaluate
+
+pytestmark = pytest.mark.usefixtures("quick_compiles")   # conftest: tiny models compile faster unoptimised
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -201,7 +204,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_143(tmp_path, data_dir):
     overrides = ("--config.train.steps=100000", "--config.train.checkpoint_every=100000", "--config.train.log_every=2",
                  "--config.train.eval_every=100000")
     proc = subprocess.Popen(_main_cmd(tmp_path, data_dir, *overrides), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, JAX_DISABLE_MOST_OPTIMIZATIONS="1"))
     metrics = tmp_path / "metrics.jsonl"
     _wait_for(lambda: metrics.exists() and metrics.read_text().count("\n") >= 2, proc)
     proc.send_signal(signal.SIGTERM)

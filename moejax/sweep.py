@@ -18,8 +18,9 @@ from types import ModuleType
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 
-def parser(name: str, description: str) -> argparse.ArgumentParser:
-    """The common sweep flags: --preset, --variants, --seeds, --workdir, --results, --threads, --table."""
+def parser(name: str, description: str, *, compile_cache: bool = False) -> argparse.ArgumentParser:
+    """The common sweep flags: --preset, --variants, --seeds, --workdir, --results, --threads, --table,
+    --allow_dirty (see :func:`refuse_dirty`) and, with ``compile_cache``, --compile_cache (see :func:`start`)."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--preset", default="full")
     p.add_argument("--variants", default=None, help="comma-separated; default: all of config.VARIANTS")
@@ -28,6 +29,11 @@ def parser(name: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--results", default=None, help=f"default: experiments/{name}/results/<preset>")
     p.add_argument("--threads", type=int, default=None, help="pin XLA:CPU to one thread when 1 (set before jax)")
     p.add_argument("--table", action="store_true", help="only print the markdown table of the existing results")
+    p.add_argument("--allow_dirty", action="store_true",
+                   help="let --preset=full run from a tree with uncommitted changes (trials only)")
+    if compile_cache:
+        p.add_argument("--compile_cache", default="<workdir>/jax_cache",
+                       help="JAX persistent compilation cache ('' disables): later seeds reuse compiled programs")
     return p
 
 

@@ -46,8 +46,6 @@ LABELS = ("quadrant", "position", "class")
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = sweep.parser("deep_moe", __doc__.splitlines()[0])
-    p.add_argument("--allow_dirty", action="store_true",
-                   help="let --preset=full run from a tree with uncommitted changes (trials only)")
     p.add_argument("--untrained_only", action="store_true",
                    help="no training: only the gating analysis of each run's step-0 model (the pilot); "
                         "results default to experiments/deep_moe/pilot/untrained_<preset>/")

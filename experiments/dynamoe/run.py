@@ -23,22 +23,8 @@ GRAD_BATCHES = 16
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    p = sweep.parser("dynamoe", __doc__.splitlines()[0])
-    p.add_argument("--compile_cache", default="<workdir>/jax_cache",
-                   help="JAX persistent compilation cache ('' disables): the seeds of a variant compile once")
+    p = sweep.parser("dynamoe", __doc__.splitlines()[0], compile_cache=True)
     return p.parse_args(argv)
-
-
-def use_compile_cache(directory: str) -> None:
-    """Persistent XLA compilation cache in ``directory`` (before the first compilation; ``moejax`` has already
-    imported jax, so this sets jax's config, not the environment).
-
-    Compilation (about a minute per variant on a contended CPU core) is a large part of these small runs; the
-    seeds of one variant compile identical programs, so only the first pays. Results are unaffected."""
-    import jax
-    jax.config.update("jax_compilation_cache_dir", directory)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def load_sibling(name: str):
@@ -47,10 +33,7 @@ def load_sibling(name: str):
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse(argv)
-    if args.threads == 1:  # must happen before jax initialises its CPU client
-        sweep.pin_one_thread()
-    if args.compile_cache:
-        use_compile_cache(args.compile_cache.replace("<workdir>", args.workdir))
+    sweep.start(args)      # one XLA thread, the dirty-tree refusal of --preset=full, the compilation cache
     import json
 
     config_lib = load_sibling("config")

@@ -44,11 +44,7 @@ MEMORY_PARTLY = 0.50          # "partly": virtually no loss at half the memory o
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    p = sweep.parser("mc_smoe", __doc__.splitlines()[0])
-    p.add_argument("--allow_dirty", action="store_true",
-                   help="let --preset=full run from a tree with uncommitted changes (trials only)")
-    p.add_argument("--compile_cache", default="<workdir>/jax_cache",
-                   help="JAX persistent compilation cache ('' disables): later seeds reuse compiled programs")
+    p = sweep.parser("mc_smoe", __doc__.splitlines()[0], compile_cache=True)
     return p.parse_args(argv)
 
 

@@ -89,11 +89,7 @@ def quantization_sweep(model, variables: Mapping[str, Any], batches: Sequence[Ma
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    p = sweep.parser("moqe", __doc__.splitlines()[0])
-    p.add_argument("--compile_cache", default="<workdir>/jax_cache",
-                   help="JAX persistent compilation cache ('' disables): later seeds reuse compiled programs")
-    p.add_argument("--allow_dirty", action="store_true",
-                   help="let --preset=full run from a tree with uncommitted changes (trials only)")
+    p = sweep.parser("moqe", __doc__.splitlines()[0], compile_cache=True)
     return p.parse_args(argv)
 
 

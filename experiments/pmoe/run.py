@@ -49,8 +49,6 @@ def load_sibling(name: str):
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = sweep.parser("pmoe", __doc__.splitlines()[0])
-    p.add_argument("--allow_dirty", action="store_true",
-                   help="let --preset=full run from a tree with uncommitted changes (trials only)")
     return p.parse_args(argv)
 
 

@@ -27,8 +27,7 @@ def load_sibling(name: str):
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse(argv)
-    if args.threads == 1:  # must happen before jax initialises its CPU client
-        sweep.pin_one_thread()
+    sweep.start(args)      # one XLA thread (--threads=1) and the dirty-tree refusal of --preset=full
     import json
 
     import jax

@@ -39,12 +39,8 @@ PRIMARY_FAMILY = "square"  # part A's convergence claim is decided on this famil
 
 
 def parse(argv: list[str] | None = None):
-    p = sweep.parser("sparse_ot", __doc__.splitlines()[0])
+    p = sweep.parser("sparse_ot", __doc__.splitlines()[0], compile_cache=True)
     p.add_argument("--parts", default="A,B", help="A (solver study), B (router in a byte LM), or both")
-    p.add_argument("--compile_cache", default="<workdir>/jax_cache",
-                   help="JAX persistent compilation cache ('' disables)")
-    p.add_argument("--allow_dirty", action="store_true",
-                   help="let --preset=full run from a tree with uncommitted changes (trials only)")
     return p.parse_args(argv)
 
 

@@ -50,8 +50,6 @@ PAPER = {
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = sweep.parser("theory_cl", __doc__.splitlines()[0])
-    p.add_argument("--allow_dirty", action="store_true",
-                   help="let --preset=full run from a tree with uncommitted changes (trials only)")
     p.add_argument("--no_plot", action="store_true", help="skip curves.png")
     return p.parse_args(argv)
 

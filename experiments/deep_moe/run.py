@@ -59,18 +59,11 @@ def load_sibling(name: str):
 def untrained_variables(config) -> dict:
     """The variables ``{'params': ..., **moe_state}`` of the trainer's step-0 state for ``config``.
 
-    This is the state ``train_and_evaluate`` builds before its first step (same function, same mesh context, so
-    the same ``config.seed`` key split and the same initialisers): the exact starting point of the trained run.
-    ``moejax.training.loop`` exposes it only through the private ``_mesh_context``/``_model_and_state``; a
-    public ``initial_state(config)`` there would be the clean way (not added: outside this directory).
+    This is the state ``train_and_evaluate`` builds before its first step (``loop.initial_state``): the exact
+    starting point of the trained run.
     """
-    import jax
-
     from moejax.training import loop
-    settings = loop.train_settings(config)
-    with loop._mesh_context(config) as (mesh, rules):
-        state = loop._model_and_state(config, settings["steps"], mesh, rules).state
-        state = jax.device_get(state)
+    state = loop.initial_state(config)
     return {"params": state.params, **state.moe_state}
 
 

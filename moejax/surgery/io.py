@@ -269,9 +269,9 @@ def train_state(model: SurgeryModel, experiment: Mapping[str, Any], step: int) -
              "rng": jnp.asarray(rng) if rng is not None else jax.random.key_data(jax.random.key(0))}
     example = _example_input(model.config, experiment, model.params)
     module = model.module()
-    expected = jax.eval_shape(lambda key, x: loop._init_fn(module, tx, x, boxed=False)(key), jax.random.key(0),
+    expected = jax.eval_shape(lambda key, x: loop.init_fn(module, tx, x, boxed=False)(key), jax.random.key(0),
                               example)
-    diff = first_difference(tree_layout(loop._state_dict(expected)), tree_layout(state))
+    diff = first_difference(tree_layout(loop.state_dict(expected)), tree_layout(state))
     if diff is not None:
         raise RuntimeError(f"moejax.surgery: the new model's train state is not the one the trainer builds for its "
                            f"config: {diff}")

@@ -98,7 +98,7 @@ def build(config: Mapping[str, Any]):
     return model, train_data, eval_data, meta
 
 
-def _init_fn(model: nn.Module, tx, example_inputs: jax.Array, boxed: bool):
+def init_fn(model: nn.Module, tx, example_inputs: jax.Array, boxed: bool):
     """key -> TrainState; with ``boxed`` the parameters (and optimiser state) keep flax's logical-axis boxes."""
 
     def init(key: jax.Array) -> TrainState:
@@ -123,15 +123,16 @@ def init_state(model: nn.Module, tx, example_inputs: jax.Array, seed: int, mesh:
     """
     key = jax.random.key(seed)
     if mesh is None:
-        return jax.jit(_init_fn(model, tx, example_inputs, boxed=False))(key), None
-    abstract = jax.eval_shape(_init_fn(model, tx, example_inputs, boxed=True), key)
+        return jax.jit(init_fn(model, tx, example_inputs, boxed=False))(key), None
+    abstract = jax.eval_shape(init_fn(model, tx, example_inputs, boxed=True), key)
     shardings = parallel.state_shardings(abstract, mesh, rules)
     for line in parallel.describe(shardings):
         log.debug("moejax: sharding %s", line)
-    return jax.jit(_init_fn(model, tx, example_inputs, boxed=False), out_shardings=shardings)(key), shardings
+    return jax.jit(init_fn(model, tx, example_inputs, boxed=False), out_shardings=shardings)(key), shardings
 
 
-def _state_dict(state: TrainState) -> dict[str, Any]:
+def state_dict(state: TrainState) -> dict[str, Any]:
+    """The train state as the dict a checkpoint holds."""
     return {"step": state.step, "params": state.params, "opt_state": state.opt_state,
             "moe_state": state.moe_state, "rng": state.rng}
 
@@ -293,6 +294,15 @@ def _model_and_state(config: Mapping[str, Any], total_steps: int, mesh: Mesh, ru
     return _Setup(model, train_data, eval_data, meta, tx, state, state_sharding, example)
 
 
+def initial_state(config: Mapping[str, Any]) -> TrainState:
+    """The step-0 train state :func:`train_and_evaluate` builds for ``config`` (the same mesh context, seed split
+    and initialisers: the exact starting point of a run), on the host. For untrained controls and tools that
+    need a config's state without training it."""
+    settings = train_settings(config)
+    with _mesh_context(config) as (mesh, rules):
+        return jax.device_get(_model_and_state(config, settings["steps"], mesh, rules).state)
+
+
 def _nonfinite_message(step: int, metrics: Mapping[str, Any], state: TrainState, ckpt: Checkpointer) -> str:
     loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
     leaf = first_nonfinite(state, metrics["state_finite"])
@@ -325,7 +335,7 @@ def _train(config: Mapping[str, Any], workdir: pathlib.Path, settings: dict[str,
     try:
         # Raises, moving nothing, for a checkpoint of another model; never starts over when checkpoints were
         # found but none could be used.
-        restored = ckpt.restore_latest(_state_dict(state))
+        restored = ckpt.restore_latest(state_dict(state))
         if restored is not None:
             state = _state_from_dict(restored[0], state)
             log.info("moejax: resumed from step %d in %s", restored[1], ckpt.directory)
@@ -340,7 +350,7 @@ def _train(config: Mapping[str, Any], workdir: pathlib.Path, settings: dict[str,
         writer.truncate_after(start)        # records of steps past the restored one would appear twice
         if sigterm.set:
             # SIGTERM during start-up: nothing is compiled for training; checkpoint the state we have.
-            ckpt.save(start, _state_dict(state))
+            ckpt.save(start, state_dict(state))
             ckpt.wait()
             log.warning("moejax: SIGTERM during start-up: checkpoint at step %d, exiting", start)
             return {"step": start, "preempted": True}
@@ -390,9 +400,9 @@ def _train(config: Mapping[str, Any], workdir: pathlib.Path, settings: dict[str,
                     emit(report.eval_line(done, writer.write(done, "eval", evaluate(
                         eval_step, state, eval_data, task, settings["eval_steps"], batch_sharding)), task))
             if done % settings["checkpoint_every"] == 0 or done == total:
-                ckpt.save(done, _state_dict(state))
+                ckpt.save(done, state_dict(state))
             if sigterm.set and done != total:
-                ckpt.save(done, _state_dict(state))
+                ckpt.save(done, state_dict(state))
                 ckpt.wait()
                 log.warning("moejax: SIGTERM: saved checkpoint at step %d, exiting", done)
                 return {"step": int(state.step), "preempted": True}
@@ -430,7 +440,7 @@ def evaluate_at_k(config: Mapping[str, Any], workdir: str | pathlib.Path, ks: Se
                                                          setup.state_sharding)
         ckpt = Checkpointer(pathlib.Path(workdir), keep=settings["keep_checkpoints"], async_save=False)
         try:
-            restored = ckpt.restore_latest(_state_dict(state))
+            restored = ckpt.restore_latest(state_dict(state))
         finally:
             ckpt.close()
         if restored is None:

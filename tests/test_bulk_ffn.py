@@ -11,12 +11,13 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moejax import reference
 from moejax.dispatch import get_fused_ffn
-from moejax.dispatch.bulk_ffn import bulk_ffn
+from moejax.dispatch.bulk_ffn import bulk_ffn, overflow_blocks
 from moejax.experts.ffn import Dense, Ragged, ffn, ffn_param_shapes
 
 M, D, F, E = 29, 6, 5, 4
@@ -57,7 +58,7 @@ def loss_and_grads(x, params, gs, cot, *, kind, tile, bulk, fused):
 
 @settings(max_examples=25, deadline=None)
 @given(group_sizes(), st.sampled_from([("mlp", True), ("mlp", False), ("glu", True), ("glu", False)]),
-       st.sampled_from([(2, None), (3, 0), (4, 3), (64, None)]), st.integers(0, 2**16))
+       st.sampled_from([(2, None), (3, 0), ((8, 3), 3), ((5, 2, 1), 0), (64, None)]), st.integers(0, 2**16))
 def test_bulk_ffn_matches_reference_values_and_gradients(sizes, expert, layout, seed):
     (kind, use_bias), (tile, bulk) = expert, layout
     rng = np.random.default_rng(seed)
@@ -73,6 +74,31 @@ def test_bulk_ffn_matches_reference_values_and_gradients(sizes, expert, layout, 
         if s == 0:
             for name, grad in d_params.items():
                 np.testing.assert_array_equal(np.asarray(grad)[e], 0.0, err_msg=f"{name} of empty expert {e}")
+
+
+_overflow_blocks = jax.jit(overflow_blocks, static_argnums=(1, 2, 3))
+
+
+@given(group_sizes(), st.sampled_from([(0, (4,)), (3, (4,)), (3, (8, 3)), (0, (5, 2, 1)), (7, (16, 4))]))
+def test_overflow_blocks_cover_every_overflow_row_once(sizes, layout):
+    """Every row past a group's first ``cb`` sits in exactly one block of its own group; only each group's last
+    block of the last level is partly gap rows, every earlier level's blocks are full."""
+    cb, tiles = layout
+    levels = _overflow_blocks(jnp.asarray(sizes, jnp.int32), M, cb, tiles)
+    starts = np.cumsum(sizes) - np.asarray(sizes)
+    want = sorted(int(s) + r for s, g in zip(starts, sizes) for r in range(cb, g))
+    seen, gaps = [], 0
+    for tb, lev in zip(tiles, levels):
+        src, group = np.asarray(lev.src).reshape(-1, tb), np.asarray(lev.group)
+        for b in range(int(lev.count)):
+            rows = src[b][src[b] < M]
+            assert rows.size and all(starts[group[b]] <= r < starts[group[b]] + sizes[group[b]] for r in rows)
+            assert rows.size == tb or tb == tiles[-1]
+            gaps += tb - rows.size
+            seen += rows.tolist()
+        assert (src[int(lev.count):] == M).all()                         # blocks past the count are all gaps
+    assert sorted(seen) == want
+    assert gaps < tiles[-1] * E
 
 
 def test_bulk_ffn_bfloat16_rows_with_float32_params():
@@ -100,3 +126,11 @@ def test_only_bulk_has_a_fused_form_and_ffn_uses_it():
     y = ffn(params, jnp.ones((M, D)), Ragged(jnp.full((E,), 2, jnp.int32), reference.gmm, fused), kind="mlp",
             activation="gelu")
     assert calls == [(M, D)] and y.shape == (M, D)
+
+
+def test_tile_must_be_a_decreasing_sequence_of_positive_ints():
+    params, gs = stacked_params("mlp", False, 0), jnp.full((E,), 2, jnp.int32)
+    expert = lambda p, rows: ffn(p, rows, Dense(), kind="mlp", activation="gelu")  # noqa: E731
+    for bad in ((4, 8), (), 0, (8, 0)):
+        with pytest.raises(ValueError, match=r"^tile="):
+            bulk_ffn(jnp.ones((M, D)), params, gs, expert, tile=bad)

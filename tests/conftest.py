@@ -1,4 +1,6 @@
+import gc
 import os
+
 import pytest
 
 # Tests run on CPU; 8 simulated devices are available for the sharding tests that need them.
@@ -13,6 +15,17 @@ jax.config.update("jax_default_matmul_precision", "highest")
 settings.register_profile("ci", deadline=None, max_examples=25, derandomize=True,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drops jax's caches of compiled programs after every test module. Each XLA:CPU executable keeps its machine
+    code in memory mappings; a test worker that keeps every program of ~600 tests alive approached the kernel's
+    limit of 65,530 mappings per process (``vm.max_map_count``), and LLVM then failed inside compilation (a
+    segfault while unwinding its error). Programs are rarely shared across modules, so little is recompiled."""
+    yield
+    jax.clear_caches()
+    gc.collect()
 
 
 @pytest.fixture(scope="module")

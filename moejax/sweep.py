@@ -37,6 +37,23 @@ def parser(name: str, description: str, *, compile_cache: bool = False) -> argpa
     return p
 
 
+OUTCOMES = ("reproduced", "partly reproduced", "not reproduced", "not testable here")   # PROTOCOL.md section 2
+
+
+def combine_outcomes(outcomes: Sequence[str]) -> str:
+    """One claim's verdict over several settings (datasets, model sizes): settings whose controls failed ("not
+    testable here") or that did not run the claim drop out; all remaining reproduced -> reproduced, all not
+    reproduced -> not reproduced, otherwise partly; none left -> not testable here ("not run" when none ran)."""
+    left = [o for o in outcomes if o in OUTCOMES[:3]]
+    if not left:
+        return "not run" if all(o == "not run" for o in outcomes) else "not testable here"
+    if all(o == "reproduced" for o in left):
+        return "reproduced"
+    if all(o == "not reproduced" for o in left):
+        return "not reproduced"
+    return "partly reproduced"
+
+
 def pin_one_thread() -> None:
     """Single-threaded XLA:CPU Eigen, so that two sweeps can share a 2-core machine; call before jax starts."""
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()

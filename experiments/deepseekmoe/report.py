@@ -26,7 +26,7 @@ CLOSE = 0.5             # claims 2, 3: fine_shared recovers at least this share 
 LEARN_MARGIN = 0.10     # learning control: every run's comparison loss at least this far below the unigram loss
 MIN_MASK_EFFECT = 0.01  # routing control: disabling each token's top 1/8 routed experts raises the loss this much
 MASK_KEY = "0.125"      # ... (the redundancy ratio the routing control reads)
-OUTCOMES = ("reproduced", "partly reproduced", "not reproduced", "not testable here")
+OUTCOMES = sweep.OUTCOMES
 
 # The layouts of each claim: (DeepSeekMoE, GShard baseline, reference). Claim 1 has no reference; its "partly"
 # reads the segmentation-only ablation FINE where it ran.
@@ -273,18 +273,7 @@ def claim_3(runs_of, choices):
     return _claim_reference("3", runs_of, choices)
 
 
-def combine(outcomes: Sequence[str]) -> str:
-    """A claim over model sizes: sizes whose controls fail (or that did not run the claim's layouts) drop out; all
-    remaining reproduced -> reproduced, all not reproduced -> not reproduced, otherwise partly; none left -> not
-    testable here ("not run" when no size ran the claim's layouts)."""
-    left = [o for o in outcomes if o in OUTCOMES[:3]]
-    if not left:
-        return "not run" if all(o == "not run" for o in outcomes) else "not testable here"
-    if all(o == "reproduced" for o in left):
-        return "reproduced"
-    if all(o == "not reproduced" for o in left):
-        return "not reproduced"
-    return "partly reproduced"
+combine = sweep.combine_outcomes     # over model sizes / datasets (moejax.sweep)
 
 
 def verdicts(compare_runs: Sequence[Mapping[str, Any]],

@@ -59,37 +59,13 @@ def main(argv: list[str] | None = None) -> dict:
         return registered(args, argv, config_lib)
     import json
 
-    import jax
-    import jax.numpy as jnp
-
-    from moejax import data as data_lib
-    from moejax.models import build_model, param_counts
-    from moejax.training.metrics import to_python
-
-    redundancy = load_sibling("redundancy")
     variants, seeds, results = sweep.selection(args, config_lib, __file__)
     if args.table:
         return summarize(sweep.load_runs(results, config_lib.VARIANTS))
     command = sweep.command_line(__file__, argv)
 
     def measure(config, state, final, variant, seed) -> dict:
-        pipeline = data_lib.from_config(config.data)
-        model = build_model(config.model, vocab_size=pipeline.meta.vocab_size)
-        variables = {"params": state["params"], **state["moe_state"]}
-        counts = param_counts(model, jax.ShapeDtypeStruct((1, config.data.seq_len), jnp.int32))
-        n_eval = int(config.train.eval_steps)
-        masking = {}
-        if config.model.moe is not None:
-            base, *masked = redundancy.eval_losses(config.model, pipeline.meta.vocab_size, variables, pipeline.eval,
-                                                   n_eval, (0.0, *redundancy.RATIOS))
-            for ratio, loss in zip(redundancy.RATIOS, masked):
-                masking[f"{ratio:.3f}"] = {"loss": loss, "increase": loss - base}
-            masking["unmasked_loss"] = base
-        return {
-            "final_eval": {k: to_python(v) for k, v in final.items()},
-            "params": {"total": counts.total, "active": counts.active, "routed_experts": counts.routed_experts},
-            "redundancy": masking,
-        }
+        return trained_measures(config, state, final)[-1]
 
     def after(record: dict, workdir) -> None:
         masking = record["redundancy"]
@@ -193,6 +169,27 @@ def measure_registered(config_lib, config, state, final, variant, cache) -> dict
     """Size, layout, learning rate; the loss on both halves of the validation files (``val_loss``: ``compare`` is the
     trainer's own evaluation, ``select`` the same model on ``config.SELECT_SPLIT``); parameter counts; the
     redundancy test on the comparison batches; the n-gram baselines on them."""
+    from moejax import data as data_lib
+
+    size, layout, lr = config_lib.parse_variant(variant)
+    pipeline, model, variables, n_eval, record = trained_measures(config, state, final)
+    select = data_lib.from_config({**config.data.to_dict(), "eval_split": config_lib.SELECT_SPLIT})
+    select_loss = sweep.lm_loss_fn(model)(variables, itertools.islice(select.eval, n_eval))
+    key = (config.data.seq_len, n_eval, config.data.eval_batch_size, config.data.eval_split)
+    if key not in cache:
+        cache[key] = ngram_losses(pipeline.train.stream, itertools.islice(pipeline.eval, n_eval))
+    return {
+        "size": size, "layout": layout, "lr": lr,
+        "val_loss": {"select": select_loss, "compare": float(final["loss"])},
+        **record, "baselines": cache[key],
+        "splits": {"select": config_lib.SELECT_SPLIT, "compare": config.data.eval_split, "eval_batches": n_eval},
+    }
+
+
+def trained_measures(config, state, final) -> tuple:
+    """What every run records (both sweeps): ``(pipeline, model, variables, n_eval, record)`` with record =
+    ``final_eval``, parameter counts and the redundancy test (losses with each token's top routed experts
+    disabled, on the first ``train.eval_steps`` eval batches; empty for the dense model)."""
     import jax
     import jax.numpy as jnp
 
@@ -201,9 +198,7 @@ def measure_registered(config_lib, config, state, final, variant, cache) -> dict
     from moejax.training.metrics import to_python
 
     redundancy = load_sibling("redundancy")
-    size, layout, lr = config_lib.parse_variant(variant)
     pipeline = data_lib.from_config(config.data)
-    select = data_lib.from_config({**config.data.to_dict(), "eval_split": config_lib.SELECT_SPLIT})
     model = build_model(config.model, vocab_size=pipeline.meta.vocab_size)
     variables = {"params": state["params"], **state["moe_state"]}
     counts = param_counts(model, jax.ShapeDtypeStruct((1, config.data.seq_len), jnp.int32))
@@ -215,18 +210,10 @@ def measure_registered(config_lib, config, state, final, variant, cache) -> dict
         for ratio, loss in zip(redundancy.RATIOS, masked):
             masking[f"{ratio:.3f}"] = {"loss": loss, "increase": loss - base}
         masking["unmasked_loss"] = base
-    select_loss = sweep.lm_loss_fn(model)(variables, itertools.islice(select.eval, n_eval))
-    key = (config.data.seq_len, n_eval, config.data.eval_batch_size, config.data.eval_split)
-    if key not in cache:
-        cache[key] = ngram_losses(pipeline.train.stream, itertools.islice(pipeline.eval, n_eval))
-    return {
-        "size": size, "layout": layout, "lr": lr,
-        "val_loss": {"select": select_loss, "compare": float(final["loss"])},
-        "final_eval": {k: to_python(v) for k, v in final.items()},
-        "params": {"total": counts.total, "active": counts.active, "routed_experts": counts.routed_experts},
-        "redundancy": masking, "baselines": cache[key],
-        "splits": {"select": config_lib.SELECT_SPLIT, "compare": config.data.eval_split, "eval_batches": n_eval},
-    }
+    record = {"final_eval": {k: to_python(v) for k, v in final.items()},
+              "params": {"total": counts.total, "active": counts.active, "routed_experts": counts.routed_experts},
+              "redundancy": masking}
+    return pipeline, model, variables, n_eval, record
 
 
 def ngram_losses(train_stream, batches) -> dict:

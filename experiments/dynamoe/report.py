@@ -23,7 +23,7 @@ MAX_CI_HALF = 0.02       # resolution control: half-width of the 95% t-interval 
 MIN_DYNAMIC = 0.05       # dynamic control: mean off-mode fraction of test examples over the layers with k >= 2
 MIN_SAVING = 0.10        # claim (c): dynamic uses at least 10% fewer expert parameters per token than fixed top-k
 NI_MARGIN = 0.01         # claim (c): accuracy non-inferiority margin (absolute; 10 of 1000 mnist1d test examples)
-OUTCOMES = ("reproduced", "partly reproduced", "not reproduced", "not testable here")
+OUTCOMES = sweep.OUTCOMES
 # The primary configuration of each claim: (variant a, variant b) compared as a - b (or a / b), on every dataset
 # of config.REGISTERED_DATASETS; the pairs in SECONDARY are reported beside them and do not decide.
 PRIMARY = {"a": ("dyn-descending", "dyn-uniform"), "b": ("dyn-uniform", "top-uniform"),
@@ -344,18 +344,7 @@ def claim_c(runs_of: Callable[[str], list[dict]]) -> dict[str, Any]:
                    f"{'yes' if non_inferior else 'no'})"}
 
 
-def combine(outcomes: Sequence[str]) -> str:
-    """A claim over datasets: datasets whose controls fail (or that did not run) drop out; all remaining
-    reproduced -> reproduced, all not reproduced -> not reproduced, otherwise partly; none left -> not testable
-    ("not run" when no dataset ran the claim's variants)."""
-    left = [o for o in outcomes if o in OUTCOMES[:3]]
-    if not left:
-        return "not run" if all(o == "not run" for o in outcomes) else "not testable here"
-    if all(o == "reproduced" for o in left):
-        return "reproduced"
-    if all(o == "not reproduced" for o in left):
-        return "not reproduced"
-    return "partly reproduced"
+combine = sweep.combine_outcomes     # over model sizes / datasets (moejax.sweep)
 
 
 def verdicts(runs: Sequence[dict], datasets: Sequence[str] | None = None) -> dict[str, Any]:

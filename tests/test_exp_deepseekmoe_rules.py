@@ -152,8 +152,10 @@ TIE_FINE = {"gshard": 2.30, "fine": 2.27, "fine_shared": 2.30, "gshard_x1.5": 2.
     (_runs(GOOD, unigram=2.35), _choices(), (T, T, T)),
     # routing does not matter (masking the top routed experts costs nothing): untestable
     (_runs(GOOD, inc=0.0), _choices(), (T, T, T)),
-    # seed spread far too large to resolve 0.03: untestable
+    # seed spread far too large to resolve 0.03, every interval contains 0: untestable
     (_runs(GOOD, sd=0.08), _choices(), (T, T, T)),
+    # as wide, but a larger effect: every interval excludes 0, so decisive whatever its width
+    (_runs({**GOOD, "fine_shared": 2.10}, sd=0.05), _choices(), (R, R, R)),
     # the premise of claim 2 fails (gshard_x1.5 = gshard): claim 2 untestable, the others decided
     (_runs({**GOOD, "gshard_x1.5": 2.30}), _choices(), (R, T, R)),
 ])
@@ -178,6 +180,17 @@ def test_rule_statistics_by_hand():
                                      _rec("d64", "dense", 0, 2.1)) == pytest.approx(0.1)
     assert report.combine([R, N]) == P and report.combine([R, T]) == R and report.combine([T, "not run"]) == T
     assert report.combine(["not run"]) == "not run" and report.combine([N, N]) == N
+
+
+def test_resolution_control_only_for_inconclusive_results():
+    report = _load("report")
+    wide_decisive = {"ci95": [-0.20, -0.08]}
+    wide_open, narrow_open = {"ci95": [-0.05, +0.03]}, {"ci95": [-0.02, +0.01]}
+    assert report.resolution_control(wide_decisive)["passes"]
+    assert report.resolution_control({"ci95": [0.01, 0.15]})["passes"]
+    assert not report.resolution_control(wide_open)["passes"]
+    assert report.resolution_control(narrow_open)["passes"]
+    assert not report.resolution_control({"ci95": None})["passes"]
 
 
 def test_summary_and_tables():

@@ -67,7 +67,7 @@ REGISTERED_STEPS, EVAL_STEPS = 500, 32
 # chosen on SELECT_SPLIT, the layouts are compared on COMPARE_SPLIT (the first EVAL_STEPS x 16 x 128 bytes of each).
 SELECT_SPLIT, COMPARE_SPLIT = "validation[:50%]", "validation[50%:]"
 SEEDS = {"tiny": (0,), "full": (0, 1, 2), "long": (0, 1, 2), "lm1b": (0, 1, 2), "pilot": (91, 92),
-         "registered": (0, 1, 2, 3, 4)}
+         "registered": (0, 1, 2, 3, 4, 5, 6)}
 SELECT_SEEDS = {"pilot": (90,), "registered": (100,)}   # learning-rate selection (never in the comparison)
 
 

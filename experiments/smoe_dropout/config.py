@@ -12,6 +12,10 @@ presets
              block's standard 4D-wide MLP (E F = 256 = 4 D) split evenly into 8 experts, as the paper
              "modularises" a dense MLP. Steps chosen so that the whole sweep fits ~45 minutes on one contended
              CPU core (see README.md).
+  ``overfit`` claim (b)'s registered regime (README "Claim (b) where the models over-fit"): ``full``'s models
+             and variants trained on a small corpus, ``stdlib_bytes[train[:1%]]`` (7 files, 41,902 bytes), for
+             OVERFIT_STEPS steps of 8 x 128 bytes (about 24 passes over it), 5 seeds; the validation batches are
+             ``full``'s. run.py also scores each final model on the training bytes (the generalisation gap).
   ``lm1b``   ``full``'s variants at a larger size (D=256, 4 blocks, 8 heads, E=16 experts of width 64, so
              E F = 4 D, L=256, batch 32, 20000 steps) on the TFDS ``lm1b`` dataset read as bytes, for a machine
              with a network and an accelerator (never run here).
@@ -40,13 +44,18 @@ from ml_collections import config_dict
 
 from moejax.training.config import optimizer_config, train_config
 
-PRESETS = ("tiny", "full", "lm1b")
+PRESETS = ("tiny", "full", "overfit", "lm1b")
 VARIANTS = ("smoe_dropout", "learned_top2", "dense", "dense_dropout", "frozen_top2")
 MOE_VARIANTS = ("smoe_dropout", "learned_top2", "frozen_top2")
-SEEDS = {"tiny": (0,), "full": (0, 1, 2), "lm1b": (0, 1, 2)}
+SEEDS = {"tiny": (0,), "full": (0, 1, 2), "overfit": (0, 1, 2, 3, 4), "lm1b": (0, 1, 2)}
+REFUSE_DIRTY = ("full", "overfit")     # registered presets: run only from a committed tree
+TRAIN_SPLIT = {"overfit": "train[:1%]"}   # default: the whole training split
+FIT_PRESETS = ("overfit",)             # presets whose runs are also scored on their training bytes
+OVERFIT_STEPS = 1000
 SIZES = {
     "tiny": dict(d=32, layers=1, heads=2, experts=2, f=16, seq=32, batch=8, steps=8, eval_steps=2),
     "full": dict(d=64, layers=2, heads=4, experts=8, f=32, seq=128, batch=8, steps=1000, eval_steps=20),
+    "overfit": dict(d=64, layers=2, heads=4, experts=8, f=32, seq=128, batch=8, steps=OVERFIT_STEPS, eval_steps=20),
     "lm1b": dict(d=256, layers=4, heads=8, experts=16, f=64, seq=256, batch=32, steps=20000, eval_steps=50),
 }
 DROPOUT = 0.1  # of dense_dropout: the usual Transformer rate
@@ -81,7 +90,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.seed = 0
     config.data = ml_collections.ConfigDict({
         "name": "lm1b" if preset == "lm1b" else "stdlib_bytes", "batch_size": size["batch"],
-        "eval_batch_size": 2 * size["batch"], "seq_len": size["seq"], "seed": 0})
+        "eval_batch_size": 2 * size["batch"], "seq_len": size["seq"], "seed": 0,
+        "train_split": TRAIN_SPLIT.get(preset, "train")})
     config.data.data_dir = config_dict.placeholder(str)
     config.model = ml_collections.ConfigDict({
         "kind": "transformer_lm", "d_model": size["d"], "num_layers": size["layers"], "num_heads": size["heads"],

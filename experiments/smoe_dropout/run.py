@@ -28,6 +28,8 @@ def load_sibling(name: str):
 def main(argv: list[str] | None = None) -> dict:
     args = parse(argv)
     sweep.start(args)      # one XLA thread (--threads=1) and the dirty-tree refusal of --preset=full
+    config_lib = load_sibling("config")
+    sweep.refuse_dirty(args, config_lib.REFUSE_DIRTY)   # the registered overfit preset too
     import json
 
     import jax
@@ -38,25 +40,27 @@ def main(argv: list[str] | None = None) -> dict:
     from moejax.training.loop import evaluate_at_k
     from moejax.training.metrics import to_python
 
-    config_lib = load_sibling("config")
     variants, seeds, results = sweep.selection(args, config_lib, __file__)
     if args.table:
-        return summarize(sweep.load_runs(results, config_lib.VARIANTS))
+        return summarize(sweep.load_runs(results, config_lib.VARIANTS), decide=args.preset in config_lib.FIT_PRESETS)
     command = sweep.command_line(__file__, argv)
 
     def measure(config, state, final, variant, seed) -> dict:
         vocab = data_lib.from_config(config.data).meta.vocab_size
         model = build_model(config.model, vocab_size=vocab)
         counts = param_counts(model, jax.ShapeDtypeStruct((1, config.data.seq_len), jnp.int32))
-        by_k = {}
+        by_k, fit = {}, None
+        workdir = sweep.run_dir(args, variant, seed)
         if config.model.moe is not None:
-            workdir = sweep.run_dir(args, variant, seed)
             ks = config_lib.inference_ks(config.model.moe.num_experts)
             for k, m in evaluate_at_k(config, workdir, ks).items():
                 by_k[str(k)] = {"loss": m["loss"], "accuracy": m["accuracy"], "step": m["step"],
                                 "expert_load": [to_python(x) for x in m["expert_load"]]}
+        if args.preset in config_lib.FIT_PRESETS:
+            fit = train_fit(config, workdir)
         return {
             "final_eval": {k: to_python(v) for k, v in final.items()},
+            **({"train_fit": fit} if fit is not None else {}),
             "params": {"total": counts.total, "active": counts.active},
             "eval_by_k": by_k,
         }
@@ -67,11 +71,25 @@ def main(argv: list[str] | None = None) -> dict:
               f"{'; ' + curve if curve else ''} ({record['wall_clock_s']:.0f} s)", flush=True)
 
     runs = sweep.run_all(args, "smoe_dropout", config_lib, variants, seeds, results, command, measure, after)
-    summary = summarize(runs)
+    summary = summarize(runs, decide=args.preset in config_lib.FIT_PRESETS)
     (results / "summary.json").write_text(json.dumps(summary, indent=2))
-    (results / "table.md").write_text(table(summary) + "\n\n" + curve_table(summary) + "\n")
+    (results / "table.md").write_text(report_text(summary) + "\n")
     plot(summary, str(results / "loss_vs_k.png"))
     return summary
+
+
+def train_fit(config, workdir) -> dict:
+    """The final model scored on its own training bytes (the first ``train.eval_steps`` batches of
+    ``data.train_split``), at the k of the trainer's evaluation (``train.eval_moe_k``; None: each router's k), with
+    the same code as the validation loss: ``{"loss", "accuracy", "k"}``. Minus the validation loss, the
+    generalisation gap."""
+    from moejax.training.loop import evaluate_at_k
+
+    fit_config = config.copy_and_resolve_references()
+    fit_config.data.eval_split = config.data.train_split
+    k = config.train.get("eval_moe_k")
+    m = evaluate_at_k(fit_config, workdir, [k])[k]
+    return {"loss": float(m["loss"]), "accuracy": float(m["accuracy"]), "k": k}
 
 
 def monotone_steps(losses: list[float]) -> tuple[bool, float]:
@@ -81,17 +99,23 @@ def monotone_steps(losses: list[float]) -> tuple[bool, float]:
     return worst <= 0.0, max(worst, 0.0)
 
 
-def summarize(runs: list[dict]) -> dict:
+def summarize(runs: list[dict], decide: bool = False) -> dict:
     """Per variant: mean and sample std (ddof=1) over seeds of the validation loss at every inference k (MoE
-    variants) or of the trainer's evaluation (dense), how many seeds' curves are monotone in k, wall-clock;
-    plus, paired by seed, each variant's loss at its largest k minus ``dense``'s."""
+    variants) or of the trainer's evaluation (dense), how many seeds' curves are monotone in k, wall-clock, the
+    loss on the training bytes where measured; plus, paired by seed, each variant's loss at its largest k minus
+    ``dense``'s. ``decide``: also claim (b)'s registered rule (``report.claim_b``) under the key ``"claim_b"``."""
     out: dict = {}
+    if decide:
+        out["claim_b"] = load_sibling("report").claim_b(runs)
     dense = {r["seed"]: r["final_eval"]["loss"] for r in runs if r["variant"] == "dense"}
     for variant in dict.fromkeys(r["variant"] for r in runs):
         rs = [r for r in runs if r["variant"] == variant]
         row = {"seeds": [r["seed"] for r in rs], "params": rs[0]["params"],
                "val_loss": sweep.mean_std([r["final_eval"]["loss"] for r in rs]),
                "wall_clock_s": sweep.mean_std([r["wall_clock_s"] for r in rs])}
+        if all("train_fit" in r for r in rs):
+            row["train_loss"] = sweep.mean_std([r["train_fit"]["loss"] for r in rs])
+            row["gap"] = sweep.mean_std([r["final_eval"]["loss"] - r["train_fit"]["loss"] for r in rs])
         if rs[0]["eval_by_k"]:
             ks = list(rs[0]["eval_by_k"])
             row["loss_by_k"] = {k: sweep.mean_std([r["eval_by_k"][k]["loss"] for r in rs]) for k in ks}
@@ -109,9 +133,34 @@ def summarize(runs: list[dict]) -> dict:
     return out
 
 
+def variants_of(summary: dict) -> dict:
+    """The per-variant rows of a :func:`summarize` result (without ``claim_b``)."""
+    return {k: v for k, v in summary.items() if k != "claim_b"}
+
+
+def fit_table(summary: dict) -> str:
+    """Markdown rows of the variants scored on their training bytes: validation loss (full k), training loss and
+    the generalisation gap, mean ± std over seeds ('' when no run was scored)."""
+    rows = {n: r for n, r in variants_of(summary).items() if "train_loss" in r}
+    if not rows:
+        return ""
+    pm = functools.partial(sweep.pm, digits=4)
+    lines = ["| variant | validation loss (trainer's k) | training-bytes loss | gap |", "|---|---|---|---|"]
+    lines += [f"| {n} | {pm(r['val_loss'])} | {pm(r['train_loss'])} | {pm(r['gap'])} |" for n, r in rows.items()]
+    return "\n".join(lines)
+
+
+def report_text(summary: dict) -> str:
+    """Everything ``table.md`` holds: the main table, the k curves, the fit table and claim (b)'s verdict."""
+    parts = [table(summary), curve_table(summary), fit_table(summary)]
+    if "claim_b" in summary:
+        parts.append(load_sibling("report").verdict_table(summary["claim_b"]))
+    return "\n\n".join(p for p in parts if p)
+
+
 def table_ks(summary: dict) -> list[str]:
     """The inference ks shown in the table: 1, 2, 4, ..., E (E included)."""
-    ks = next((list(r["loss_by_k"]) for r in summary.values() if "loss_by_k" in r), [])
+    ks = next((list(r["loss_by_k"]) for r in variants_of(summary).values() if "loss_by_k" in r), [])
     if not ks:
         return []
     top = int(ks[-1])
@@ -130,7 +179,7 @@ def table(summary: dict) -> str:
              + " | best k (per seed) | monotone in k (seeds) | largest rise k→k+1 | full k minus dense (paired) "
                "| wall-clock per run (s) |",
              "|---|---|---|" + "---|" * len(ks) + "---|---|---|---|---|"]
-    for name, r in summary.items():
+    for name, r in variants_of(summary).items():
         if "loss_by_k" in r:
             cells = [pm(r["loss_by_k"][k]) for k in ks]
             best = ",".join(r["best_k"])
@@ -147,7 +196,7 @@ def table(summary: dict) -> str:
 
 def curve_table(summary: dict) -> str:
     """Markdown rows of the MoE variants: validation loss (mean ± std over seeds) at every inference k = 1..E."""
-    moe = {n: r for n, r in summary.items() if "loss_by_k" in r}
+    moe = {n: r for n, r in variants_of(summary).items() if "loss_by_k" in r}
     if not moe:
         return ""
     ks = list(next(iter(moe.values()))["loss_by_k"])
@@ -165,10 +214,10 @@ def plot(summary: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    ks = next((list(r["loss_by_k"]) for r in summary.values() if "loss_by_k" in r), ["1"])
+    ks = next((list(r["loss_by_k"]) for r in variants_of(summary).values() if "loss_by_k" in r), ["1"])
     xs = [int(k) for k in ks]
     colors = plt.get_cmap("tab10").colors
-    for i, (name, r) in enumerate(summary.items()):
+    for i, (name, r) in enumerate(variants_of(summary).items()):
         color = colors[i % len(colors)]
         if "loss_by_k" in r:
             means = [r["loss_by_k"][k]["mean"] for k in ks]
@@ -190,5 +239,4 @@ def plot(summary: dict, path: str) -> None:
 
 
 if __name__ == "__main__":
-    _summary = main()
-    print(table(_summary) + "\n\n" + curve_table(_summary))
+    print(report_text(main()))

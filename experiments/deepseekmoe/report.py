@@ -105,31 +105,18 @@ def selection(select_runs: Sequence[Mapping[str, Any]], allowed: Mapping[str, Se
 
 # ----------------------------------------------------------------------------- paired statistics
 def paired(groups: Sequence[Sequence[Mapping[str, Any]]], f: Callable[..., float]) -> dict[str, Any] | None:
-    """``f(run of group 0, run of group 1, ...)`` at every seed all groups have: per-seed values, mean ± std
-    (ddof=1), 95% t-interval of the mean and how many seeds are > 0 and < 0 (None when no seed is shared)."""
-    maps = [{r["seed"]: r for r in g} for g in groups]
-    seeds = sorted(set.intersection(*(set(m) for m in maps))) if maps else []
-    if not seeds:
-        return None
-    vals = [float(f(*(m[s] for m in maps))) for s in seeds]
-    return {"seeds": seeds, "per_seed": vals, "n": len(vals), **sweep.mean_std(vals), "ci95": sweep.ci95(vals),
-            "positive": sum(v > 0 for v in vals), "negative": sum(v < 0 for v in vals)}
-
-
-def _need(p: Mapping[str, Any]) -> int:
-    return math.ceil(MIN_SEED_SHARE * p["n"] - 1e-9)
+    """``f(run of group 0, run of group 1, ...)`` at every seed all groups have (:func:`moejax.sweep.paired`)."""
+    return sweep.paired(groups, f)
 
 
 def clearly_positive(p: Mapping[str, Any] | None) -> bool:
     """> 0 in at least MIN_SEED_SHARE of the seeds and the 95% interval of the mean above 0."""
-    return (p is not None and p["positive"] >= _need(p) and p["ci95"] is not None
-            and math.isfinite(p["ci95"][0]) and p["ci95"][0] > 0)
+    return sweep.clearly(p, +1, MIN_SEED_SHARE)
 
 
 def clearly_negative(p: Mapping[str, Any] | None) -> bool:
     """< 0 in at least MIN_SEED_SHARE of the seeds and the 95% interval of the mean below 0."""
-    return (p is not None and p["negative"] >= _need(p) and p["ci95"] is not None
-            and math.isfinite(p["ci95"][1]) and p["ci95"][1] < 0)
+    return sweep.clearly(p, -1, MIN_SEED_SHARE)
 
 
 def gap_statistic(close: float = CLOSE) -> Callable[[Mapping, Mapping, Mapping], float]:
@@ -197,12 +184,7 @@ def resolution_control(p: Mapping[str, Any] | None) -> dict[str, Any]:
             "why": f"inconclusive, 95% CI half-width {half:.4f} {'<=' if ok else '>'} {MAX_CI_HALF}"}
 
 
-def _ci(p: Mapping[str, Any] | None, digits: int = 4) -> str:
-    if p is None:
-        return "not run"
-    ci = "—" if p["ci95"] is None else f"[{p['ci95'][0]:+.{digits}f}, {p['ci95'][1]:+.{digits}f}]"
-    return (f"{p['mean']:+.{digits}f} ± {p['std']:.{digits}f}, 95% CI {ci}, {p['positive']} up / "
-            f"{p['negative']} down of {p['n']}")
+_ci = sweep.format_paired
 
 
 def _outcome(controls: Mapping[str, Mapping[str, Any]], decide: Callable[[], str]) -> str:

@@ -169,15 +169,8 @@ def loss_roughness(run: dict) -> float:
 
 
 def paired(a: Sequence[dict], b: Sequence[dict], f: Callable[[dict, dict], float]) -> dict[str, Any] | None:
-    """``f(run of a, run of b)`` over the seeds both have: per-seed values, mean ± std (ddof=1), 95% t-interval,
-    and how many seeds are > 0 and < 0 (None when no seed is shared)."""
-    bs = {r["seed"]: r for r in b}
-    pairs = sorted((r["seed"], f(r, bs[r["seed"]])) for r in a if r["seed"] in bs)
-    if not pairs:
-        return None
-    vals = [v for _, v in pairs]
-    return {"seeds": [s for s, _ in pairs], "per_seed": vals, "n": len(vals), **sweep.mean_std(vals),
-            "ci95": sweep.ci95(vals), "positive": sum(v > 0 for v in vals), "negative": sum(v < 0 for v in vals)}
+    """``f(run of a, run of b)`` over the seeds both have (:func:`moejax.sweep.paired`)."""
+    return sweep.paired([a, b], f)
 
 
 def _need(p: Mapping[str, Any]) -> int:
@@ -186,11 +179,11 @@ def _need(p: Mapping[str, Any]) -> int:
 
 def clearly_positive(p: Mapping[str, Any] | None) -> bool:
     """> 0 in at least MIN_SEED_SHARE of the seeds and the 95% interval of the mean above 0."""
-    return p is not None and p["positive"] >= _need(p) and p["ci95"] is not None and p["ci95"][0] > 0
+    return sweep.clearly(p, +1, MIN_SEED_SHARE)
 
 
 def clearly_negative(p: Mapping[str, Any] | None) -> bool:
-    return p is not None and p["negative"] >= _need(p) and p["ci95"] is not None and p["ci95"][1] < 0
+    return sweep.clearly(p, -1, MIN_SEED_SHARE)
 
 
 def task_control(runs: Sequence[dict], ceiling: bool = True) -> dict[str, Any]:

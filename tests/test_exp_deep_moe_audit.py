@@ -148,13 +148,6 @@ def test_routed_distribution():
 
 # ---- the untrained analysis on the tiny preset ----
 
-def test_refuses_full_preset_from_a_dirty_tree(monkeypatch):
-    run = _load("run")
-    monkeypatch.setattr(sweep, "code_version", lambda: {"dirty": True, "dirty_paths": ["x.py"]})
-    with pytest.raises(SystemExit, match="uncommitted"):
-        run.main(["--preset=full"])
-
-
 def test_untrained_analysis_runs_on_tiny_and_is_the_trainers_step0_state(tmp_path):
     run = _load("run")
     config_lib = _load("config")

@@ -1,7 +1,7 @@
 """experiments/deepseekmoe: the pre-registered rerun's learning-rate selection and decision rules (report.py) on
 synthetic records, its configs validated without training, the two-stage orchestration of run.py with a fake
-trainer, the n-gram baselines, and the dirty-tree refusal of the registered preset. The tiny sweep end to end is
-tests/test_experiments.py's."""
+trainer and the n-gram baselines. The tiny sweep end to end and the dirty-tree refusal of every registered preset
+are tests/test_experiments.py's."""
 import json
 import math
 import pathlib
@@ -259,14 +259,3 @@ def test_registered_stages_with_a_fake_trainer(tmp_path, monkeypatch):
     calls.clear()
     again = run.main(["--preset=registered", "--table", f"--results={tmp_path}", "--compile_cache="])
     assert not calls and again["selection"] == json.loads(json.dumps(summary["selection"]))
-
-
-@pytest.mark.parametrize("preset", ["registered", "long"])
-def test_registered_preset_refuses_a_dirty_tree(tmp_path, monkeypatch, preset):
-    run = _load("run")
-    monkeypatch.setattr(sweep, "code_version", lambda: {"git_commit": "abc", "dirty": True, "dirty_paths": ["x.py"]})
-    monkeypatch.setattr(sweep, "run_all", lambda *a, **k: pytest.fail("ran from a dirty tree"))
-    with pytest.raises(SystemExit, match="uncommitted"):
-        run.main([f"--preset={preset}", f"--results={tmp_path}", f"--workdir={tmp_path / 'work'}",
-                  "--compile_cache="])
-    assert not list(tmp_path.rglob("*.json"))

@@ -1,6 +1,6 @@
 """experiments/dynamoe: the pre-registered decision rules on synthetic records (report.py), the paired statistics,
-the registered preset's configs validated without training, the per-example routing summary, and the dirty-tree
-refusal of the registered preset. The tiny sweep end to end is tests/test_experiments.py's."""
+the registered preset's configs validated without training and the per-example routing summary. The tiny sweep
+end to end and the dirty-tree refusal are tests/test_experiments.py's."""
 import math
 import pathlib
 
@@ -47,15 +47,6 @@ def test_registered_configs_are_valid_and_match_budgets():
         config.get_config("registered,digits-dyn-uniform")          # digits is not in the registered sweep
     # The eval batch divides every test split (percentile routing must never see padding rows).
     assert 1440 % config.EVAL_BATCH["translated_digits"] == 0 and 1000 % config.EVAL_BATCH["mnist1d"] == 0
-
-
-def test_registered_preset_refuses_a_dirty_tree(tmp_path, monkeypatch):
-    run = _load("run")
-    monkeypatch.setattr(sweep, "code_version", lambda: {"git_commit": "abc", "dirty": True, "dirty_paths": ["x.py"]})
-    with pytest.raises(SystemExit, match="uncommitted"):
-        run.main(["--preset=registered", "--variants=mnist1d-top-uniform", "--seeds=0", f"--results={tmp_path}",
-                  f"--workdir={tmp_path / 'work'}", "--compile_cache="])
-    assert not list(tmp_path.glob("*.json"))
 
 
 def test_routing_summary_and_padding_refusal():

@@ -1,6 +1,6 @@
 """experiments/pmoe: the data generator, the patch-level routing rule, the sample-complexity definition, every
-preset/variant config validated without training, the tiny preset end to end, the dirty-tree refusal of the full
-preset, and the decision rules on synthetic records."""
+preset/variant config validated without training, the tiny preset end to end and the decision rules on synthetic
+records (the dirty-tree refusal: tests/test_experiments.py)."""
 import json
 import math
 import pathlib
@@ -119,14 +119,6 @@ def test_tiny_sweep_end_to_end(tmp_path):
     assert "| pmoe_n8_l4 | 1 |" in (tmp_path / "table.md").read_text()
     # A second call skips the existing run and prints the tables.
     assert run.main(["--preset=tiny", "--variants=pmoe_n8_l4", f"--results={tmp_path}", "--table"])["variants"]
-
-
-def test_full_preset_refuses_a_dirty_tree(tmp_path, monkeypatch):
-    run = _load("run")
-    monkeypatch.setattr(sweep, "code_version", lambda: {"git_commit": "abc", "dirty": True, "dirty_paths": ["x.py"]})
-    with pytest.raises(SystemExit, match="uncommitted"):
-        run.main(["--preset=full", "--variants=cnn_n16", "--seeds=0", f"--results={tmp_path}"])
-    assert not list(tmp_path.glob("*.json"))
 
 
 # ------------------------------------------------------------------------------------- decision rules

@@ -1,6 +1,6 @@
 """experiments/smoe_dropout: claim (b)'s pre-registered rule in the over-fitting regime (report.py) on synthetic
-records, the overfit preset's config, and its dirty-tree refusal. The tiny sweep end to end (with the training-bytes
-score) is tests/test_experiments.py's."""
+records and the overfit preset's config. The tiny sweep end to end (with the training-bytes score) and the
+dirty-tree refusal are tests/test_experiments.py's."""
 import pathlib
 
 import pytest
@@ -68,10 +68,3 @@ def test_overfit_preset_config():
         assert cfg.data.train_split == "train[:1%]" and full.data.train_split == "train"
         assert cfg.model.to_dict() == full.model.to_dict() and cfg.train.eval_steps == full.train.eval_steps
         assert cfg.data.eval_batch_size == full.data.eval_batch_size and "eval_split" not in cfg.data
-
-
-def test_overfit_preset_refuses_a_dirty_tree(tmp_path, monkeypatch):
-    run = _load("run")
-    monkeypatch.setattr(sweep, "code_version", lambda: {"dirty": True, "dirty_paths": ["x.py"], "git_commit": "abc"})
-    with pytest.raises(SystemExit, match="refusing --preset=overfit"):
-        run.main(["--preset=overfit", f"--workdir={tmp_path}", f"--results={tmp_path / 'r'}"])

@@ -42,13 +42,6 @@ def test_tiny_end_to_end(tmp_path):
     assert (results / "table.md").read_text().startswith("Part A")
 
 
-def test_full_refuses_a_dirty_tree(monkeypatch, tmp_path):
-    run = _load("run")
-    monkeypatch.setattr(run.sweep, "code_version", lambda: {"dirty": True, "dirty_paths": ["x.py"]})
-    with pytest.raises(SystemExit, match="refusing --preset=full"):
-        run.main(["--preset=full", f"--results={tmp_path}", f"--workdir={tmp_path}"])
-
-
 # ------------------------------------------------------------------------------- the rules on synthetic records
 
 

@@ -105,15 +105,6 @@ def test_tiny_sweep_end_to_end(tmp_path):
     assert "| top_p40 |" in (tmp_path / "results" / "table.md").read_text()
 
 
-def test_full_preset_refuses_a_dirty_tree(tmp_path, monkeypatch):
-    run = _load("run")
-    monkeypatch.setattr(sweep, "code_version", lambda: {"git_commit": "abc", "dirty": True, "dirty_paths": ["x.py"]})
-    with pytest.raises(SystemExit, match="uncommitted"):
-        run.main(["--preset=full", "--variants=top2", "--seeds=0", f"--results={tmp_path}",
-                  f"--workdir={tmp_path / 'work'}", "--compile_cache="])
-    assert not list(tmp_path.glob("*.json"))
-
-
 def _record(variant: str, seed: int, loss: float, per_layer: list, classes: dict, off_mode: float = 0.2) -> dict:
     """A synthetic run: ``classes = {name: (loss, experts)}``; the overall experts are ``per_layer``'s."""
     cls = {c: {"count": 100, "loss": lo, "accuracy": 0.5, "experts_per_layer": [e] * len(per_layer), "experts": e}

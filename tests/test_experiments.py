@@ -313,14 +313,6 @@ def test_theory_cl_analysis_helpers_and_configs():
     assert_unknown_preset_and_variant_refused(config, "tiny,M2N-sometimes")
 
 
-def test_theory_cl_full_preset_refuses_a_dirty_tree(tmp_path, monkeypatch):
-    run = _load("theory_cl", "run")
-    monkeypatch.setattr(run, "provenance", lambda: {"git_commit": "abc", "dirty": True, "dirty_paths": ["x.py"]})
-    with pytest.raises(SystemExit, match="uncommitted"):
-        run.main(["--preset=full", "--variants=M1", "--seeds=0", f"--results={tmp_path}"])
-    assert not list(tmp_path.glob("*.json"))
-
-
 def test_moqe_tiny_sweep_end_to_end(tmp_path):
     run = _load("moqe", "run")
     config = _load("moqe", "config")
@@ -538,3 +530,24 @@ def test_mc_smoe_configs_are_valid():
     with pytest.raises(ValueError, match="^preset="):
         config.surgery_settings("huge")
     assert_unknown_preset_and_variant_refused(config, "tiny,nope")
+
+
+# Every registered preset of every experiment: run.py refuses it from a tree with uncommitted changes (PROTOCOL.md:
+# every result from a recorded commit), before anything is trained or written.
+REGISTERED_PRESETS = [("deep_moe", "full"), ("deepseekmoe", "registered"), ("deepseekmoe", "long"),
+                      ("deepseekmoe", "full"), ("dynamoe", "registered"), ("dynamoe", "full"), ("mc_smoe", "full"),
+                      ("moqe", "full"), ("pmoe", "full"), ("smoe_dropout", "full"), ("smoe_dropout", "overfit"),
+                      ("sparse_ot", "full"), ("theory_cl", "full"), ("top_p_routing", "full")]
+
+
+@pytest.mark.parametrize("experiment,preset", REGISTERED_PRESETS)
+def test_registered_presets_refuse_a_dirty_tree(experiment, preset, tmp_path, monkeypatch):
+    run = _load(experiment, "run")
+    dirty = lambda: {"git_commit": "abc", "dirty": True, "dirty_paths": ["x.py"]}  # noqa: E731
+    monkeypatch.setattr(sweep, "code_version", dirty)
+    if hasattr(run, "provenance"):      # theory_cl (numpy only) has its own
+        monkeypatch.setattr(run, "provenance", dirty)
+    monkeypatch.setattr(sweep, "run_all", lambda *a, **k: pytest.fail("ran from a dirty tree"))
+    with pytest.raises(SystemExit, match=f"^refusing --preset={preset} from a tree with uncommitted changes"):
+        run.main([f"--preset={preset}", f"--results={tmp_path / 'results'}", f"--workdir={tmp_path / 'work'}"])
+    assert not list(tmp_path.rglob("*.json"))

@@ -171,7 +171,10 @@ def run_setting(name: str, s: dict, skew: str, rounds: int, only: list[str] | No
     return result
 
 
+# dropless_auto: the default layout (bulk on CPU with its measured layout rule); dropless_t64_full: the layout of
+# the previous default (full M / E slabs, one overflow tile of 64 rows), the "before" of the same run.
 LEARNED_DISPATCH = {"dropless_auto": DispatchConfig(mode="dropless"),
+                    "dropless_t64_full": DispatchConfig(mode="dropless", gmm_tile=64),
                     "capacity_index_cf1.25": DispatchConfig(mode="capacity", capacity_impl="index",
                                                             capacity_factor=1.25, eval_capacity_factor=1.25)}
 ZIPF_SKEW = 0.5          # E=8: load 0.38, 0.24, 0.14, 0.09, ... (max/mean ~3); E=64 K=8: max/mean ~7.7

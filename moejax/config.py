@@ -67,7 +67,11 @@ class DispatchConfig:
         name registered in :mod:`moejax.dispatch.gmm` (``bulk``, ``padded``, ``blocked``, ``pallas``,
         ``pallas_triton``, ``ragged_dot``, ``tokamax``, ``reference``).
       gmm_tile: row tile of the ``bulk`` (its overflow blocks) / ``padded`` / ``blocked`` / ``pallas`` grouped
-        matmuls (see ``benchmarks/results/`` for measured tiles).
+        matmuls: ``'auto'`` (default: ``bulk``'s measured layout rule, :func:`moejax.dispatch.bulk_ffn.layout_rule`;
+        64 for the others), an int, or for ``bulk`` a strictly decreasing sequence of overflow tile levels (see
+        ``benchmarks/results/`` for measured tiles).
+      bulk_slab: ``bulk`` only: slab rows per expert as a fraction of ``M / E`` in (0, 1]; ``'auto'`` (default): the
+        rule's when ``gmm_tile='auto'``, else 1 (the whole ``M / E``).
       groups: ``G``, capacity mode: the ``T`` routed tokens are split into ``G`` equal, consecutive groups,
         each with its own buffers of capacity ``C = ceil(cf * (T/G) * K / E)`` (GShard/V-MoE routing
         groups). Under expert parallelism each device holds whole groups, so ``G`` must be a multiple of the
@@ -88,7 +92,8 @@ class DispatchConfig:
     min_capacity: int = 1
     priority: Priority = "position"
     gmm: str = "auto"
-    gmm_tile: int = 64
+    gmm_tile: int | tuple[int, ...] | str = "auto"
+    bulk_slab: float | str = "auto"
     groups: int = 1
     group_size: int | None = None
     expert_capacity: int | None = None
@@ -104,7 +109,11 @@ class DispatchConfig:
         if not isinstance(self.gmm, str) or not self.gmm:
             _fail("dispatch.gmm", self.gmm, "must be a non-empty string")
         _check_choice("dispatch.gmm", self.gmm, tuple(gmm.available()))
-        _check_positive_int("dispatch.gmm_tile", self.gmm_tile)
+        from moejax.dispatch.bulk_ffn import check_slab, check_tile
+        if isinstance(self.gmm_tile, list):
+            object.__setattr__(self, "gmm_tile", tuple(self.gmm_tile))
+        check_tile(self.gmm_tile, "dispatch.gmm_tile")
+        check_slab(self.bulk_slab, "dispatch.bulk_slab")
         _check_positive_int("dispatch.groups", self.groups)
         if self.group_size is not None:
             _check_positive_int("dispatch.group_size", self.group_size)

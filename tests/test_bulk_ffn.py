@@ -43,12 +43,12 @@ def group_sizes(draw) -> list[int]:
     return sizes
 
 
-@functools.partial(jax.jit, static_argnames=("kind", "tile", "bulk", "fused"))
-def loss_and_grads(x, params, gs, cot, *, kind, tile, bulk, fused):
+@functools.partial(jax.jit, static_argnames=("kind", "tile", "bulk", "fused", "slab"))
+def loss_and_grads(x, params, gs, cot, *, kind, tile, bulk, fused, slab="auto"):
     def loss(x, params):
         if fused:
             expert = lambda p, rows: ffn(p, rows, Dense(), kind=kind, activation="gelu")  # noqa: E731
-            y = bulk_ffn(x, params, gs, expert, tile=tile, bulk=bulk)
+            y = bulk_ffn(x, params, gs, expert, tile=tile, bulk=bulk, slab=slab)
         else:    # the oracle; rows past all groups are not the experts' business
             y = ffn(params, x, Ragged(gs, reference.gmm), kind=kind, activation="gelu")
             y = jnp.where((jnp.arange(M) < gs.sum())[:, None], y, 0.0)
@@ -58,13 +58,15 @@ def loss_and_grads(x, params, gs, cot, *, kind, tile, bulk, fused):
 
 @settings(max_examples=25, deadline=None)
 @given(group_sizes(), st.sampled_from([("mlp", True), ("mlp", False), ("glu", True), ("glu", False)]),
-       st.sampled_from([(2, None), (3, 0), ((8, 3), 3), ((5, 2, 1), 0), (64, None)]), st.integers(0, 2**16))
+       st.sampled_from([(2, None, "auto"), (3, 0, "auto"), ((8, 3), 3, "auto"), ((5, 2, 1), 0, "auto"),
+                        (64, None, "auto"), ("auto", None, "auto"), ((4, 2), None, 0.5), ("auto", None, 0.25)]),
+       st.integers(0, 2**16))
 def test_bulk_ffn_matches_reference_values_and_gradients(sizes, expert, layout, seed):
-    (kind, use_bias), (tile, bulk) = expert, layout
+    (kind, use_bias), (tile, bulk, slab) = expert, layout
     rng = np.random.default_rng(seed)
     x, cot = (jnp.asarray(rng.normal(size=(M, D)), jnp.float32) for _ in range(2))
     params, gs = stacked_params(kind, use_bias, seed), jnp.asarray(sizes, jnp.int32)
-    got = loss_and_grads(x, params, gs, cot, kind=kind, tile=tile, bulk=bulk, fused=True)
+    got = loss_and_grads(x, params, gs, cot, kind=kind, tile=tile, bulk=bulk, fused=True, slab=slab)
     want = loss_and_grads(x, params, gs, cot, kind=kind, tile=tile, bulk=bulk, fused=False)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
@@ -99,6 +101,29 @@ def test_overflow_blocks_cover_every_overflow_row_once(sizes, layout):
         assert (src[int(lev.count):] == M).all()                         # blocks past the count are all gaps
     assert sorted(seen) == want
     assert gaps < tiles[-1] * E
+
+
+def test_layout_rule_and_auto_layout():
+    from moejax.dispatch.bulk_ffn import layout_rule
+    assert layout_rule(512) == (0.5, (256, 64)) and layout_rule(256) == (0.5, (128, 32))
+    assert layout_rule(128) == (1.0, (64, 16)) and layout_rule(16) == (1.0, (8,)) and layout_rule(0) == (1.0, (8,))
+    # tile='auto' at r = M / E = 256 is the explicit layout the rule names: half slabs, tiles (128, 32)
+    m, e = 1024, 4
+    rng = np.random.default_rng(3)
+    params = {k: jnp.asarray(rng.normal(size=(e, *shape)), jnp.float32)
+              for k, (shape, _) in ffn_param_shapes("mlp", D, F, False).items()}
+    x = jnp.asarray(rng.normal(size=(m, D)), jnp.float32)
+    gs = jnp.array([600, 10, 300, 100], jnp.int32)
+    expert = lambda p, rows: ffn(p, rows, Dense(), kind="mlp", activation="gelu")  # noqa: E731
+    auto = bulk_ffn(x, params, gs, expert, tile="auto")
+    np.testing.assert_array_equal(auto, bulk_ffn(x, params, gs, expert, tile=(128, 32), bulk=128))
+    want = ffn(params, x, Ragged(gs, reference.gmm), kind="mlp", activation="gelu")
+    np.testing.assert_allclose(auto, want, rtol=1e-4, atol=1e-4)
+    for bad, field in (((32, 64), "tile"), (0, "tile")):
+        with pytest.raises(ValueError, match=f"^{field}="):
+            bulk_ffn(x, params, gs, expert, tile=bad)
+    with pytest.raises(ValueError, match="^slab="):
+        bulk_ffn(x, params, gs, expert, slab=1.5)
 
 
 def test_bulk_ffn_bfloat16_rows_with_float32_params():

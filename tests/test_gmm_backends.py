@@ -378,7 +378,14 @@ def test_selection_binds_tile_and_interpret_mode():
     assert get_gmm("pallas_triton", tile=48).keywords == {"tile": 48, "interpret": True}
     assert select_gmm("pallas_triton", "gpu").bind("gpu", 48).keywords == {"tile": 48, "interpret": False}
     assert get_gmm("ragged_dot") is select_gmm("ragged_dot").fn
-    assert get_fused_ffn("bulk", tile=16).keywords == {"tile": 16} and get_fused_ffn("padded") is None
+    assert get_fused_ffn("bulk", tile=16).keywords == {"tile": 16, "slab": "auto"} and get_fused_ffn("padded") is None
+    # 'auto' and tile levels: bulk's fused form gets them as given, its unfused gmm one tile (the smallest; 'auto':
+    # the default tile); a backend without tile levels refuses a sequence, naming the config field.
+    assert get_fused_ffn("bulk", tile=[128, 32], slab=0.5).keywords == {"tile": (128, 32), "slab": 0.5}
+    assert get_gmm("bulk", tile=(128, 32)).keywords == {"tile": 32}
+    assert get_gmm("bulk", tile="auto").keywords == {"tile": 64} == get_gmm("blocked", tile="auto").keywords
+    with pytest.raises(ValueError, match=r"^dispatch.gmm_tile=\(128, 32\): .*not 'padded'"):
+        get_gmm("padded", tile=(128, 32))
 
 
 def test_register_custom_gmm():

@@ -134,7 +134,7 @@ class Dropless:
     def from_config(cls, dispatch: Any, capacity: int, groups: int) -> "Dropless":
         del capacity, groups    # nothing is dropped; routing groups only matter for capacity buffers
         return cls(gmm=get_gmm(dispatch.gmm, tile=dispatch.gmm_tile),
-                   fused_ffn=get_fused_ffn(dispatch.gmm, tile=dispatch.gmm_tile))
+                   fused_ffn=get_fused_ffn(dispatch.gmm, tile=dispatch.gmm_tile, slab=dispatch.bulk_slab))
 
 
 MODES: dict[str, Any] = {Capacity.mode: Capacity, Dropless.mode: Dropless}

@@ -11,7 +11,7 @@ name added with :func:`register_gmm`.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 
@@ -43,17 +43,17 @@ def resolve_name(name: str, backend: str | None = None) -> str:
     return GMM.resolve(name, backend).name
 
 
-def get_gmm(name: str = "auto", *, tile: int = 128) -> GroupedMatmul:
+def get_gmm(name: str = "auto", *, tile: Any = 128) -> GroupedMatmul:
     """The grouped matmul for ``dispatch.gmm=name`` on jax's current platform, with row tile ``tile``."""
     platform = current_platform()
     return select_gmm(name, platform).bind(platform, tile)
 
 
-def get_fused_ffn(name: str = "auto", *, tile: int = 128) -> Callable[..., jax.Array] | None:
+def get_fused_ffn(name: str = "auto", *, tile: Any = 128, slab: float | str = "auto") -> Callable[..., jax.Array] | None:
     """The whole-FFN form of ``dispatch.gmm=name`` (None if it has none), e.g. ``bulk``'s
-    :func:`~moejax.dispatch.bulk_ffn.bulk_ffn`."""
+    :func:`~moejax.dispatch.bulk_ffn.bulk_ffn` (``tile``: ``dispatch.gmm_tile``, ``slab``: ``dispatch.bulk_slab``)."""
     platform = current_platform()
-    return select_gmm(name, platform).bind_fused(platform, tile)
+    return select_gmm(name, platform).bind_fused(platform, tile, slab)
 
 
 __all__ = ["GroupedMatmul", "available", "get_fused_ffn", "get_gmm", "gmm_blocked", "gmm_ragged_dot", "register_gmm",

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 
 from moejax.dispatch.backends.registry import ANY, Backend, Operation
+
+
+DEFAULT_TILE = 64    # the row tile ``dispatch.gmm_tile='auto'`` gives a backend that has no layout rule of its own
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,27 +25,46 @@ class GmmBackend(Backend):
     """A grouped matmul backend.
 
     fn: ``(lhs, rhs, group_sizes[, tile=][, interpret=]) -> out``; takes_tile: ``fn`` (and ``fused_ffn``) take the
-    row tile ``tile=`` (``dispatch.gmm_tile``); fused_ffn: ``(x[M, D], stacked params, group_sizes, expert_fn[,
-    tile=]) -> y``, the same layout running a whole expert FFN at once (the MoE layer's experts then use it).
+    row tile ``tile=`` (``dispatch.gmm_tile``; ``'auto'`` gives them ``DEFAULT_TILE``); fused_ffn: ``(x[M, D], stacked
+    params, group_sizes, expert_fn[, tile=][, slab=]) -> y``, the same layout running a whole expert FFN at once (the
+    MoE layer's experts then use it); tile_levels: ``fused_ffn`` takes ``tile='auto'`` (its own measured rule) or a
+    decreasing sequence of tiles, and ``slab=`` (``dispatch.bulk_slab``); ``fn`` then gets the smallest tile of a
+    sequence. A backend without it refuses a sequence.
     """
 
     fn: Callable[..., jax.Array]
     takes_tile: bool = dataclasses.field(default=False, kw_only=True)
     fused_ffn: Callable[..., jax.Array] | None = dataclasses.field(default=None, kw_only=True)
+    tile_levels: bool = dataclasses.field(default=False, kw_only=True)
 
-    def _kwargs(self, platform: str, tile: int) -> dict:
-        return {**self._interpret_kwargs(platform), **({"tile": tile} if self.takes_tile else {})}
+    def _one_tile(self, tile: Any) -> int:
+        if tile == "auto":
+            return DEFAULT_TILE
+        if isinstance(tile, (tuple, list)):
+            if not self.tile_levels:
+                raise ValueError(f"dispatch.gmm_tile={tuple(tile)}: a sequence of tiles is understood only by a grouped "
+                                 f"matmul with tile levels (dispatch.gmm='bulk'), not {self.name!r}; give one int")
+            return int(tile[-1])
+        return tile
 
-    def bind(self, platform: str, tile: int = 128) -> Callable[[jax.Array, jax.Array, jax.Array], jax.Array]:
+    def _kwargs(self, platform: str, tile: Any) -> dict:
+        return {**self._interpret_kwargs(platform), **({"tile": self._one_tile(tile)} if self.takes_tile else {})}
+
+    def bind(self, platform: str, tile: Any = 128) -> Callable[[jax.Array, jax.Array, jax.Array], jax.Array]:
         """``fn`` as a plain ``(lhs, rhs, group_sizes) -> out`` for ``platform`` with row tile ``tile``."""
         kwargs = self._kwargs(platform, tile)
         return functools.partial(self.fn, **kwargs) if kwargs else self.fn
 
-    def bind_fused(self, platform: str, tile: int = 128) -> Callable[..., jax.Array] | None:
-        """``fused_ffn`` bound like :meth:`bind`, or None if the backend has none."""
+    def bind_fused(self, platform: str, tile: Any = 128, slab: float | str = "auto") -> Callable[..., jax.Array] | None:
+        """``fused_ffn`` bound like :meth:`bind` (with tile levels: ``tile`` and ``slab`` as given), or None if the
+        backend has none."""
         if self.fused_ffn is None:
             return None
-        kwargs = self._kwargs(platform, tile)
+        if self.tile_levels:
+            kwargs = {**self._interpret_kwargs(platform), "tile": tuple(tile) if isinstance(tile, list) else tile,
+                      "slab": slab}
+        else:
+            kwargs = self._kwargs(platform, tile)
         return functools.partial(self.fused_ffn, **kwargs) if kwargs else self.fused_ffn
 
 

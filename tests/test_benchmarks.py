@@ -24,7 +24,7 @@ def test_moe_layer_benchmark_smoke(tmp_path, monkeypatch, capsys):
     learned = json.loads(out.read_text())["learned"]
     assert [(r["kind"], r["routing"]) for r in learned] == [("glu", "balanced"), ("glu", "zipf")]
     for r in learned:
-        assert set(r["impls"]) == {"dropless_auto", "capacity_index_cf1.25"} and r["dense_peak_mib"] > 0
+        assert set(r["impls"]) == {"dropless_auto", "dropless_t64_full", "capacity_index_cf1.25"} and r["dense_peak_mib"] > 0
         for row in r["impls"].values():
             assert row["ratio_min"] <= row["ratio_median"] <= row["ratio_max"] and row["peak_mib"] > 0
     # The Zipf-skewed router really skews the load (balanced-at-init routers do not, up to sampling noise).

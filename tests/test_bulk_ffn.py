@@ -106,7 +106,7 @@ def test_overflow_blocks_cover_every_overflow_row_once(sizes, layout):
 def test_layout_rule_and_auto_layout():
     from moejax.dispatch.bulk_ffn import layout_rule
     assert layout_rule(512) == (0.5, (256, 64)) and layout_rule(256) == (0.5, (128, 32))
-    assert layout_rule(128) == (1.0, (64, 16)) and layout_rule(16) == (1.0, (8,)) and layout_rule(0) == (1.0, (8,))
+    assert layout_rule(128) == (1.0, (64, 16)) and layout_rule(127) == (1.0, (64,)) == layout_rule(0)
     # tile='auto' at r = M / E = 256 is the explicit layout the rule names: half slabs, tiles (128, 32)
     m, e = 1024, 4
     rng = np.random.default_rng(3)

@@ -127,9 +127,12 @@ _bulk_ffn.defvjp(_forward, _bwd)
 
 
 # The measured layout rule of XLA:CPU (benchmarks/results/cpu_2026-12-01c_learned.md): with r = M / E rows per
-# expert, slabs of r/2 rows when r >= AUTO_HALF_SLAB_ROWS (else r), and overflow tiles (r/2, r/8), at least MIN_TILE.
+# expert, slabs of r/2 rows when r >= AUTO_HALF_SLAB_ROWS (else r), and overflow tiles (r/2, r/8), at least MIN_TILE,
+# from r = AUTO_LEVELS_ROWS on; below it (not measured) the previous default, full slabs and one tile of SMALL_TILE.
 AUTO_HALF_SLAB_ROWS = 256
+AUTO_LEVELS_ROWS = 128
 MIN_TILE = 8
+SMALL_TILE = 64
 
 
 def layout_rule(rows_per_expert: int) -> tuple[float, tuple[int, ...]]:
@@ -138,9 +141,12 @@ def layout_rule(rows_per_expert: int) -> tuple[float, tuple[int, ...]]:
     Measured on XLA:CPU (learned router, SwiGLU, forward + backward, 2 cores): at r = 512 (T=2048, E=8, K=2) half
     slabs with tiles (256, 64) cost ~2% with balanced routing and gain ~30% under Zipf-skewed routing against the
     former default (full slabs, tile 64); at r = 128 (T=1024, E=64, K=8) half slabs lose 4-12% balanced, full slabs
-    with tiles (64, 16) gain ~5%. Shapes between and beyond those two were not measured.
+    with tiles (64, 16) gain ~5%. Below r = 128 nothing was measured and the former default stays (one tile level
+    also compiles faster: small models are the tests' and the notebooks').
     """
     r = max(int(rows_per_expert), 0)
+    if r < AUTO_LEVELS_ROWS:
+        return 1.0, (SMALL_TILE,)
     slab = 0.5 if r >= AUTO_HALF_SLAB_ROWS else 1.0
     tiles = tuple(dict.fromkeys(max(MIN_TILE, t) for t in (r // 2, r // 8)))
     return slab, tiles

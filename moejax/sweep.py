@@ -190,6 +190,42 @@ def format_paired(p: Mapping[str, Any] | None, digits: int = 4) -> str:
             f"{p['negative']} down of {p['n']}")
 
 
+def resolution_control(p: Mapping[str, Any] | None, max_half: float) -> dict[str, Any]:
+    """A positive control for a :func:`paired` primary statistic: a decisive result (its 95% interval excludes 0)
+    passes whatever its width; an inconclusive one only when the interval's half-width is at most ``max_half`` (the
+    sweep could have seen an effect of that size)."""
+    import math
+    if p is None or p["ci95"] is None:
+        return {"passes": False, "why": "fewer than two paired seeds"}
+    lo, hi = p["ci95"]
+    half = (hi - lo) / 2
+    if math.isfinite(half) and (lo > 0 or hi < 0):
+        return {"passes": True, "half_width": half, "why": f"decisive: the 95% CI excludes 0 (half-width {half:.4f})"}
+    ok = math.isfinite(half) and half <= max_half
+    return {"passes": ok, "half_width": half,
+            "why": f"inconclusive, 95% CI half-width {half:.4f} {'<=' if ok else '>'} {max_half}"}
+
+
+def outcome_if_controls_pass(controls: Mapping[str, Mapping[str, Any]], decide: Callable[[], str]) -> str:
+    """``decide()`` when every positive control passes, else ``'not testable here'`` (PROTOCOL.md section 2)."""
+    return decide() if all(c["passes"] for c in controls.values()) else OUTCOMES[3]
+
+
+def verdict_rows(verdicts: Mapping[str, Mapping[str, Any]], settings_key: str, setting: str) -> list[str]:
+    """Markdown rows of a per-claim, per-setting verdict table: ``verdicts[claim]`` holds ``verdict``, ``paper`` and
+    ``verdicts[claim][settings_key][name]`` = one setting's ``outcome``, ``controls`` and ``why``; ``setting``
+    names the column ('size', 'dataset')."""
+    rows = [f"| claim | {setting} | outcome | controls | ours (primary, paired by seed) | paper (abstract) |",
+            "|---|---|---|---|---|---|"]
+    for claim, c in verdicts.items():
+        for name, x in c[settings_key].items():
+            controls = "; ".join(f"{k}: {'pass' if cv['passes'] else 'FAIL'} ({cv['why']})"
+                                 for k, cv in x.get("controls", {}).items())
+            rows.append(f"| ({claim}) | {name} | {x['outcome']} | {controls} | {x['why']} | {c['paper']} |")
+        rows.append(f"| **({claim}) verdict** | all | **{c['verdict']}** | | | |")
+    return rows
+
+
 def lm_loss_fn(model: Any) -> Callable[[Any, Iterable[Mapping[str, Any]]], float]:
     """``(variables, batches) -> mean next-token cross-entropy (nats)`` of an LM over the real targets (``mask``) of
     batches ``{'tokens': int[B, L + 1], 'mask': [B, L]}``; compiled once per model and batch shape, so every modified

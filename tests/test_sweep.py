@@ -50,3 +50,13 @@ def test_paired_statistics_and_clearly():
     mixed = {"n": 5, "positive": 3, "negative": 2, "ci95": [0.1, 0.5]}
     assert not sweep.clearly(mixed, +1, 0.7) and sweep.clearly(mixed, +1, 0.6)
     assert "3 up / 0 down of 3" in sweep.format_paired(p) and sweep.format_paired(None) == "not run"
+
+
+def test_resolution_control_and_outcome_if_controls_pass():
+    assert sweep.resolution_control({"ci95": [-0.20, -0.08]}, 0.03)["passes"]        # decisive, however wide
+    assert not sweep.resolution_control({"ci95": [-0.05, 0.03]}, 0.03)["passes"]     # inconclusive and wide
+    assert sweep.resolution_control({"ci95": [-0.02, 0.01]}, 0.03)["passes"]         # inconclusive, resolved
+    assert not sweep.resolution_control(None, 0.03)["passes"]
+    ok, bad = {"a": {"passes": True}}, {"a": {"passes": True}, "b": {"passes": False}}
+    assert sweep.outcome_if_controls_pass(ok, lambda: "reproduced") == "reproduced"
+    assert sweep.outcome_if_controls_pass(bad, lambda: "reproduced") == "not testable here"

@@ -170,25 +170,14 @@ def premise_control(p: Mapping[str, Any] | None, what: str) -> dict[str, Any]:
 
 
 def resolution_control(p: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The primary statistic is resolved. A decisive result (its 95% interval excludes 0) passes whatever its width;
-    an inconclusive one (the interval contains 0) passes only if the half-width is at most MAX_CI_HALF, i.e. the
-    sweep could have seen an effect of that size."""
-    if p is None or p["ci95"] is None:
-        return {"passes": False, "why": "fewer than two paired seeds"}
-    lo, hi = p["ci95"]
-    half = (hi - lo) / 2
-    if math.isfinite(half) and (lo > 0 or hi < 0):
-        return {"passes": True, "half_width": half, "why": f"decisive: the 95% CI excludes 0 (half-width {half:.4f})"}
-    ok = math.isfinite(half) and half <= MAX_CI_HALF
-    return {"passes": ok, "half_width": half,
-            "why": f"inconclusive, 95% CI half-width {half:.4f} {'<=' if ok else '>'} {MAX_CI_HALF}"}
+    """The primary statistic is resolved (:func:`moejax.sweep.resolution_control` at MAX_CI_HALF)."""
+    return sweep.resolution_control(p, MAX_CI_HALF)
 
 
 _ci = sweep.format_paired
 
 
-def _outcome(controls: Mapping[str, Mapping[str, Any]], decide: Callable[[], str]) -> str:
-    return decide() if all(c["passes"] for c in controls.values()) else "not testable here"
+_outcome = sweep.outcome_if_controls_pass
 
 
 # ----------------------------------------------------------------------------- the claims, per model size
@@ -348,15 +337,7 @@ def table(summary: Mapping[str, Any]) -> str:
 
 def verdict_table(summary: Mapping[str, Any]) -> str:
     """Markdown: per claim and size the outcome, controls, primary statistic; the combined verdict; the paper."""
-    v = summary.get("verdicts") or {}
-    rows = ["| claim | size | outcome | controls | ours (primary, paired by seed) | paper (abstract) |",
-            "|---|---|---|---|---|---|"]
-    for claim, c in v.items():
-        for size, x in c["sizes"].items():
-            controls = "; ".join(f"{k}: {'pass' if cv['passes'] else 'FAIL'} ({cv['why']})"
-                                 for k, cv in x.get("controls", {}).items())
-            rows.append(f"| ({claim}) | {size} | {x['outcome']} | {controls} | {x['why']} | {c['paper']} |")
-        rows.append(f"| **({claim}) verdict** | all | **{c['verdict']}** | | | |")
+    rows = sweep.verdict_rows(summary.get("verdicts") or {}, "sizes", "size")
     for name, p in summary.get("redundancy", {}).items():
         rows.append(f"| redundancy (reported, not deciding) | {name} | — | — | {_ci(p)} | DeepSeekMoE's loss rises "
                     f"more (Section 4.5 as summarised in the README; values not read) |")

@@ -235,16 +235,8 @@ def schedule_control(runs: Sequence[dict]) -> dict[str, Any]:
     return {"passes": ok, "why": "first layer > last layer in every seed" if ok else "not in every seed"}
 
 
-def _outcome(controls: Mapping[str, Mapping[str, Any]], decide: Callable[[], str]) -> str:
-    return decide() if all(c["passes"] for c in controls.values()) else "not testable here"
-
-
-def _ci(p: Mapping[str, Any] | None, digits: int = 4) -> str:
-    if p is None:
-        return "not run"
-    ci = "—" if p["ci95"] is None else f"[{p['ci95'][0]:+.{digits}f}, {p['ci95'][1]:+.{digits}f}]"
-    return (f"{p['mean']:+.{digits}f} ± {p['std']:.{digits}f}, 95% CI {ci}, {p['positive']} up / "
-            f"{p['negative']} down of {p['n']}")
+_outcome = sweep.outcome_if_controls_pass
+_ci = sweep.format_paired
 
 
 def claim_a(runs_of: Callable[[str], list[dict]]) -> dict[str, Any]:
@@ -364,15 +356,7 @@ def verdict_table(summary: dict) -> str:
     v = summary.get("verdicts") or {}
     if not v:
         return "No verdicts: these records predate the registered rules (no per-example test routing)."
-    rows = ["| claim | dataset | outcome | controls | ours (primary, paired by seed) | paper (abstract) |",
-            "|---|---|---|---|---|---|"]
-    for claim, c in v.items():
-        for d, x in c["datasets"].items():
-            controls = "; ".join(f"{k}: {'pass' if cv['passes'] else 'FAIL'} ({cv['why']})"
-                                 for k, cv in x.get("controls", {}).items())
-            rows.append(f"| ({claim}) | {d} | {x['outcome']} | {controls} | {x['why']} | {c['paper']} |")
-        rows.append(f"| **({claim}) verdict** | all | **{c['verdict']}** | | | |")
-    return "\n".join(rows)
+    return "\n".join(sweep.verdict_rows(v, "datasets", "dataset"))
 
 
 pm = sweep.pm

@@ -54,15 +54,8 @@ def overfit_control(dense: Sequence[Mapping[str, Any]], dropout_gain: Mapping[st
 
 
 def resolution_control(p: Mapping[str, Any] | None) -> dict[str, Any]:
-    """A decisive primary (95% interval excludes 0) passes; an inconclusive one only with half-width <= MAX_CI_HALF."""
-    if p is None or p["ci95"] is None:
-        return {"passes": False, "why": "fewer than two paired seeds"}
-    lo, hi = p["ci95"]
-    half = (hi - lo) / 2
-    if math.isfinite(half) and (lo > 0 or hi < 0):
-        return {"passes": True, "why": f"decisive: the 95% CI excludes 0 (half-width {half:.4f})"}
-    ok = math.isfinite(half) and half <= MAX_CI_HALF
-    return {"passes": ok, "why": f"inconclusive, 95% CI half-width {half:.4f} {'<=' if ok else '>'} {MAX_CI_HALF}"}
+    """The primary is resolved (:func:`moejax.sweep.resolution_control` at MAX_CI_HALF)."""
+    return sweep.resolution_control(p, MAX_CI_HALF)
 
 
 def claim_b(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:

@@ -1,11 +1,26 @@
 import gc
 import os
+import shutil
+import tempfile
 
 import pytest
 
 # Tests run on CPU; 8 simulated devices are available for the sharding tests that need them.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+# One persistent XLA compilation cache per test session, shared by the xdist workers and every subprocess the tests
+# start (through the environment): the same tiny models compile in many tests (the trainer's train and eval steps of
+# each run and resume, the CLI and notebook subprocesses), and only the first pays. The controller (or a run without
+# xdist) makes the directory before the workers start and removes it at the end; a cache directory the caller set is
+# left alone. Programs that compile in under 0.3 s are not written (the disk round trip would cost as much).
+_OWN_CACHE = "PYTEST_XDIST_WORKER" not in os.environ and "MOEJAX_TEST_XLA_CACHE" not in os.environ \
+    and "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if _OWN_CACHE:
+    os.environ["MOEJAX_TEST_XLA_CACHE"] = tempfile.mkdtemp(prefix="moejax-test-xla-cache-")
+if "MOEJAX_TEST_XLA_CACHE" in os.environ:
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.environ["MOEJAX_TEST_XLA_CACHE"])
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
 
 import jax  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
@@ -15,6 +30,23 @@ jax.config.update("jax_default_matmul_precision", "highest")
 settings.register_profile("ci", deadline=None, max_examples=25, derandomize=True,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def pytest_unconfigure(config):
+    if _OWN_CACHE:
+        shutil.rmtree(os.environ.pop("MOEJAX_TEST_XLA_CACHE"), ignore_errors=True)
+
+
+@pytest.fixture
+def no_compilation_cache():
+    """Every compilation of the test reaches XLA (no persistent cache hit): for tests that count compilations."""
+    from jax.experimental.compilation_cache import compilation_cache
+    before = jax.config.values["jax_enable_compilation_cache"]
+    jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()
+    yield
+    jax.config.update("jax_enable_compilation_cache", before)
+    compilation_cache.reset_cache()
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -20,6 +20,7 @@ def _listener(event: str, duration: float, **kwargs) -> None:
 
 
 jax.monitoring.register_event_duration_secs_listener(_listener)
+pytestmark = pytest.mark.usefixtures("no_compilation_cache")   # a cache hit would hide a compilation from the count
 
 L0 = "model.layers[0]"
 CASES = [

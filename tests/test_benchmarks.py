@@ -20,11 +20,13 @@ def run_script(name: str, argv: list[str], monkeypatch: pytest.MonkeyPatch) -> N
 def test_moe_layer_benchmark_smoke(tmp_path, monkeypatch, capsys):
     out = tmp_path / "layer.json"
     run_script("moe_layer.py", ["--smoke", "--rounds", "1", "--routings", "balanced,zipf", "--kinds", "glu",
-                                "--only", "bulk_t16,capacity_index_cf1.0", "--json", str(out)], monkeypatch)
+                                "--only", "bulk_t16,capacity_index_cf1.0", "--layers", "dropless_auto,capacity_index_cf1.25",
+                                "--json", str(out)], monkeypatch)
     learned = json.loads(out.read_text())["learned"]
     assert [(r["kind"], r["routing"]) for r in learned] == [("glu", "balanced"), ("glu", "zipf")]
     for r in learned:
-        assert set(r["impls"]) == {"dropless_auto", "dropless_t64_full", "capacity_index_cf1.25"} and r["dense_peak_mib"] > 0
+        assert set(r["impls"]) == {"dropless_auto", "capacity_index_cf1.25", "bound_exact_groups",
+                                   "bound_batched_max_load"} and r["dense_peak_mib"] > 0
         for row in r["impls"].values():
             assert row["ratio_min"] <= row["ratio_median"] <= row["ratio_max"] and row["peak_mib"] > 0
     # The Zipf-skewed router really skews the load (balanced-at-init routers do not, up to sampling noise).
@@ -96,3 +98,23 @@ def test_accelerator_check_smoke(tmp_path, monkeypatch, capsys):
     assert "auto should pick: bulk" in capsys.readouterr().out
     with pytest.raises(SystemExit):              # --smoke never writes into benchmarks/results
         run_script("accelerator_check.py", ["--smoke"], monkeypatch)
+
+
+def test_moe_layer_bounds_agree_with_each_other():
+    """The two bound formulations (one matmul per expert; one batched matmul with padded groups) compute the same
+    values and gradients for uneven groups, an empty one included: the padding is sliced off correctly."""
+    import jax
+    import numpy as np
+    bench = runpy.run_path(str(ROOT / "benchmarks" / "moe_layer.py"))
+    t, d, f, e, k = 6, 4, 8, 4, 2
+    x = jax.random.normal(jax.random.key(0), (t, d))
+    cot = jax.random.normal(jax.random.key(1), (t, d))
+    sizes = bench["_integer_sizes"](np.array([5.2, 0.0, 4.9, 1.9]), t * k)
+    assert sizes.tolist() == [5, 0, 5, 2]
+    for kind, act in (("glu", "silu"), ("mlp", "gelu")):
+        params = bench["_bound_params"](jax.random.key(2), kind, e, d, f)
+        grads = [jax.value_and_grad(bench["_bound_loss"], argnums=(0, 1))(
+            params, x, grouped=grouped, sizes=sizes, kind=kind, act=act, k=k, cot=cot) for grouped in (False, True)]
+        for a, b in zip(jax.tree_util.tree_leaves(grads[0]), jax.tree_util.tree_leaves(grads[1])):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        assert float(np.abs(grads[0][1][0]["down"][1]).max()) == 0.0    # the empty expert gets no gradient

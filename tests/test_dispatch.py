@@ -7,12 +7,15 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from moejax import reference
 from moejax.dispatch import capacity, dropless
 from moejax.routing import finish_token_choice, top_k_routing
+
+pytestmark = pytest.mark.usefixtures("quick_compiles")   # conftest: tiny shapes compile faster unoptimised
 
 
 def routing_from(expert_index, weight, valid=None, num_experts=None):

@@ -12,6 +12,8 @@ from moejax.training.gradients import (capture_gradients, default_groups, gradie
                                        path_name)
 from moejax.training.steps import AuxWeights, TrainState, make_train_step
 
+pytestmark = pytest.mark.usefixtures("quick_compiles")   # conftest: tiny shapes compile faster unoptimised
+
 
 def _model_and_state():
     moe = MoEConfig(num_experts=3, hidden_dim=8, router=RouterConfig(kind="threshold", k=2, threshold=0.3),

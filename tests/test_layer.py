@@ -12,6 +12,8 @@ from moejax import DenseLayer, DispatchConfig, MoEConfig, MoELayer, RouterConfig
 from moejax.routing import Router
 from trees import assert_trees_close
 
+pytestmark = pytest.mark.usefixtures("quick_compiles")   # conftest: tiny shapes compile faster unoptimised
+
 ROUTERS = {
     "switch_top1": RouterConfig(k=1),
     "gshard_top2": RouterConfig(k=2),

@@ -20,6 +20,8 @@ from moejax.models.config import MLPConfig
 from moejax.routing import Router, top_k_routing
 from trees import assert_trees_close
 
+pytestmark = pytest.mark.usefixtures("quick_compiles")   # conftest: tiny shapes compile faster unoptimised
+
 D = 6
 
 

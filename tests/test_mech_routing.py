@@ -21,6 +21,8 @@ from moejax.routing import (SCHEDULES, Router, attention_router_logits, balanced
                             scheduled_moe_layers, sinkhorn_plan, sinkhorn_routing, sparse_ot_routing,
                             threshold_routing, top_k_routing)
 
+pytestmark = pytest.mark.usefixtures("quick_compiles")   # conftest: tiny shapes compile faster unoptimised
+
 
 # ------------------------------------------------------------------------------------------- Sinkhorn
 

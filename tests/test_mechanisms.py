@@ -15,6 +15,8 @@ from moejax import DispatchConfig, MoEConfig, MoELayer, RouterConfig
 from moejax.routing import (Router, active_experts_histogram, consistency_loss, drop_gates, hash_routing,
                             random_routing, smoe_dropout_k, top_k_routing, top_p_routing)
 
+pytestmark = pytest.mark.usefixtures("quick_compiles")   # conftest: tiny shapes compile faster unoptimised
+
 D = 6
 
 

@@ -13,6 +13,8 @@ from moejax import DispatchConfig, MoEConfig, RouterConfig
 from moejax.models import (LMConfig, MLPClassifier, MLPConfig, TransformerLM, ViTClassifier, ViTConfig, apply_rope,
                            build_model, count_params, model_config, param_counts)
 
+pytestmark = pytest.mark.usefixtures("quick_compiles")   # conftest: tiny shapes compile faster unoptimised
+
 MOE = MoEConfig(num_experts=4, hidden_dim=16, router=RouterConfig(k=2))
 LM_CFG = {"kind": "transformer_lm", "d_model": 16, "num_layers": 2, "num_heads": 2, "moe_every": 2,
           "dense_hidden_dim": 32, "moe": {"num_experts": 4, "hidden_dim": 16, "num_shared_experts": 1,

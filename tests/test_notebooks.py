@@ -71,6 +71,7 @@ def test_notebook_executes_with_smoke_settings(path: pathlib.Path, kernel_name: 
     flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
     monkeypatch.setenv("XLA_FLAGS", " ".join(flags))
     monkeypatch.setenv("TMPDIR", str(tmp_path))           # workdirs and caches the notebooks create go here
+    monkeypatch.setenv("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")   # smoke sizes compile faster unoptimised
     nb = nbformat.read(path, as_version=4)
     client = nbclient.NotebookClient(nb, timeout=600, kernel_name=kernel_name, allow_errors=False,
                                      resources={"metadata": {"path": str(path.parent)}})

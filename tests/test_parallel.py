@@ -17,6 +17,8 @@ from moejax import DispatchConfig, MoEConfig, MoELayer, RouterConfig, parallel, 
 from moejax.parallel import MeshConfig, make_mesh
 from moejax.routing import Router
 
+pytestmark = pytest.mark.usefixtures("quick_compiles")   # conftest: tiny shapes compile faster unoptimised
+
 D, E, K, T = 8, 8, 2, 64
 MESHES = {
     "data2_expert4": dict(data=2, expert=4),

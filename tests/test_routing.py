@@ -11,6 +11,8 @@ from moejax import RouterConfig
 from moejax.routing import (Router, aux_free_bias_update, expert_choice_routing, importance_loss, load_balance_loss,
                             router_z_loss, top_k_routing)
 
+pytestmark = pytest.mark.usefixtures("quick_compiles")   # conftest: tiny shapes compile faster unoptimised
+
 
 def probs_to_logits(p):
     return jnp.log(jnp.asarray(p, jnp.float32))

@@ -24,6 +24,8 @@ from moejax.models.transformer import TransformerLM
 from moejax.routing.config import RouterConfig
 from moejax.surgery.upcycle import layer_pattern, upcycle
 
+pytestmark = pytest.mark.usefixtures("quick_compiles")   # conftest: tiny shapes compile faster unoptimised
+
 VOCAB, D, F, E = 32, 16, 32, 4
 TOKENS = jax.random.randint(jax.random.key(1), (2, 8), 0, VOCAB)
 

@@ -18,6 +18,8 @@ from moejax.models import Encoder, LMConfig, TransformerLM
 from moejax.parallel import MeshConfig, expert_parallel, make_mesh
 from moejax.routing import Router, hash_routing
 
+pytestmark = pytest.mark.usefixtures("quick_compiles")   # conftest: tiny shapes compile faster unoptimised
+
 E, K, SEED, V = 8, 2, 3, 256
 
 

@@ -120,6 +120,7 @@ def test_quickstart_learns(tmp_path, data_dir):
     cfg = load_config(ROOT / "configs/quickstart.py")
     cfg.data.data_dir = data_dir
     cfg.train.update({"steps": 300, "eval_every": 300, "checkpoint_every": 300, "tensorboard": False})
+    cfg.mesh.num_devices = 1   # of the suite's 8 simulated CPU devices: learning, not sharding, is tested here
     result = train_and_evaluate(cfg, tmp_path)
     assert result["accuracy"] > 0.85, result      # chance is 0.10
 

@@ -19,11 +19,13 @@ output matmul as dead code, which a real training step never can; ``--grad-only`
 router-logit offsets ``-0.5 * log(i + 1)`` through the ``steer`` transform; the measured busiest-expert load over
 the mean is printed), against ``DenseLayer`` of width
 ``K * F`` of the same kind; the peak memory XLA plans for each compiled fwd+bwd (arguments + outputs + temporaries,
-``memory_analysis``) and its temporaries alone are printed beside the ratio. Two diagnostic rows bound what any
-grouped-matmul layout can reach on this backend: the expert FFNs alone, with the routing's per-expert row counts
-fixed at compile time and no router, gather or un-sort (``bound_exact_groups``: one matmul per expert of exactly its
-rows; ``bound_batched_max_load``: one batched matmul, groups padded to the largest). The forced-routing table stays
-as the diagnostic below it.
+``memory_analysis``) and its temporaries alone are printed beside the ratio. Two diagnostic rows time the expert
+FFNs alone, with the routing's per-expert row counts fixed at compile time and no router, gather or un-sort
+(``bound_exact_groups``: one matmul per expert of exactly its rows; ``bound_batched_max_load``: one batched matmul,
+every group padded to the largest). Under balanced routing the faster of the two is the ceiling of any MoE layer
+built on this backend's matmuls (all the useful expert work, nothing else); under skewed routing neither is a
+ceiling (a layout that mixes both, as ``bulk`` does, can beat them). The forced-routing table stays as the
+diagnostic below it.
 
     python benchmarks/moe_layer.py [--json PATH] [--rounds 7] [--smoke] [--learned | --forced] [--grad-only]
                                    [--layers dropless_auto,...] [--kinds mlp,glu] [--settings S1,S2]
@@ -220,8 +222,8 @@ def _bound_loss(params: dict, x: jax.Array, *, grouped: bool, sizes: np.ndarray,
     """The expert computation alone, with this routing's per-expert row counts ``sizes`` known at compile time: no
     router, no data-dependent gather or un-sort (the K copies of each token are ``x`` tiled K times, and their
     outputs summed back). ``grouped=False``: one matmul per expert of exactly its rows; ``True``: one batched matmul
-    over experts, every group padded to the largest. What no grouped-matmul layout on this backend's matmuls can
-    beat (the lower of the two times is the bound)."""
+    over experts, every group padded to the largest. Under balanced routing the faster one is the ceiling of an MoE
+    layer on this backend's matmuls; under skew, a reference (see the module docstring)."""
     rows = jnp.tile(x, (k, 1))
     starts = np.concatenate([[0], np.cumsum(sizes)])
     pieces = [rows[starts[i]:starts[i + 1]] for i in range(len(sizes))]

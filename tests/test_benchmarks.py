@@ -118,3 +118,11 @@ def test_moe_layer_bounds_agree_with_each_other():
         for a, b in zip(jax.tree_util.tree_leaves(grads[0]), jax.tree_util.tree_leaves(grads[1])):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
         assert float(np.abs(grads[0][1][0]["down"][1]).max()) == 0.0    # the empty expert gets no gradient
+
+
+def test_matmul_shapes_smoke(tmp_path, monkeypatch):
+    out = tmp_path / "mm.json"
+    run_script("matmul_shapes.py", ["--rounds", "1", "--shrink", "16", "--json", str(out)], monkeypatch)
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["setting"], r["impl"]) for r in rows} == {("S1", "xla"), ("S1", "numpy"), ("S2", "xla"), ("S2", "numpy")}
+    assert len(rows) == 10 and all(r["ms"] > 0 and r["gflops"] > 0 for r in rows)

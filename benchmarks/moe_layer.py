@@ -19,13 +19,10 @@ output matmul as dead code, which a real training step never can; ``--grad-only`
 router-logit offsets ``-0.5 * log(i + 1)`` through the ``steer`` transform; the measured busiest-expert load over
 the mean is printed), against ``DenseLayer`` of width
 ``K * F`` of the same kind; the peak memory XLA plans for each compiled fwd+bwd (arguments + outputs + temporaries,
-``memory_analysis``) and its temporaries alone are printed beside the ratio. Two diagnostic rows time the expert
-FFNs alone, with the routing's per-expert row counts fixed at compile time and no router, gather or un-sort
-(``bound_exact_groups``: one matmul per expert of exactly its rows; ``bound_batched_max_load``: one batched matmul,
-every group padded to the largest). Under balanced routing the faster of the two is the ceiling of any MoE layer
-built on this backend's matmuls (all the useful expert work, nothing else); under skewed routing neither is a
-ceiling (a layout that mixes both, as ``bulk`` does, can beat them). The forced-routing table stays as the
-diagnostic below it.
+``memory_analysis``) and its temporaries alone are printed beside the ratio. Under balanced routing a diagnostic row,
+``ceiling_expert_ffn_only``, times the expert FFNs alone with exactly ``T * K / E`` rows per expert known at compile
+time, one batched matmul per weight and no router, gather or un-sort: all the useful expert work, nothing else, the
+ceiling of any MoE layer built on this backend's matmuls. The forced-routing table stays as the diagnostic below it.
 
     python benchmarks/moe_layer.py [--json PATH] [--rounds 7] [--smoke] [--learned | --forced] [--grad-only]
                                    [--layers dropless_auto,...] [--kinds mlp,glu] [--settings S1,S2]
@@ -196,51 +193,29 @@ def _memory_bytes(compiled) -> tuple[float, float]:
     return float(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes), float(m.temp_size_in_bytes)
 
 
-def _integer_sizes(expected: np.ndarray, total: int) -> np.ndarray:
-    """Per-expert row counts from a layer's measured load (copies per expert, as floats), summing to ``total``."""
-    sizes = np.floor(expected + 0.5).astype(np.int64)
-    sizes[int(np.argmax(sizes))] += total - int(sizes.sum())
-    return sizes
-
-
-def _bound_params(key, kind: str, e: int, d: int, f: int) -> dict:
+def _ceiling_params(key, kind: str, e: int, d: int, f: int) -> dict:
     names = ("gate", "up", "down") if kind == "glu" else ("up", "down")
     keys = jax.random.split(key, len(names))
     return {n: init(kk, (e, f, d) if n == "down" else (e, d, f), f if n == "down" else d) for n, kk in zip(names, keys)}
 
 
-def _expert_ffn(p: dict, xs: jax.Array, kind: str, act: str) -> jax.Array:
-    """One expert's (or, with a leading expert axis, every expert's) FFN on rows ``xs``."""
+def _ceiling_loss(params: dict, x: jax.Array, *, kind: str, act: str, k: int, cot: jax.Array) -> jax.Array:
+    """The expert FFNs alone under perfectly balanced routing: every expert gets exactly ``T * K / E`` rows, known at
+    compile time, as one batched matmul ``[E, T*K/E, D]`` per weight; no router, no gather, no un-sort (the K copies
+    of each token are ``x`` tiled K times, and their outputs summed back). All the useful expert work of the layer in
+    the form this backend multiplies fastest (one matmul per expert of exactly its rows is slower here): the ceiling
+    of any MoE layer built on its matmuls."""
+    e = params["down"].shape[0]
+    rows = jnp.tile(x, (k, 1)).reshape(e, -1, x.shape[-1])
     fn = activation_fn(act)
-    mm = (lambda a, w: a @ w) if xs.ndim == 2 else (lambda a, w: jnp.einsum("erd,edf->erf", a, w))  # noqa: E731
-    h = fn(mm(xs, p["gate"])) * mm(xs, p["up"]) if kind == "glu" else fn(mm(xs, p["up"]))
-    return mm(h, p["down"])
-
-
-def _bound_loss(params: dict, x: jax.Array, *, grouped: bool, sizes: np.ndarray, kind: str, act: str, k: int,
-                cot: jax.Array) -> jax.Array:
-    """The expert computation alone, with this routing's per-expert row counts ``sizes`` known at compile time: no
-    router, no data-dependent gather or un-sort (the K copies of each token are ``x`` tiled K times, and their
-    outputs summed back). ``grouped=False``: one matmul per expert of exactly its rows; ``True``: one batched matmul
-    over experts, every group padded to the largest. Under balanced routing the faster one is the ceiling of an MoE
-    layer on this backend's matmuls; under skew, a reference (see the module docstring)."""
-    rows = jnp.tile(x, (k, 1))
-    starts = np.concatenate([[0], np.cumsum(sizes)])
-    pieces = [rows[starts[i]:starts[i + 1]] for i in range(len(sizes))]
-    if grouped:
-        cap = int(sizes.max())
-        stacked = jnp.stack([jnp.pad(piece, ((0, cap - piece.shape[0]), (0, 0))) for piece in pieces])
-        out = _expert_ffn(params, stacked, kind, act)
-        outs = [out[i, :n] for i, n in enumerate(sizes)]
-    else:
-        outs = [_expert_ffn({n: w[i] for n, w in params.items()}, piece, kind, act) for i, piece in enumerate(pieces)]
-    y = jnp.concatenate(outs).reshape(k, *x.shape).sum(0)
+    mm = lambda a, w: jnp.einsum("erd,edf->erf", a, w)  # noqa: E731
+    h = fn(mm(rows, params["gate"])) * mm(rows, params["up"]) if kind == "glu" else fn(mm(rows, params["up"]))
+    y = mm(h, params["down"]).reshape(k, *x.shape).sum(0)
     return jnp.sum(y * cot)
 
 
-# Diagnostic rows of the headline: the expert computation alone with static per-expert row counts (the measured
-# loads of dropless_auto's routing), see _bound_loss.
-BOUNDS = {"bound_exact_groups": False, "bound_batched_max_load": True}
+# The diagnostic row of the headline's balanced settings: the expert work alone, see _ceiling_loss.
+CEILING = "ceiling_expert_ffn_only"
 
 
 def run_learned(name: str, s: dict, kind: str, skew: str, rounds: int, grad_only: bool = False,
@@ -254,7 +229,6 @@ def run_learned(name: str, s: dict, kind: str, skew: str, rounds: int, grad_only
     cot = jax.random.normal(keys[1], (t, d))
     fns: dict[str, tuple[Callable, float, float]] = {}
     loads: dict[str, float] = {}
-    counts: dict[str, np.ndarray] = {}
 
     def add_loss(label, loss, params):
         transform = jax.grad if grad_only else jax.value_and_grad
@@ -272,7 +246,6 @@ def run_learned(name: str, s: dict, kind: str, skew: str, rounds: int, grad_only
         add_loss(label, loss, params)
         stats = jax.jit(lambda v, xx: module.apply(v, xx).stats)(variables, x)
         loads[label] = float(jnp.max(stats.expert_load) * stats.expert_load.shape[0])
-        counts[label] = np.asarray(stats.expert_load) * (t * k)
 
     dense = DenseLayer(k * f, kind, act, False, "float32", "float32")
     add("dense", dense, jax.jit(dense.init)(keys[2], x))
@@ -286,11 +259,9 @@ def run_learned(name: str, s: dict, kind: str, skew: str, rounds: int, grad_only
             offsets = -ZIPF_SKEW * jnp.log1p(jnp.arange(e, dtype=jnp.float32))
             variables["moe_state"] = {"router": {"steer_offset": offsets}}
         add(label, layer, variables)
-    sizes = _integer_sizes(counts[labels[0]], t * k)
-    bound_params = _bound_params(keys[3], kind, e, d, f)
-    for label, grouped in BOUNDS.items():
-        add_loss(label, functools.partial(_bound_loss, grouped=grouped, sizes=sizes, kind=kind, act=act, k=k,
-                                          cot=cot), bound_params)
+    if skew == "balanced" and (t * k) % e == 0:
+        add_loss(CEILING, functools.partial(_ceiling_loss, kind=kind, act=act, k=k, cot=cot),
+                 _ceiling_params(keys[3], kind, e, d, f))
     times = {label: [] for label in fns}
     for round_ in range(rounds + 1):
         for label, (call, *_) in fns.items():
@@ -305,12 +276,12 @@ def run_learned(name: str, s: dict, kind: str, skew: str, rounds: int, grad_only
               "impls": {}}
     print(f"\n{name} {s} {kind} learned router, routing={skew}: dense fwd+bwd {result['dense_ms']:.1f} ms, "
           f"peak {result['dense_peak_mib']:.1f} MiB (temporaries {result['dense_temp_mib']:.1f})")
-    for label in (*labels, *BOUNDS):
+    for label in (*labels, *([CEILING] if CEILING in fns else [])):
         ratios = [a / b for a, b in zip(times["dense"], times[label])]
         row = {"moe_ms": 1e3 * statistics.median(times[label]), "ratio_median": statistics.median(ratios),
                "ratio_min": min(ratios), "ratio_max": max(ratios), "peak_mib": fns[label][1] / 2 ** 20,
                "temp_mib": fns[label][2] / 2 ** 20,
-               "load_max_over_mean": loads.get(label, float(sizes.max() * e / (t * k)))}
+               "load_max_over_mean": loads.get(label, 1.0)}
         result["impls"][label] = row
         print(f"  {label:28s} {row['moe_ms']:8.1f} ms  dense/moe {row['ratio_median']:.3f} "
               f"[{row['ratio_min']:.3f}, {row['ratio_max']:.3f}]  peak {row['peak_mib']:.1f} MiB "
@@ -330,7 +301,7 @@ def main() -> None:
     parser.add_argument("--forced", action="store_true", help="only the forced-routing diagnostic")
     parser.add_argument("--kinds", default="mlp,glu", help="expert kinds of the learned-router headline")
     parser.add_argument("--layers", default=",".join(LEARNED_DISPATCH),
-                        help="dispatch rows of the learned-router headline (the first one's loads size the bounds)")
+                        help="dispatch rows of the learned-router headline")
     parser.add_argument("--grad-only", action="store_true",
                         help="headline: gradients only, without the loss value (the definition before 2026-12-01's "
                              "second measurement; XLA then drops the dense FFN's output matmul)")

@@ -19,10 +19,10 @@ output matmul as dead code, which a real training step never can; ``--grad-only`
 router-logit offsets ``-0.5 * log(i + 1)`` through the ``steer`` transform; the measured busiest-expert load over
 the mean is printed), against ``DenseLayer`` of width
 ``K * F`` of the same kind; the peak memory XLA plans for each compiled fwd+bwd (arguments + outputs + temporaries,
-``memory_analysis``) and its temporaries alone are printed beside the ratio. Under balanced routing two diagnostic rows
-time the expert FFNs alone with exactly ``T * K / E`` rows per expert known at compile time and no router, gather or
-un-sort (``experts_alone_batched``: one batched matmul per weight; ``experts_alone_per_expert``: one matmul per
-expert): all the useful expert work and nothing else, what the layer would cost if routing were free. The forced-routing table stays as the diagnostic below it.
+``memory_analysis``) and its temporaries alone are printed beside the ratio. Under balanced routing a diagnostic row,
+``experts_alone``, times the expert FFNs alone with exactly ``T * K / E`` rows per expert known at compile time, one
+batched matmul per weight and no router, gather or un-sort: all the useful expert work and nothing else, what the
+layer would cost if routing were free. The forced-routing table stays as the diagnostic below it.
 
     python benchmarks/moe_layer.py [--json PATH] [--rounds 7] [--smoke] [--learned | --forced] [--grad-only]
                                    [--layers dropless_auto,...] [--kinds mlp,glu] [--settings S1,S2]
@@ -199,31 +199,23 @@ def _experts_alone_params(key, kind: str, e: int, d: int, f: int) -> dict:
     return {n: init(kk, (e, f, d) if n == "down" else (e, d, f), f if n == "down" else d) for n, kk in zip(names, keys)}
 
 
-def _experts_alone_loss(params: dict, x: jax.Array, *, batched: bool, kind: str, act: str, k: int,
-                  cot: jax.Array) -> jax.Array:
+def _experts_alone_loss(params: dict, x: jax.Array, *, kind: str, act: str, k: int, cot: jax.Array) -> jax.Array:
     """The expert FFNs alone under perfectly balanced routing: every expert gets exactly ``T * K / E`` rows, known at
-    compile time; no router, no gather, no un-sort (the K copies of each token are ``x`` tiled K times, and their
-    outputs summed back), plain autodiff. ``batched``: one batched matmul ``[E, T*K/E, D]`` per weight; else one
-    matmul per expert. All the useful expert work of the layer and nothing else: what the layer would cost if routing
-    were free, in the two forms XLA offers for it."""
+    compile time, as one batched matmul ``[E, T*K/E, D]`` per weight, plain autodiff; no router, no gather, no
+    un-sort (the K copies of each token are ``x`` tiled K times, and their outputs summed back). All the useful
+    expert work of the layer and nothing else: what the layer would cost if routing were free. (One matmul per
+    expert instead is slower on XLA:CPU, 0.22x of dense at S2, and its ~850 MiB of temporaries slowed the dense FFN
+    timed after it, so it is not a row.)"""
     e, d = params["down"].shape[0], x.shape[-1]
     rows = jnp.tile(x, (k, 1)).reshape(e, -1, d)
     fn = activation_fn(act)
-    if batched:
-        mm = lambda a, w: jnp.einsum("erd,edf->erf", a, w)  # noqa: E731
-        h = fn(mm(rows, params["gate"])) * mm(rows, params["up"]) if kind == "glu" else fn(mm(rows, params["up"]))
-        y = mm(h, params["down"])
-    else:
-        def one(i):
-            xs = rows[i]
-            h = fn(xs @ params["gate"][i]) * (xs @ params["up"][i]) if kind == "glu" else fn(xs @ params["up"][i])
-            return h @ params["down"][i]
-        y = jnp.stack([one(i) for i in range(e)])
-    return jnp.sum(y.reshape(k, *x.shape).sum(0) * cot)
+    mm = lambda a, w: jnp.einsum("erd,edf->erf", a, w)  # noqa: E731
+    h = fn(mm(rows, params["gate"])) * mm(rows, params["up"]) if kind == "glu" else fn(mm(rows, params["up"]))
+    return jnp.sum(mm(h, params["down"]).reshape(k, *x.shape).sum(0) * cot)
 
 
-# Diagnostic rows of the headline's balanced settings: the expert work alone, see _experts_alone_loss.
-EXPERTS_ALONE = {"experts_alone_batched": True, "experts_alone_per_expert": False}
+# The diagnostic row of the headline's balanced settings: the expert work alone, see _experts_alone_loss.
+EXPERTS_ALONE = "experts_alone"
 
 
 def run_learned(name: str, s: dict, kind: str, skew: str, rounds: int, grad_only: bool = False,
@@ -268,9 +260,8 @@ def run_learned(name: str, s: dict, kind: str, skew: str, rounds: int, grad_only
             variables["moe_state"] = {"router": {"steer_offset": offsets}}
         add(label, layer, variables)
     if skew == "balanced" and (t * k) % e == 0:
-        for label, batched in EXPERTS_ALONE.items():
-            add_loss(label, functools.partial(_experts_alone_loss, batched=batched, kind=kind, act=act, k=k, cot=cot),
-                     _experts_alone_params(keys[3], kind, e, d, f))
+        add_loss(EXPERTS_ALONE, functools.partial(_experts_alone_loss, kind=kind, act=act, k=k, cot=cot),
+                 _experts_alone_params(keys[3], kind, e, d, f))
     times = {label: [] for label in fns}
     for round_ in range(rounds + 1):
         for label, (call, *_) in fns.items():
@@ -285,7 +276,7 @@ def run_learned(name: str, s: dict, kind: str, skew: str, rounds: int, grad_only
               "impls": {}}
     print(f"\n{name} {s} {kind} learned router, routing={skew}: dense fwd+bwd {result['dense_ms']:.1f} ms, "
           f"peak {result['dense_peak_mib']:.1f} MiB (temporaries {result['dense_temp_mib']:.1f})")
-    for label in (*labels, *[c for c in EXPERTS_ALONE if c in fns]):
+    for label in (*labels, *([EXPERTS_ALONE] if EXPERTS_ALONE in fns else [])):
         ratios = [a / b for a, b in zip(times["dense"], times[label])]
         row = {"moe_ms": 1e3 * statistics.median(times[label]), "ratio_median": statistics.median(ratios),
                "ratio_min": min(ratios), "ratio_max": max(ratios), "peak_mib": fns[label][1] / 2 ** 20,

@@ -24,9 +24,9 @@ def test_moe_layer_benchmark_smoke(tmp_path, monkeypatch, capsys):
                                 "--json", str(out)], monkeypatch)
     learned = json.loads(out.read_text())["learned"]
     assert [(r["kind"], r["routing"]) for r in learned] == [("glu", "balanced"), ("glu", "zipf")]
-    for r in learned:      # the 'experts alone' rows are rows of balanced settings only
+    for r in learned:      # the 'experts alone' row is a row of balanced settings only
         assert set(r["impls"]) == {"dropless_auto", "capacity_index_cf1.25"} | (
-            {"experts_alone_batched", "experts_alone_per_expert"} if r["routing"] == "balanced" else set())
+            {"experts_alone"} if r["routing"] == "balanced" else set())
         assert r["dense_peak_mib"] > 0
         for row in r["impls"].values():
             assert row["ratio_min"] <= row["ratio_median"] <= row["ratio_max"] and row["peak_mib"] > 0
@@ -101,8 +101,8 @@ def test_accelerator_check_smoke(tmp_path, monkeypatch, capsys):
         run_script("accelerator_check.py", ["--smoke"], monkeypatch)
 
 
-def test_moe_layer_experts_alone_rows_are_every_expert_on_its_own_rows():
-    """Both 'experts alone' rows (batched, per expert) equal a loop over experts, each on its own T*K/E consecutive rows of
+def test_moe_layer_experts_alone_row_is_every_expert_on_its_own_rows():
+    """The 'experts alone' row's batched matmuls equal a loop over experts, each on its own T*K/E consecutive rows of
     the K-fold tiled input, in values and gradients (MLP and SwiGLU experts)."""
     import jax
     import jax.numpy as jnp
@@ -125,11 +125,10 @@ def test_moe_layer_experts_alone_rows_are_every_expert_on_its_own_rows():
     for kind, act in (("glu", "silu"), ("mlp", "gelu")):
         params = bench["_experts_alone_params"](jax.random.key(2), kind, e, d, f)
         want = jax.value_and_grad(loop, argnums=(0, 1))(params, x, kind, act)
-        for batched in (True, False):
-            got = jax.value_and_grad(bench["_experts_alone_loss"], argnums=(0, 1))(params, x, batched=batched, kind=kind,
-                                                                             act=act, k=k, cot=cot)
-            for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
-                np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        got = jax.value_and_grad(bench["_experts_alone_loss"], argnums=(0, 1))(params, x, kind=kind, act=act, k=k,
+                                                                               cot=cot)
+        for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_matmul_shapes_smoke(tmp_path, monkeypatch):

@@ -7,6 +7,7 @@ This file is also a config file for ``python -m moejax.main --config=tests/test_
 """
 from __future__ import annotations
 
+import os
 import pathlib
 import subprocess
 import sys
@@ -85,7 +86,9 @@ def test_selected_from_the_command_line_with_an_unwritten_field(tmp_path, data_d
          "--config.train.tensorboard=False", "--config.model.d_model=16", "--config.optimizer.schedule=constant",
          "--config.model.layers[0].router.temperature=0.25",        # not written by get_config
          "--config.model.layers[1].dispatch.gmm=padded"],           # not written by the quickstart
-        capture_output=True, text=True, timeout=600, cwd=HERE.parent)
+        capture_output=True, text=True, timeout=600, cwd=HERE.parent,
+        # a tiny model on one CPU device compiles faster unoptimised (what the module's quick_compiles does in-process)
+        env=dict(os.environ, JAX_DISABLE_MOST_OPTIMIZATIONS="1", XLA_FLAGS="--xla_force_host_platform_device_count=1"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "final step 4" in proc.stdout
     # Not a terminal: the header and one line per log_every steps are printed anyway (no progress bar).

@@ -4,13 +4,15 @@
 Mosaic MLIR dialects, with their verifier) and embeds each kernel as a ``tpu_custom_call``; nothing is compiled by
 the TPU compiler or run. This catches what interpret mode cannot: block shapes Mosaic refuses, primitives without a
 Mosaic lowering, scalar-prefetch and DMA misuse. Forward and backward (through the custom VJPs) are lowered.
-Lowering for ``cuda`` embeds each Triton kernel as a ``__gpu$xla.gpu.triton`` custom call, and the
+Lowering for ``cuda`` embeds each Triton kernel as a ``__gpu$xla.gpu.triton`` custom call (under an abstract H100:
+:func:`cuda_target`), and the
 ``triton_modules`` fixture (tests/conftest.py) runs every Triton module through the MLIR verifier; nothing is
 compiled by Triton. The same for the expert-parallel dropless layer with the native ``ragged_all_to_all`` (XLA:CPU
 cannot run it, so the CPU tests use the emulation): forward and backward lower for TPU and CUDA.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import jax
@@ -35,15 +37,31 @@ KERNEL_CALL = {"tpu": "stablehlo.custom_call @tpu_custom_call",           # a Mo
                "cuda": "stablehlo.custom_call @__gpu$xla.gpu.triton"}     # a Triton kernel
 
 
+# The GPU that Pallas' Triton lowering reads its compute capability from when the host has none. jax 0.10 fell back
+# to 9.0 on its own; jax 0.12 refuses ("No supported GPU devices found, please specify an abstract GPU device").
+H100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
+
+
+@contextlib.contextmanager
+def cuda_target():
+    """Lowering inside this context targets an (abstract) H100, sm_90, whatever the host's devices are."""
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=H100)):
+        yield
+
+
+def lower_text(fn, *args, platform: str) -> str:
+    """The StableHLO text of ``jax.jit(fn)`` lowered for ``platform`` on this host (nothing is compiled)."""
+    with cuda_target() if platform == "cuda" else contextlib.nullcontext():
+        return jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
+
+
 def lowered_kernels(fn, *args, platform: str = "tpu") -> int:
     """How many Pallas kernels the lowering of ``fn(*args)`` for ``platform`` holds."""
-    text = jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
-    return text.count(KERNEL_CALL[platform])
+    return lower_text(fn, *args, platform=platform).count(KERNEL_CALL[platform])
 
 
 def _lowered_for_cuda(f, *args) -> str:
-    shapes = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args]
-    return jax.jit(f).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
+    return lower_text(f, *[jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args], platform="cuda")
 
 
 # ---------------------------------------------------------------- grouped matmul: Mosaic for TPU, Triton for CUDA
@@ -122,8 +140,11 @@ def test_under_shard_map_the_triton_gmm_lowers_for_cuda_and_interpret_mode_is_a_
     def grads(a, b, g):
         return jax.grad(lambda a, b: jnp.sum(kernels.gmm_gpu(a, b, g) ** 2), argnums=(0, 1))(a, b)
 
-    per_device = jax.shard_map(grads, mesh=mesh, in_specs=(spec,) * 3, out_specs=(spec, spec))
-    assert _lowered_for_cuda(per_device, lhs, rhs, gs).count(KERNEL_CALL["cuda"]) == 3
+    # Lowered for CUDA over two abstract H100s (the shard_map's mesh decides the device Triton targets).
+    gpus = jax.sharding.AbstractMesh((2,), ("expert",), abstract_device=H100)
+    per_device = jax.shard_map(grads, mesh=gpus, in_specs=(spec,) * 3, out_specs=(spec, spec))
+    sharded = [S(a.shape, a.dtype, sharding=NamedSharding(gpus, spec)) for a in (lhs, rhs, gs)]
+    assert lower_text(per_device, *sharded, platform="cuda").count(KERNEL_CALL["cuda"]) == 3
     interpreted = jax.shard_map(functools.partial(kernels.gmm_gpu, interpret=True), mesh=mesh, in_specs=(spec,) * 3,
                                 out_specs=spec)
     with pytest.raises(ValueError, match="^interpret.*shard_map"):
@@ -187,7 +208,6 @@ def test_expert_parallel_dropless_with_native_ragged_all_to_all_lowers(platform)
         return jnp.sum(y ** 2)
 
     with jax.set_mesh(mesh):
-        text = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).trace(x, params).lower(
-            lowering_platforms=(platform,)).as_text()
+        text = lower_text(jax.value_and_grad(loss, argnums=(0, 1)), x, params, platform=platform)
     # Rows out and back in the forward pass; their transposes (again ragged all-to-alls) in the backward pass.
     assert text.count("stablehlo.custom_call @ragged_all_to_all(") == 4

@@ -153,10 +153,17 @@ def test_pruning_a_never_routed_expert_changes_nothing():
     lp = prof["layer_0"]
     assert sorted(lp.by_label) == [0, 1, 2] and lp.counts[2] == 0 and lp.counts.sum() == 32
     assert [c.tokens for _, c in sorted(lp.by_label.items())] == [6, 5, 5]
-    # The reconstruction criterion removes it first, at zero output error.
+    # The reconstruction criterion removes it first, at zero output error up to float32 rounding: the pruned layer is
+    # another compiled program (3 experts, not 4), whose sums may round differently (exactly 0.0 under jax 0.10's XLA,
+    # 1e-13 under jax 0.12's). The claim is an unchanged function, so the bound is a relative RMS error of 4 ulps of
+    # float32 against the layer's output (the other removals cost ~0.3, twelve orders of magnitude more).
     inputs = prune_lib.layer_inputs(model, [prof_lib.Batch(x)])
     kept, errors = prune_lib.reconstruction_order(model, 0, inputs["layer_0"], 3)
-    assert kept.tolist() == keep.tolist() and errors == [0.0]
+    layer = prune_lib.resolve_layer(model, 0)
+    y = prune_lib._layer_output(layer.spec, prune_lib.layer_variables(model, layer), jnp.asarray(inputs["layer_0"]))
+    mean_square = float(jnp.mean(jnp.sum(jnp.square(y), axis=-1)))
+    assert kept.tolist() == keep.tolist() and len(errors) == 1
+    assert 0.0 <= errors[0] <= (4 * np.finfo(np.float32).eps) ** 2 * mean_square, (errors, mean_square)
 
 
 MOE = "decoder/block_1/ffn"          # the trained LM's one MoE layer (MoE layer 0)

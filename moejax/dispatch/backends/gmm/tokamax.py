@@ -149,8 +149,14 @@ def gmm_tokamax(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, imple
 
 
 def _hashable(implementation: Any) -> Any:
-    """A static argument of the custom VJP must hash: sequences become tuples."""
-    return tuple(implementation) if isinstance(implementation, list) else implementation
+    """``implementation`` as tokamax takes it and as a static argument of the custom VJP must be (hashable): None and a
+    name as given, a sequence as a tuple, one ``Op`` instance as a 1-tuple (tokamax 0.0.17 iterates over anything that
+    is not a name; 0.0.12 wrapped a lone instance itself)."""
+    if implementation is None or isinstance(implementation, str):
+        return implementation
+    if isinstance(implementation, (list, tuple)):
+        return tuple(implementation)
+    return (implementation,)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,6 +17,14 @@ What a checkpoint must survive, and how:
   raises :class:`NoUsableCheckpointError` (saying what to do) instead of letting the run start over at step 0.
 - **Non-finite values** are never written: :meth:`Checkpointer.save` refuses them (``NonFiniteError`` naming the
   first offending leaf), and a restored state with non-finite values is an error too.
+- **A directory that stops accepting writes** (permissions, a read-only or full filesystem). Before each save a probe
+  file is created and removed in the checkpoint directory, so that the common cases fail at once, in the caller,
+  before orbax starts its background threads. A write that fails later, in orbax's background save, surfaces at
+  the next :meth:`Checkpointer.save`, :meth:`Checkpointer.wait` or :meth:`Checkpointer.close`. Either way the caller
+  gets a :class:`CheckpointWriteError` naming the directory, the step and the error, and the last good checkpoint is
+  untouched (orbax renames a step into place only when it is complete). After a failure the checkpointer refuses
+  further saves and no longer waits for orbax's threads: a failed save can leave them waiting on each other until
+  orbax's coordination timeout, which is how a run used to hang.
 """
 from __future__ import annotations
 
@@ -24,6 +32,7 @@ import json
 import logging
 import pathlib
 import shutil
+import tempfile
 import time
 from typing import Any
 
@@ -56,6 +65,10 @@ class NoUsableCheckpointError(RuntimeError):
 
 class ChecksumError(ValueError):
     """A restored array does not match the checksum saved with it."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (the directory, the step and the underlying error are in the message)."""
 
 
 # ----------------------------------------------------------------------------- tree layout and digests
@@ -162,6 +175,8 @@ class Checkpointer:
         # Naming the handler lets a fresh manager read metadata of steps it did not write itself.
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_handlers=ocp.StandardCheckpointHandler())
+        self.failed: CheckpointWriteError | None = None     # the first write failure; no save after it
+        self._in_flight: int | None = None                  # the step of the last save started
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -170,17 +185,59 @@ class Checkpointer:
         """Saves (asynchronously when enabled) the pytree at ``step`` with the checksum of every array; an
         existing step is left alone. Raises ``NonFiniteError`` naming the first non-finite array, writing nothing.
         """
+        if self.failed is not None:
+            raise self.failed
         if step in self.manager.all_steps():
             return
         sums, nonfinite = tree_digests(tree)
         if nonfinite:
             raise NonFiniteError(f"step {step}: refusing to save a checkpoint with non-finite values (first: "
                                  f"{nonfinite[0]}); nothing was written to {self.directory}")
+        # The previous (asynchronous) save must have succeeded; orbax's save would wait for it too, but then its
+        # failure would be reported as this step's.
+        self.wait()
+        self._probe(step)
         meta = {CHECKSUM_KEY: {"version": CHECKSUM_VERSION, "arrays": sums}}
-        self.manager.save(step, args=ocp.args.StandardSave(tree), force=True, custom_metadata=meta)
+        self._in_flight = step
+        try:
+            self.manager.save(step, args=ocp.args.StandardSave(tree), force=True, custom_metadata=meta)
+        except Exception as err:  # noqa: BLE001 - any failure to write is reported the same way, once
+            raise self._fail(step, err) from err
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Waits for the save in flight; raises :class:`CheckpointWriteError` if it (or an earlier one) failed."""
+        if self.failed is not None:
+            raise self.failed
+        try:
+            self.manager.wait_until_finished()
+        except Exception as err:  # noqa: BLE001
+            raise self._fail(self._in_flight, err) from err
+
+    def _probe(self, step: int) -> None:
+        """Creates and removes a file in the checkpoint directory: an unwritable directory fails here, not in orbax's
+        background threads."""
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=self.directory, prefix=".moejax-write-probe-"):
+                pass
+        except OSError as err:
+            raise self._fail(step, err) from err
+
+    def _fail(self, step: int | None, err: BaseException) -> CheckpointWriteError:
+        good = self._complete_steps()
+        what = f"step {step}" if step is not None else "a checkpoint"
+        first_line = (str(err).splitlines() or [""])[0][:300]
+        self.failed = CheckpointWriteError(
+            f"checkpoint: could not write {what} to {self.directory} ({type(err).__name__}: {first_line}); last good "
+            f"checkpoint: {f'step {good[-1]}' if good else 'none'}")
+        return self.failed
+
+    def _complete_steps(self) -> list[int]:
+        """Steps whose directories orbax finished (renamed into place), read from the filesystem."""
+        try:
+            return sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit() and p.is_dir())
+        except OSError:
+            return []
 
     def saved_checksums(self, step: int) -> dict[str, str] | None:
         """The checksums saved with ``step`` (None for a checkpoint written without them).
@@ -277,7 +334,7 @@ class Checkpointer:
         if step is None:
             raise FileNotFoundError(f"workdir: no checkpoint in {self.directory}")
         # Onto this process's first device, whatever mesh or process count wrote it.
-        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        device = jax.sharding.make_single_device_sharding(jax.local_devices()[0])
         abstract = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
                                           self.manager.item_metadata(step).tree)
         restored = self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
@@ -302,7 +359,13 @@ class Checkpointer:
         self.manager.reload()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        """Waits for the save in flight and closes the manager (:class:`CheckpointWriteError` if the save failed).
+
+        After a failure it returns at once: orbax's threads of the failed save may never finish (see the module doc).
+        """
+        if self.failed is not None:
+            return
+        self.wait()
         self.manager.close()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import pathlib
 import signal
 import tempfile
@@ -31,12 +32,18 @@ from moejax.training.steps import (AuxWeights, NonFiniteError, TrainState, first
 log = logging.getLogger("moejax")
 
 class _SigtermFlag:
-    """A SIGTERM handler that only records the signal; the trainer acts on it between steps."""
+    """A SIGTERM handler that records the signal; the trainer acts on it between steps. A second SIGTERM, while the
+    first is still being acted on, ends the process at once as if no handler were installed: SIGTERM always works,
+    even when a step or a save never returns."""
 
     def __init__(self) -> None:
         self.set = False
 
     def __call__(self, signum, frame) -> None:  # noqa: ARG002
+        if self.set:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
         self.set = True
 
 

@@ -7,6 +7,11 @@ typed default (``router.kind``, ``dispatch.gmm``, a transform's field, ...) coul
 exists is then decided by the typed configs (``MoEConfig.from_dict``, the model and trainer configs), which reject
 unknown names in one line with the closest valid ones.
 
+A section that the config file leaves at None (a placeholder) is created by an override of a field inside it, so
+a config file's None can be filled in from the command line. A section that an earlier override of the same command
+line set to None is not: ``--config.model.moe=None --config.model.moe.router.k=2`` would otherwise build an MoE
+from library defaults where the first override asked for none, so it is an error naming both.
+
 Paths are dotted, with list indices: ``model.layers[0].router.kind``. Values are Python literals
 (``2``, ``1e-3``, ``None``, ``(1, 2)``, ``'relu'``), ``true``/``false``, or else taken as a string; a value for a
 field that holds a float, int or bool is converted to that type (``--config.optimizer.learning_rate=1`` is 1.0).
@@ -125,12 +130,41 @@ def _set(node: Any, step: str | int, value: Any, path: str) -> None:
         raise ValueError(f"{path}: cannot set a field inside a {type(node).__name__}")
 
 
+def _dotted(steps: Sequence[str | int]) -> str:
+    """``['model', 'layers', 0, 'router']`` -> ``model.layers[0].router``."""
+    return "".join(f"[{s}]" if isinstance(s, int) else f".{s}" for s in steps).lstrip(".")
+
+
+def _check_not_nulled(nulled: dict[tuple[str | int, ...], str], steps: Sequence[str | int], node: Any, path: str,
+                      text: str) -> None:
+    """Refuses to step into the section ``steps`` when it is None because an earlier override set it so (its
+    override text in ``nulled``): creating it would silently undo that override."""
+    key = tuple(steps)
+    if key not in nulled:
+        return
+    step = steps[-1]
+    if isinstance(step, int):
+        current = node[step] if isinstance(node, (list, tuple)) and step < len(node) else None
+    else:
+        current = node.get(step) if isinstance(node, (ml_collections.ConfigDict, dict)) else None
+    if current is None:
+        section = _dotted(steps)
+        raise ValueError(f"{path}={text!r}: {section} is None (set by --config.{nulled[key]}); drop that override "
+                         f"to set fields of {section}, or this one to leave it None")
+
+
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[tuple[str, str]]) -> None:
-    """Applies ``(path, value text)`` overrides in order, creating missing fields (see the module doc)."""
+    """Applies ``(path, value text)`` overrides in order, creating missing fields (see the module doc).
+
+    A field inside a section that an earlier override set to None is an error naming the path and that override;
+    a section the config file left at None is created (a placeholder to fill in).
+    """
+    nulled: dict[tuple[str | int, ...], str] = {}       # sections set to None by an override: path -> its text
     for path, text in overrides:
         steps = _steps(path)
         node: Any = config
-        for step in steps[:-1]:
+        for i, step in enumerate(steps[:-1]):
+            _check_not_nulled(nulled, steps[:i + 1], node, path, text)
             node = _child(node, step, path)
         last = steps[-1]
         current = None
@@ -147,3 +181,8 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[tuple
         if isinstance(value, dict):
             value = ml_collections.ConfigDict(value)
         _set(node, last, value, path)
+        key = tuple(steps)
+        for set_before in [k for k in nulled if k[:len(key)] == key]:     # this override replaced them
+            del nulled[set_before]
+        if value is None:
+            nulled[key] = f"{path}={text}"

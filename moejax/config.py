@@ -76,10 +76,11 @@ class DispatchConfig:
         each with its own buffers of capacity ``C = ceil(cf * (T/G) * K / E)`` (GShard/V-MoE routing
         groups). Under expert parallelism each device holds whole groups, so ``G`` must be a multiple of the
         number of token shards; a single-device run with the same ``G`` computes exactly the same thing.
-        Dropless dispatch drops nothing and ignores it.
+        Dropless dispatch drops nothing and has no routing groups: there, a ``groups`` other than 1 is an error
+        (it would be ignored).
       group_size: capacity mode: routing groups given by their size instead (``G = T / group_size``), e.g. the
         sequence length for one group per sequence; exclusive with ``groups``. A count that happens to divide
-        ``T`` can silently build groups that straddle sequences; a size cannot.
+        ``T`` can silently build groups that straddle sequences; a size cannot. Dropless dispatch ignores it.
       expert_capacity: an absolute expert capacity ``C`` (per routing group), used in training and evaluation
         instead of the capacity factors (which must then be left at their defaults or None); clipped to the
         tokens of a group.
@@ -120,6 +121,11 @@ class DispatchConfig:
             if self.groups != 1:
                 _fail("dispatch.group_size", self.group_size, f"give routing groups by count (dispatch.groups="
                                                               f"{self.groups}) or by size, not both")
+        if self.mode == "dropless" and self.groups != 1:
+            # Dropless has no capacity buffers to split into groups (Dropless.from_config drops the count).
+            _fail("dispatch.groups", self.groups, "ignored by dispatch.mode='dropless' (routing groups split the "
+                                                  "capacity buffers, and dropless has none); set dispatch.mode="
+                                                  "'capacity' or leave dispatch.groups=1")
         if self.expert_capacity is not None:
             _check_positive_int("dispatch.expert_capacity", self.expert_capacity)
             defaults = {f.name: f.default for f in dataclasses.fields(self)}

@@ -19,13 +19,18 @@ def unknown_field(field: str, known: Iterable[str], owner: str = "") -> ValueErr
     return ValueError(f"{field}: unknown field{' of ' + owner if owner else ''}{hint}; known fields: {names}")
 
 
-def command_main(run: Callable[[Sequence[str]], object], argv: Sequence[str] | None) -> int:
+def command_main(run: Callable[[Sequence[str]], object], argv: Sequence[str] | None, debug: bool = False) -> int:
     """Exit status of a command line ``run(argv)`` (default ``sys.argv[1:]``): 0, or 2 after printing a ValueError as
-    one line ``error: ...`` on stderr (the project's rule for bad input: one line naming the field)."""
+    one line ``error: ...`` on stderr (the project's rule for bad input: one line naming the field).
+
+    ``debug``: let the ValueError propagate instead, so its traceback is shown (and a post-mortem debugger sees it);
+    a command offers it as ``--debug``, like ``python -m moejax.main``."""
     import sys
     try:
         run(sys.argv[1:] if argv is None else argv)
     except ValueError as e:
+        if debug:
+            raise
         print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 2
     return 0

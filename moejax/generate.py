@@ -3,9 +3,12 @@
     python -m moejax.generate --model=<dir> --prompt="The experts" [--prompt=...] [--max_new_tokens=32]
         [--temperature=0] [--top_k=0] [--top_p=1] [--seed=0] [--dtype=bfloat16] [--stop_token=<id>|none]
         [--contrast_weak_k=1 [--contrast_beta=0.5] [--contrast_alpha=0.1]]   (self-contrast decoding, SCMoE)
+        [--truncate_prompts] [--debug]
 
 Prompts of different lengths are batched (left-padded); ``--temperature=0`` is greedy. The stop token defaults to
-the checkpoint's ``eos_token_id``. Errors are one line (exit status 2).
+the checkpoint's ``eos_token_id``. A prompt that does not fit the checkpoint's positions (``max_position_embeddings``)
+together with ``--max_new_tokens`` is an error unless ``--truncate_prompts`` (keep its last tokens that fit, with a
+warning). Errors are one line (exit status 2); ``--debug`` shows their traceback instead.
 """
 from __future__ import annotations
 
@@ -35,6 +38,9 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
                    help="self-contrast decoding (SCMoE) against the model with this many experts per token")
     p.add_argument("--contrast_beta", type=float, default=0.5)
     p.add_argument("--contrast_alpha", type=float, default=0.1)
+    p.add_argument("--truncate_prompts", action="store_true",
+                   help="keep the last tokens of a prompt too long for the model's positions (default: an error)")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error instead of one line")
     return p.parse_args(argv)
 
 
@@ -56,7 +62,8 @@ def run(argv: Sequence[str]) -> list[str]:
         weak_k=args.contrast_weak_k, beta=args.contrast_beta, alpha=args.contrast_alpha)
     prompts = [lm.tokenizer.encode(p) for p in args.prompt]
     out = generate(lm.config, lm.variables, prompts, max_new_tokens=args.max_new_tokens, sampling=sampling,
-                   stop_token=stop, rng=jax.random.PRNGKey(args.seed), contrast=contrast)
+                   stop_token=stop, rng=jax.random.PRNGKey(args.seed), contrast=contrast,
+                   max_positions=lm.max_positions, truncate_prompts=args.truncate_prompts)
     texts = []
     for prompt, ids in zip(args.prompt, out.as_lists()):
         if stop is not None and ids and ids[-1] == stop:
@@ -67,7 +74,9 @@ def run(argv: Sequence[str]) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return command_main(run, argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # Parsed here as well as in run(): --debug must be known before run() can fail.
+    return command_main(run, argv, debug=parse(argv).debug)
 
 
 if __name__ == "__main__":

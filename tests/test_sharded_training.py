@@ -43,7 +43,8 @@ def lm_config(data_dir: str, mode: str = "dropless", skewed: bool = False, steps
         "moe": {"num_experts": 8, "hidden_dim": 16, "expert_kind": "glu", "activation": "silu", "use_bias": False,
                 "num_shared_experts": 1,
                 "router": {"k": 2, "renormalize": True, "selection_bias": skewed, "bias_update_rate": 0.0},
-                "dispatch": {"mode": mode, "capacity_factor": 1.0, "groups": 8, "gmm": "padded", "gmm_tile": 8}},
+                "dispatch": {"mode": mode, "capacity_factor": 1.0, "groups": 8 if mode == "capacity" else 1,
+                             "gmm": "padded", "gmm_tile": 8}},      # dropless has no routing groups
     })
     cfg.optimizer = optimizer_config(name="sgd", learning_rate=0.5, schedule="constant")
     cfg.train = train_config(steps=steps, log_every=1, eval_every=steps, checkpoint_every=2, eval_steps=1,

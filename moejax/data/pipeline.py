@@ -15,7 +15,7 @@ import numpy as np
 
 from moejax.data.batching import ClassificationBatches, ClassificationEval, check_process_split
 from moejax.data.lm import VOCAB_SIZE, LMBatches, LMEval, byte_stream
-from moejax.data.reader import SHORT_NAMES, is_shipped, load_split, materialize, resolve_name
+from moejax.data.reader import SHORT_NAMES, is_shipped, load_split, materialize, not_a_directory, resolve_name
 from moejax.errors import unknown_field
 
 Task = Literal["classification", "lm"]
@@ -70,7 +70,8 @@ class DataConfig:
       batch_size, eval_batch_size: global batch sizes (``eval_batch_size`` defaults to ``batch_size``).
       seq_len: ``L`` of the LM windows (required for LM datasets, not allowed otherwise).
       seed: the training order / window offsets are a function of ``(seed, step)``.
-      data_dir: where datasets live; see :mod:`moejax.data.reader` for the default.
+      data_dir: where datasets live (a directory, created if missing); see :mod:`moejax.data.reader` for the
+        default.
       train_split, eval_split: TFDS split strings; ``eval_split`` defaults per dataset.
       in_memory: classification: read the needed features of each split into memory once.
       max_bytes: LM: cap on bytes read per split (default: none, 64 MiB for lm1b).
@@ -108,6 +109,10 @@ class DataConfig:
             v = getattr(self, f)
             if v is not None and (not isinstance(v, str) or not v):
                 _fail(f, v, "must be a non-empty string or None")
+        problem = self.data_dir and not_a_directory(self.data_dir)
+        if problem:     # checked here, not when preparing the data: that comes after the workdir and the mesh
+            _fail("data_dir", self.data_dir, f"{problem}; give a directory (created if missing), or None for the "
+                  "default")
         if not isinstance(self.train_split, str) or not self.train_split:
             _fail("train_split", self.train_split, "must be a non-empty string")
         if not isinstance(self.in_memory, bool):

@@ -50,6 +50,22 @@ def default_data_dir() -> str:
     return os.environ.get("MOEJAX_DATA_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "moejax", "tfds")
 
 
+def not_a_directory(path: str) -> str | None:
+    """Why ``path`` cannot be used as a data directory, or None when it can: it, or the nearest of its parents
+    that exists, is something other than a directory (a missing directory is fine: it is created)."""
+    if "://" in path:        # a URL TFDS reads (gs://...): nothing to check on this machine
+        return None
+    probe = os.path.abspath(path)
+    while not os.path.lexists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    if os.path.isdir(probe):
+        return None
+    kind = "a file" if os.path.isfile(probe) else "not a directory"
+    if probe == os.path.abspath(path):
+        return "is a file, not a directory" if kind == "a file" else "exists and is not a directory"
+    return f"{probe} is {kind}, so the directory cannot be created"
+
+
 @contextlib.contextmanager
 def _file_lock(path: str) -> Iterator[None]:
     """Exclusive advisory lock on ``path`` (created if missing); blocks until it is free."""
@@ -180,11 +196,15 @@ def load_split(name: str, split: str, data_dir: str | None = None) -> Source:
       data_dir: see the module docstring for the default.
 
     Raises:
-      ValueError: naming ``data.name`` for a name neither shipped nor known to TFDS, or ``split``
-        for a split the dataset does not have.
+      ValueError: naming ``data.name`` for a name neither shipped nor known to TFDS, ``split``
+        for a split the dataset does not have, or ``data_dir`` (``$MOEJAX_DATA_DIR``) when it is a file.
     """
     full = resolve_name(name)
+    field = "data_dir" if data_dir else "$MOEJAX_DATA_DIR"
     data_dir = data_dir or os.environ.get("MOEJAX_DATA_DIR") or None
+    problem = data_dir and not_a_directory(data_dir)
+    if problem:
+        raise ValueError(f"{field}={data_dir!r}: {problem}; give a directory (created if missing)")
     if full in SHIPPED_BUILDERS:
         builder = prepare(full, data_dir)
         try:

@@ -10,6 +10,7 @@ Shapes: ``B`` prompts, ``P`` longest prompt, ``N`` new tokens, ``V`` vocabulary.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any, Sequence
 
 import jax
@@ -23,6 +24,8 @@ from moejax.layers import LAYERS
 from moejax.models.config import LMConfig
 from moejax.models.transformer import TransformerLM, make_cache
 from moejax.routing import plugin
+
+log = logging.getLogger("moejax")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +54,9 @@ def for_decoding(cfg: LMConfig) -> LMConfig:
                              f"so decoding one token at a time differs from the full forward pass")
     if cfg.moe is None or cfg.moe.dispatch.mode == "dropless":
         return cfg
-    moe = dataclasses.replace(cfg.moe, dispatch=dataclasses.replace(cfg.moe.dispatch, mode="dropless"))
+    # Routing groups belong to capacity buffers; dropless has none (and refuses a groups count it would ignore).
+    dispatch = dataclasses.replace(cfg.moe.dispatch, mode="dropless", groups=1, group_size=None)
+    moe = dataclasses.replace(cfg.moe, dispatch=dispatch)
     return dataclasses.replace(cfg, moe=moe)
 
 
@@ -69,17 +74,53 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndar
     return tokens, lengths
 
 
+def fit_prompts(prompts: Sequence[Sequence[int]], max_new_tokens: int, max_positions: int | None,
+                truncate: bool = False) -> list[Sequence[int]]:
+    """``prompts`` checked against a model's ``max_positions``: each prompt plus its ``max_new_tokens`` new tokens
+    must fit (the rotary positions it reaches and its KV cache slots). A prompt that does not is a one-line error
+    naming its index, its length and the limit; with ``truncate`` it is cut to its last ``max_positions -
+    max_new_tokens`` tokens instead (the end of a prompt is what the continuation follows), with a warning saying
+    how many tokens were cut. ``max_positions`` None: the model states no limit, nothing to check."""
+    if max_positions is None:
+        return list(prompts)
+    if isinstance(max_positions, bool) or not isinstance(max_positions, int) or max_positions < 1:
+        raise ValueError(f"max_positions={max_positions!r}: must be an integer >= 1, or None for no limit")
+    room = max_positions - max_new_tokens                  # prompt tokens that fit next to the new ones
+    if room < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens}: leaves no room for a prompt in the model's "
+                         f"{max_positions} positions; must be <= {max_positions - 1}")
+    fitted = []
+    for i, p in enumerate(prompts):
+        n = len(p)
+        if n <= room:
+            fitted.append(p)
+            continue
+        if not truncate:
+            fewer = f" or lower max_new_tokens to {max_positions - n}" if n < max_positions else ""
+            raise ValueError(f"prompts[{i}]: {n} tokens + max_new_tokens={max_new_tokens} = {n + max_new_tokens}, "
+                             f"more than the model's {max_positions} positions; shorten it to {room} tokens{fewer}, "
+                             f"or pass truncate_prompts=True (--truncate_prompts) to keep its last {room}")
+        log.warning("prompts[%d]: cut %d of its %d tokens (kept the last %d) to fit the model's %d positions with "
+                    "max_new_tokens=%d", i, n - room, n, room, max_positions, max_new_tokens)
+        fitted.append(list(p)[n - room:])
+    return fitted
+
+
 def generate(cfg: LMConfig, variables: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              sampling: Sampling = Sampling(), stop_token: int | None = None, pad_id: int = 0,
              rng: jax.Array | None = None, cache_dtype: str | None = None,
-             contrast: SelfContrast | None = None) -> Generated:
+             contrast: SelfContrast | None = None, max_positions: int | None = None,
+             truncate_prompts: bool = False) -> Generated:
     """Generates up to ``max_new_tokens`` tokens after each prompt (a list of token-id lists).
 
     ``variables``: the model's variables (``{'params': ..., **moe_state}``). ``stop_token``: a sequence ends after
     emitting it (later positions hold ``pad_id``). ``rng``: required unless greedy. One prefill call over the left-
     padded prompts, then ``max_new_tokens - 1`` single-token calls in one compiled loop. ``contrast``: self-contrast
     decoding (:class:`~moejax.generation.contrast.SelfContrast`): the same model run a second time with weaker
-    expert activation (its own KV cache), the next token chosen from the contrast of the two.
+    expert activation (its own KV cache), the next token chosen from the contrast of the two. ``max_positions``: the
+    positions the model handles (e.g. :attr:`~moejax.generation.sources.LanguageModel.max_positions`; None: no
+    limit); a prompt that does not fit with ``max_new_tokens`` is an error, or with ``truncate_prompts`` keeps its
+    last tokens that fit (:func:`fit_prompts`; ``prompt_lengths`` are then the kept lengths).
     """
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens!r}: must be an integer >= 1")
@@ -89,6 +130,7 @@ def generate(cfg: LMConfig, variables: Any, prompts: Sequence[Sequence[int]], *,
         bad = [t for t in p if not 0 <= int(t) < cfg.vocab_size]
         if bad:
             raise ValueError(f"prompts[{i}]: token id {bad[0]} outside the vocabulary [0, {cfg.vocab_size})")
+    prompts = fit_prompts(prompts, max_new_tokens, max_positions, truncate_prompts)
     cfg = for_decoding(cfg)
     tokens, lengths = left_pad(prompts, pad_id)
     rng = jax.random.PRNGKey(0) if rng is None else rng

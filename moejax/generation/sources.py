@@ -56,13 +56,16 @@ class HFTokenizer:
 @dataclasses.dataclass(frozen=True)
 class LanguageModel:
     """config: the typed LM config; variables: ``{'params': ..., **non-gradient collections}``; tokenizer;
-    stop_token: the end-of-sequence id when the source names one; source: the path it came from."""
+    stop_token: the end-of-sequence id when the source names one; source: the path it came from; max_positions: the
+    positions (prompt + new tokens) the source says the model handles (a Hugging Face ``max_position_embeddings``),
+    None when it states none (rotary positions have no built-in limit; a moejax workdir records none)."""
 
     config: LMConfig
     variables: Any
     tokenizer: Tokenizer
     stop_token: int | None
     source: str
+    max_positions: int | None = None
 
 
 def _json(path: pathlib.Path) -> dict[str, Any]:
@@ -96,7 +99,15 @@ def _from_hf(path: pathlib.Path, meta: dict[str, Any], dtype: str | None, mesh: 
     eos = meta.get("eos_token_id")
     if isinstance(eos, list):
         eos = eos[0] if eos else None
-    return LanguageModel(loaded.config, loaded.variables, HFTokenizer(tok_file), eos, str(path))
+    return LanguageModel(loaded.config, loaded.variables, HFTokenizer(tok_file), eos, str(path),
+                         _max_positions(meta))
+
+
+def _max_positions(meta: dict[str, Any]) -> int | None:
+    """The ``max_position_embeddings`` of a Hugging Face ``config.json``, or None when it has no usable one (then
+    nothing is checked: the rotary positions of these families have no hard limit of their own)."""
+    limit = meta.get("max_position_embeddings")
+    return limit if isinstance(limit, int) and not isinstance(limit, bool) and limit >= 1 else None
 
 
 def _from_workdir(path: pathlib.Path, meta: dict[str, Any]) -> LanguageModel:

@@ -8,10 +8,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 INDEX = "model.safetensors.index.json"
@@ -42,8 +42,7 @@ class CheckpointFiles:
     def _open(self, path: str) -> None:
         index = os.path.join(path, INDEX)
         if os.path.exists(index):
-            with open(index, encoding="utf-8") as f:
-                weight_map = json.load(f)["weight_map"]
+            weight_map = _weight_map(index)
             files = sorted(set(weight_map.values()))
         else:
             weight_map = None
@@ -54,7 +53,7 @@ class CheckpointFiles:
             full = os.path.join(path, fname)
             if not os.path.exists(full):
                 raise ValueError(f"{full}: listed in {INDEX} but missing")
-            handle = self._stack.enter_context(safe_open(full, framework="numpy"))
+            handle = self._stack.enter_context(_open_file(full))
             self._handles[fname] = handle
             for name in handle.keys():
                 self._where.setdefault(name, fname)
@@ -92,6 +91,51 @@ class CheckpointFiles:
 
     def read(self, name: str, box: tuple[slice, ...]) -> np.ndarray:
         return np.asarray(self._slice(name)[box])
+
+
+def _weight_map(index: str) -> dict[str, str]:
+    """The ``weight_map`` of an index file; a one-line error naming the file when it is not a valid index."""
+    try:
+        with open(index, encoding="utf-8") as f:
+            weight_map = json.load(f)["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as e:    # json's errors are ValueErrors without the file name
+        raise ValueError(f"{index}: not a readable safetensors index ({type(e).__name__}: {e}); re-download or "
+                         f"re-export it") from e
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ValueError(f"{index}: 'weight_map' must map tensor names to file names; re-download or re-export it")
+    return weight_map
+
+
+def _open_file(full: str) -> Any:
+    """``safe_open(full)``; a truncated or corrupt file (the Rust library's error names no file) is a one-line
+    ValueError naming it."""
+    try:
+        return safe_open(full, framework="numpy")
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{full}: not a readable safetensors file ({_damage(full, e)}); re-download or re-export "
+                         f"it") from e
+
+
+def _damage(full: str, error: BaseException) -> str:
+    """What is wrong with a file safetensors refused: its size against the size its header describes when that
+    shows a truncation (the usual cause: an interrupted download or copy), else the library's own message."""
+    said = str(error).splitlines()[0] if str(error) else type(error).__name__
+    try:
+        size = os.path.getsize(full)
+        with open(full, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return f"truncated: {size} bytes, shorter than the 8-byte header length; {said}"
+            n = int.from_bytes(head, "little")
+            if size < 8 + n:
+                return f"truncated: {size} bytes, its header alone claims {8 + n}; {said}"
+            header = json.loads(f.read(n))
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
+        return said         # not even a readable header: the library's message is all there is
+    if size < 8 + n + end:
+        return f"truncated: {size} of the {8 + n + end} bytes its header describes"
+    return said
 
 
 def plan_shards(sizes: list[tuple[str, int]], max_bytes: int) -> list[list[str]]:

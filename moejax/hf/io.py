@@ -61,8 +61,14 @@ def read_config(path: str) -> dict[str, Any]:
     fname = os.path.join(path, "config.json")
     if not os.path.exists(fname):
         raise ValueError(f"{path}: no config.json (not a Hugging Face model directory)")
-    with open(fname, encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        with open(fname, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:     # json's ValueError names a line and column, not the file
+        raise ValueError(f"{fname}: not a readable JSON file ({type(e).__name__}: {e})") from e
+    if not isinstance(config, dict):
+        raise ValueError(f"{fname}: must hold a JSON object, not a {type(config).__name__}")
+    return config
 
 
 def with_dtype(cfg: LMConfig, dtype: str) -> LMConfig:

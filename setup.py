@@ -16,44 +16,48 @@ setup(
     python_requires=">=3.11",
     packages=PACKAGES,
     package_dir={"moejax": "moejax", "moejax.kernels": "kernels"},
+    # Lower bounds are the oldest versions tested: what CI's first pass (Python 3.11, the README's test command)
+    # installs, the newest releases for Python 3.11 on 2026-12-07 (jax 0.10.2 is the last jax for 3.11). CI's second
+    # pass (.ci/run) tests the newest releases for Python 3.12 (on 2026-12-07: jax/jaxlib 0.12.1, flax 0.12.12,
+    # numpy 2.5.5, tokamax 0.0.17). No upper bounds: none of these has a known break; the second pass finds one.
     install_requires=[
-        # Compatible ranges: jax 0.10-0.12 is what CI (PyPI) and the lent GPUs (0.11) run.
-        "jax>=0.6,<0.13",
-        "flax>=0.10,<0.13",
-        "chex>=0.1.87,<0.2",
-        "optax>=0.2.4,<0.3",
-        "orbax-checkpoint>=0.11,<0.13",
-        "ml-collections>=1.0,<2",
-        "numpy>=1.26",
-        "absl-py>=1.0",
+        "jax>=0.10.2",
+        "flax>=0.12.8",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12.8",
+        "ml-collections>=1.1",
+        "numpy>=2.4",
+        "absl-py>=2.3",
         # Data: TFDS reads array_record files without TensorFlow. TFDS 4.9.x imports importlib_resources
         # but declares it only for old Pythons (tensorflow/datasets#11212).
-        "tensorflow-datasets>=4.9.4,<5",
-        "array-record>=0.5",
-        "importlib_resources>=5",
-        "scikit-learn>=1.0",
-        "scipy>=1.7",
+        "tensorflow-datasets>=4.9.10",
+        "array-record>=0.8",
+        "importlib_resources>=7",
+        "scikit-learn>=1.9",
+        "scipy>=1.17",
         # Metrics: TensorBoard event files without TensorFlow; progress bar.
-        "tensorboardX>=2.6",
-        "tqdm>=4.60",
+        "tensorboardX>=2.6.5",
+        "tqdm>=4.70",
         # Pretrained models (moejax.hf, moejax.generate): Hugging Face checkpoints read lazily through the numpy API
         # of safetensors; their tokenizer.json through tokenizers. Neither pulls in torch.
-        "safetensors>=0.4",
-        "tokenizers>=0.15",
+        "safetensors>=0.8",
+        "tokenizers>=0.23",
     ],
     extras_require={
-        # The maintained grouped-matmul kernels (dispatch.gmm=tokamax; auto's first choice on GPU/TPU). tokamax
-        # 0.0.12 needs jax>=0.9.2 and pins typeguard==2.13.3; its qwix needs flax>=0.12.
+        # The maintained grouped-matmul kernels (dispatch.gmm=tokamax; auto's first choice on GPU/TPU). Tested:
+        # 0.0.12 (the newest for Python 3.11) and 0.0.17 (Python 3.12), whose ragged_dot no longer wraps a lone Op
+        # passed as `implementation` (moejax wraps it).
         "tokamax": ["tokamax>=0.0.12"],
         "test": [
-            "pytest>=8",
-            "pytest-xdist>=3.5",
-            "hypothesis>=6.100",
+            "pytest>=9",
+            "pytest-xdist>=3.8",
+            "hypothesis>=6.150",
+            "chex>=0.1.92",          # tree assertions (tests/trees.py); the library itself does not import it
             # Executing notebooks/ in tests/test_notebooks.py: a Jupyter kernel for this Python, and the plots.
-            "nbclient>=0.10",
-            "nbformat>=5.9",
-            "ipykernel>=6.29",
-            "matplotlib>=3.8",
+            "nbclient>=0.11",
+            "nbformat>=5.11",
+            "ipykernel>=7.4",
+            "matplotlib>=3.11",
             # The tokamax backend's contract tests (they skip without it); installs beside the pins above.
             "tokamax>=0.0.12",
         ],

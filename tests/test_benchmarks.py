@@ -7,6 +7,7 @@ import pathlib
 import runpy
 import sys
 
+import chex
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -127,8 +128,7 @@ def test_moe_layer_experts_alone_row_is_every_expert_on_its_own_rows():
         want = jax.value_and_grad(loop, argnums=(0, 1))(params, x, kind, act)
         got = jax.value_and_grad(bench["_experts_alone_loss"], argnums=(0, 1))(params, x, kind=kind, act=act, k=k,
                                                                                cot=cot)
-        for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_matmul_shapes_smoke(tmp_path, monkeypatch):

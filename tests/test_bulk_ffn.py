@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -68,8 +69,7 @@ def test_bulk_ffn_matches_reference_values_and_gradients(sizes, expert, layout, 
     params, gs = stacked_params(kind, use_bias, seed), jnp.asarray(sizes, jnp.int32)
     got = loss_and_grads(x, params, gs, cot, kind=kind, tile=tile, bulk=bulk, fused=True, slab=slab)
     want = loss_and_grads(x, params, gs, cot, kind=kind, tile=tile, bulk=bulk, fused=False)
-    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    chex.assert_trees_all_close(got, want, rtol=1e-4, atol=1e-4)
     (_, (dx, d_params)) = got
     np.testing.assert_array_equal(np.asarray(dx)[sum(sizes):], 0.0)            # rows past all groups
     for e, s in enumerate(sizes):

@@ -6,6 +6,7 @@ import dataclasses
 import math
 
 import flax.linen as nn
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -238,8 +239,7 @@ def test_training_mode_matches_reference(name, mode):
 
     (v, g), (v_ref, g_ref) = (jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(params, x) for f in (layer, oracle))
     np.testing.assert_allclose(v, v_ref, rtol=2e-5, atol=2e-5)
-    for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(g_ref)):
-        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5)
+    chex.assert_trees_all_close(g, g_ref, rtol=2e-5, atol=2e-5)
     assert float(jnp.abs(g[0]["router"]["kernel"]).max()) > 0
 
 

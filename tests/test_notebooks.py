@@ -126,3 +126,33 @@ def test_kernelspec_runs_this_python(kernel_name: str):
     from jupyter_client.kernelspec import KernelSpecManager
     spec = KernelSpecManager().get_kernel_spec(kernel_name)
     assert spec.argv[0] == sys.executable
+
+
+def _moejax_imports() -> list[str]:
+    """Every ``import moejax...`` / ``from moejax... import ...`` line of the notebooks' code cells."""
+    lines = set()
+    for path in NOTEBOOKS:
+        for cell in nbformat.read(path, as_version=4).cells:
+            if cell.cell_type == "code":
+                lines.update(line.strip() for line in cell.source.splitlines()
+                             if re.match(r"^\s*(import moejax|from moejax[.\w]* import [^(]+$)", line))
+    return sorted(lines)
+
+
+def test_the_colab_install_cell_installs_a_moejax_the_notebooks_can_import(tmp_path: pathlib.Path):
+    # What the Colab cells do (a non-editable pip install of the repository, here from this clone instead of the
+    # URL), into a folder of its own: the installed package (kernels/ mapped to moejax.kernels, no source tree beside
+    # it) must serve every moejax import of the notebooks, on whichever Python runs the suite (CI runs it on 3.11
+    # and on 3.12 with the newest packages, as Colab has).
+    import subprocess
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(ROOT)],
+                   check=True, capture_output=True, timeout=300)
+    imports = _moejax_imports()
+    assert len(imports) >= 5, imports
+    code = "\n".join(["import moejax", *imports, "print(moejax.__file__)"])
+    env = dict(os.environ, PYTHONPATH=str(target), JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().startswith(str(target)), out.stdout

@@ -92,12 +92,33 @@ def _route_logging(workdir: str, verbose: bool) -> _RunLog:
         for handler in root.handlers:     # absl's stderr handler, installed by app.run
             handler.addFilter(_is_moejax)
     logging.getLogger("moejax").setLevel(logging.INFO)
+    if not verbose:
+        # Tracebacks Python prints itself, outside logging: an exception in a library's thread, and one it cannot
+        # raise (orbax's asyncio coroutines collected with a pending error print "Exception ignored in: ...").
+        sys.unraisablehook = _log_unraisable
+        threading.excepthook = _log_thread_exception
     for old in [h for h in root.handlers if isinstance(h, _RunLog)]:     # a previous run in this process
         root.removeHandler(old)
         old.close()
     run_log = _RunLog(pathlib.Path(workdir).absolute() / "moejax.log")
     root.addHandler(run_log)
     return run_log
+
+
+def _log_unraisable(report) -> None:
+    """``sys.unraisablehook``: the report as a log record of a third-party logger (to ``moejax.log``)."""
+    exc = (report.exc_type, report.exc_value, report.exc_traceback) if report.exc_type else None
+    logging.getLogger("python.unraisable").warning("%s: %r", report.err_msg or "Exception ignored in", report.object,
+                                                   exc_info=exc)
+
+
+def _log_thread_exception(args) -> None:
+    """``threading.excepthook``: an uncaught exception of a thread as a log record (to ``moejax.log``)."""
+    if args.exc_type is SystemExit:
+        return
+    name = args.thread.name if args.thread is not None else "?"
+    logging.getLogger("python.thread").error("uncaught exception in thread %s", name,
+                                             exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
 
 
 def _run_errors() -> tuple[type[BaseException], ...]:

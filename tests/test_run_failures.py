@@ -92,6 +92,25 @@ def test_a_checkpoint_directory_that_stops_accepting_writes_ends_the_run_in_one_
     assert step == 2 and all(np.isfinite(np.asarray(x)).all() for x in np.asarray(tree["step"]).reshape(-1))
 
 
+def test_a_full_disk_while_writing_metrics_is_one_line(tmp_path, data_dir):
+    # Stand-in for ENOSPC at the metrics file (452 console lines before): the error names the errno and the file.
+    prelude = textwrap.dedent("""
+        import errno, os
+        from moejax.training import metrics
+        _write = metrics.MetricWriter.write
+        def _full(self, step, split, record):
+            if step >= 4:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.path))
+            return _write(self, step, split, record)
+        metrics.MetricWriter.write = _full
+    """)
+    proc = _main(tmp_path, data_dir, prelude=prelude)
+    assert proc.returncode == 2, proc.stderr
+    line = _one_error_line(proc)
+    assert line == f"error: OSError: [Errno 28] No space left on device: '{tmp_path / 'metrics.jsonl'}'", line
+    assert read_checkpoint(tmp_path)[1] == 2
+
+
 def _tree():
     return {"params": {"w": jnp.arange(6.0).reshape(2, 3)}, "step": jnp.int32(1)}
 
@@ -133,11 +152,35 @@ def test_an_immutable_checkpoint_directory(tmp_path):
     assert read_checkpoint(tmp_path)[1] == 1
 
 
-def test_a_training_blow_up_is_one_line(tmp_path, data_dir):
-    proc = _main(tmp_path, data_dir, "--config.optimizer.learning_rate=1e30")
+# What libraries print outside logging, during the run: an exception Python cannot raise (orbax's asyncio coroutines
+# collected with a pending error print "Exception ignored in: ...") and one in a library's thread.
+_PYTHON_PRINTED_TRACEBACKS = textwrap.dedent("""
+    import threading
+    from moejax.training import metrics
+    class _Doomed:
+        def __del__(self):
+            raise RuntimeError("unraisable (test stand-in)")
+    def _fail_in_thread():
+        raise RuntimeError("thread (test stand-in)")
+    _init = metrics.MetricWriter.__init__
+    def _init_and_litter(self, *args, **kwargs):      # once the run has started, before its first step
+        _Doomed()
+        thread = threading.Thread(target=_fail_in_thread, name="library-thread")
+        thread.start()
+        thread.join()
+        _init(self, *args, **kwargs)
+    metrics.MetricWriter.__init__ = _init_and_litter
+""")
+
+
+def test_a_training_blow_up_is_one_line_and_python_printed_tracebacks_go_to_the_log(tmp_path, data_dir):
+    proc = _main(tmp_path, data_dir, "--config.optimizer.learning_rate=1e30", prelude=_PYTHON_PRINTED_TRACEBACKS)
     assert proc.returncode == 2, proc.stderr
     line = _one_error_line(proc)
     assert "the update was not applied and the run stops" in line and "Last good checkpoint" in line, line
+    assert "Exception ignored" not in proc.stderr and "stand-in" not in proc.stderr, proc.stderr
+    log = (tmp_path / "moejax.log").read_text()
+    assert "unraisable (test stand-in)" in log and "uncaught exception in thread library-thread" in log
 
 
 def test_no_usable_checkpoint_and_a_truncated_checkpoint_on_the_console(tmp_path, data_dir):

@@ -29,7 +29,10 @@ TIMEOUT = 300          # seconds: a run that needs longer hangs (a run takes 10-
 
 
 def _env() -> dict[str, str]:
-    return dict(os.environ, JAX_DISABLE_MOST_OPTIMIZATIONS="1", XLA_FLAGS="", JAX_PLATFORMS="cpu")
+    # Every run compiles the same tiny programs: the session's compilation cache (tests/conftest.py) keeps them all,
+    # however quick, so that only the first run of a worker compiles.
+    return dict(os.environ, JAX_DISABLE_MOST_OPTIMIZATIONS="1", XLA_FLAGS="", JAX_PLATFORMS="cpu",
+                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 
 
 def _main(workdir, data_dir, *overrides, prelude: str = "", debug: bool = False) -> subprocess.CompletedProcess:

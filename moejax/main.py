@@ -21,6 +21,7 @@ import pathlib
 import signal
 import sys
 import threading
+import traceback
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -153,8 +154,9 @@ def main(argv: list[str]) -> None:
     try:
         result = train_and_evaluate(config, _WORKDIR.value)
     except _run_errors() as e:
-        if _DEBUG.value:
-            raise
+        if _DEBUG.value:      # the traceback, then the same exit (leftover third-party threads must not hang it)
+            traceback.print_exc()
+            _exit(1)
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
         if isinstance(e, OSError) and not message.startswith("checkpoint:"):
             message = f"{type(e).__name__}: {message}"      # a file the run could not write or read

@@ -163,6 +163,14 @@ def tree_digests(tree: Any) -> tuple[dict[str, str], list[str]]:
 
 # ----------------------------------------------------------------------------- the checkpointer
 
+def prove_writable(directory: pathlib.Path) -> None:
+    """Creates ``directory`` if needed and a probe file in it, removed at once; raises the ``OSError`` if either
+    fails (the workdir check before a run, and the checkpoint directory before each save)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=directory, prefix=".moejax-write-probe-"):
+        pass
+
+
 class Checkpointer:
     """Thin wrapper over ``ocp.CheckpointManager`` for one pytree (the train state as a dict)."""
 
@@ -217,9 +225,7 @@ class Checkpointer:
         """Creates and removes a file in the checkpoint directory: an unwritable directory fails here, not in orbax's
         background threads."""
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=self.directory, prefix=".moejax-write-probe-"):
-                pass
+            prove_writable(self.directory)
         except OSError as err:
             raise self._fail(step, err) from err
 

@@ -7,7 +7,6 @@ import logging
 import os
 import pathlib
 import signal
-import tempfile
 import time
 from typing import Any, Iterator, Mapping, NamedTuple, Sequence
 
@@ -20,7 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from moejax import parallel
 from moejax.config import MoEConfig
 from moejax.training import optim
-from moejax.training.checkpoint import Checkpointer
+from moejax.training.checkpoint import Checkpointer, prove_writable
 from moejax.training.config import scheduled_moe_k, train_settings
 from moejax.training import report
 from moejax.training.metrics import MetricWriter, progress_bar
@@ -86,9 +85,7 @@ def _sigterm_flag() -> Iterator[_SigtermFlag]:
 def check_workdir(workdir: pathlib.Path) -> None:
     """Creates ``workdir`` if needed and proves it writable (a probe file, removed), before anything is loaded."""
     try:
-        workdir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=workdir, prefix=".moejax-write-probe-"):
-            pass
+        prove_writable(workdir)
     except OSError as err:
         raise ValueError(f"workdir={str(workdir)!r}: not a writable directory ({type(err).__name__}: "
                          f"{err.strerror or err})") from None

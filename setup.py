@@ -48,7 +48,15 @@ setup(
         # 0.0.12 (the newest for Python 3.11) and 0.0.17 (Python 3.12), whose ragged_dot no longer wraps a lone Op
         # passed as `implementation` (moejax wraps it).
         "tokamax": ["tokamax>=0.0.12"],
+        # Ahead-of-time compilation (python -m moejax.aot): libtpu compiles for TPU topologies on any x86-64 Linux
+        # host (~700 MB; in the test extra so that the suite compiles every kernel for TPU). jax's CUDA plugin
+        # compiles for NVIDIA GPUs without one (~5 GB: opt-in). "jax[tpu]"/"jax[cuda12]" pin the libtpu / plugin
+        # release that matches the installed jax.
+        "aot-gpu": ["jax[cuda12]>=0.10.2"],
+        "tpu": ["jax[tpu]>=0.10.2", "tokamax>=0.0.12"],
+        "gpu": ["jax[cuda12]>=0.10.2", "tokamax>=0.0.12"],
         "test": [
+            "jax[tpu]>=0.10.2; platform_system == 'Linux' and platform_machine == 'x86_64'",
             "pytest>=9",
             "pytest-xdist>=3.8",
             "hypothesis>=6.150",

@@ -54,7 +54,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from .gmm_pallas_mosaic import _round_up
+from .gmm_pallas_mosaic import _out_shape, _round_up, varying_axes  # noqa: F401 (re-exported)
 
 RowTiling = tuple[int, int]
 # 8 rows fill the sublanes of one float32 vreg; (8, 512) keeps gather_sum's float32 accumulator at four vregs.
@@ -76,22 +76,6 @@ def _check_2d(a: jax.Array, what: str, name: str) -> None:
         raise ValueError(f"{name}: {what} must be 2-D, got shape {a.shape}")
 
 
-def varying_axes(*operands: jax.Array) -> frozenset:
-    """The manual mesh axes (``shard_map`` with check_vma) along which any operand varies; empty outside one."""
-    return frozenset().union(*(jax.typeof(a).mat.varying for a in operands))
-
-
-def _out_shape(shape: tuple[int, ...], dtype, interpret: bool, *operands: jax.Array) -> jax.ShapeDtypeStruct:
-    """The pallas_call result type. Under ``shard_map`` (check_vma) it must name the mesh axes the result varies
-    along: those of any operand (the expert-parallel dispatch calls these kernels per device)."""
-    varying = varying_axes(*operands)
-    if interpret and varying:
-        # jax 0.10.2's interpreter scans over the grid with a carry that loses these axes and fails in tracing.
-        raise ValueError(f"moejax.kernels: interpret mode cannot run inside shard_map(check_vma=True) on operands "
-                         f"varying along {sorted(varying)}; use check_vma=False or a non-Pallas path")
-    return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=jax.sharding.ManualAxisType(varying=varying))
-
-
 def _for_rows(n: int, body) -> None:
     """``body(r)`` for r < n as a loop, not unrolled: the interpreter's compile time then does not grow with n."""
     def step(r, carry):
@@ -99,6 +83,17 @@ def _for_rows(n: int, body) -> None:
         return carry
 
     jax.lax.fori_loop(0, n, step, 0)
+
+
+def _dma_rows(x: jax.Array) -> jax.Array:
+    """The source the row copies read: ``x`` itself for 32-bit dtypes, a float32 copy of a narrower one.
+
+    Mosaic packs 16-bit rows in pairs of sublanes, and one row copied into such a VMEM tile at a dynamic row offset
+    is refused when compiled for TPU ("offsets along tiled dimensions must be aligned to tiles"; found compiling
+    for TPU v4, v5e, v5p and v6e with :mod:`moejax.aot`, jax 0.10.2, libtpu 0.0.42.1; the interpreter accepts it).
+    The kernels compute in float32 anyway, so results are unchanged; a 16-bit source is read at twice its bytes.
+    """
+    return x if jnp.dtype(x.dtype).itemsize >= 4 else x.astype(jnp.float32)
 
 
 # ---------------------------------------------------------------- gather_rows
@@ -141,13 +136,13 @@ def gather_rows(x: jax.Array, src: jax.Array, scale: jax.Array, *, tiling: RowTi
     src = jnp.pad(src, (0, rp - r))
     src = jnp.where(live, src, 0)
     scale = jnp.where(live, jnp.pad(scale, (0, rp - r)), 0.0)
-    x_p = jnp.pad(x, ((0, 0), (0, dp - d)))
+    x_p = _dma_rows(jnp.pad(x, ((0, 0), (0, dp - d))))
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=2,
         grid=(rp // tm, dp // td),
         in_specs=[pl.BlockSpec((tm, 1), lambda i, j, src, live: (i, 0)), pl.BlockSpec(memory_space=pl.ANY)],
         out_specs=pl.BlockSpec((tm, td), lambda i, j, src, live: (i, j)),
-        scratch_shapes=[pltpu.VMEM((tm, td), x.dtype), pltpu.SemaphoreType.DMA((tm,))],
+        scratch_shapes=[pltpu.VMEM((tm, td), x_p.dtype), pltpu.SemaphoreType.DMA((tm,))],
     )
     out = pl.pallas_call(
         functools.partial(_gather_rows_kernel, tm=tm, td=td),
@@ -241,14 +236,14 @@ def gather_sum(y: jax.Array, idx: jax.Array, w: jax.Array, *, tiling: RowTiling 
     idx, live, w, counts = live_entries_first(idx, w, r_rows, tm)
     pad = ((0, tp - t), (0, 0))
     idx, live, w = jnp.pad(idx, pad).reshape(-1), jnp.pad(live, pad).reshape(-1), jnp.pad(w, pad)
-    y_p = jnp.pad(y, ((0, 0), (0, dp - d)))
+    y_p = _dma_rows(jnp.pad(y, ((0, 0), (0, dp - d))))
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=3,
         grid=(tp // tm, dp // td),
         in_specs=[pl.BlockSpec((k, tm, 1), lambda i, j, idx, live, counts: (0, i, 0)),
                   pl.BlockSpec(memory_space=pl.ANY)],
         out_specs=pl.BlockSpec((tm, td), lambda i, j, idx, live, counts: (i, j)),
-        scratch_shapes=[pltpu.VMEM((2, tm, td), y.dtype), pltpu.SemaphoreType.DMA((2, tm))],
+        scratch_shapes=[pltpu.VMEM((2, tm, td), y_p.dtype), pltpu.SemaphoreType.DMA((2, tm))],
     )
     out = pl.pallas_call(
         functools.partial(_gather_sum_kernel, tm=tm, td=td, k=k),

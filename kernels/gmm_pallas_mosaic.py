@@ -48,6 +48,22 @@ def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
 
+def varying_axes(*operands: jax.Array) -> frozenset:
+    """The manual mesh axes (``shard_map`` with check_vma) along which any operand varies; empty outside one."""
+    return frozenset().union(*(jax.typeof(a).mat.varying for a in operands))
+
+
+def _out_shape(shape: tuple[int, ...], dtype, interpret: bool, *operands: jax.Array) -> jax.ShapeDtypeStruct:
+    """The pallas_call result type. Under ``shard_map`` (check_vma) it must name the mesh axes the result varies
+    along: those of any operand (the expert-parallel dispatch calls these kernels per device; shared by every kernel file)."""
+    varying = varying_axes(*operands)
+    if interpret and varying:
+        # jax 0.10.2's interpreter scans over the grid with a carry that loses these axes and fails in tracing.
+        raise ValueError(f"moejax.kernels: interpret mode cannot run inside shard_map(check_vma=True) on operands "
+                         f"varying along {sorted(varying)}; use check_vma=False or a non-Pallas path")
+    return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=jax.sharding.ManualAxisType(varying=varying))
+
+
 def work_items(group_sizes: jax.Array, num_tiles: int, tm: int) -> WorkItems:
     """The (row tile, group) pairs that overlap, in row order, padded to the static bound ``num_tiles + E - 1``.
 
@@ -105,6 +121,13 @@ def _row_mask(lo: jax.Array, hi: jax.Array, tile: jax.Array, tm: int, width: int
     return (rows >= lo) & (rows < hi)
 
 
+def _precision(dtype) -> jax.lax.Precision | None:
+    """The kernels' dot precision: jax's default matmul precision config for 32-bit operands (None), DEFAULT for
+    16-bit ones, which are exact in one bf16 pass. Mosaic refuses a 16-bit matmul at fp32 contract precision ("Bad
+    lhs type"; found compiling for TPU with :mod:`moejax.aot` under ``jax_default_matmul_precision=highest``)."""
+    return jax.lax.Precision.DEFAULT if jnp.dtype(dtype).itemsize < 4 else None
+
+
 def _gmm_kernel(tile_ref, group_ref, lo_ref, hi_ref, lhs_ref, rhs_ref, out_ref, acc_ref, *, tm: int, tn: int):
     w, kk = pl.program_id(1), pl.program_id(2)
 
@@ -112,7 +135,8 @@ def _gmm_kernel(tile_ref, group_ref, lo_ref, hi_ref, lhs_ref, rhs_ref, out_ref, 
     def _():
         acc_ref[...] = jnp.zeros_like(acc_ref)
 
-    acc_ref[...] += jnp.dot(lhs_ref[...], rhs_ref[0], preferred_element_type=jnp.float32)
+    acc_ref[...] += jnp.dot(lhs_ref[...], rhs_ref[0], preferred_element_type=jnp.float32,
+                            precision=_precision(lhs_ref.dtype))
 
     @pl.when(kk == pl.num_programs(2) - 1)
     def _():
@@ -155,7 +179,7 @@ def gmm_mosaic(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, tiling
     )
     out = pl.pallas_call(
         functools.partial(_gmm_kernel, tm=tm, tn=tn),
-        out_shape=jax.ShapeDtypeStruct((mp, np_), out_dtype),
+        out_shape=_out_shape((mp, np_), out_dtype, interpret, lhs_p, rhs_p),
         grid_spec=grid_spec,
         interpret=interpret,
         name="moejax_gmm",
@@ -181,7 +205,7 @@ def _tgmm_kernel(tile_ref, group_ref, lo_ref, hi_ref, lhs_ref, grad_ref, out_ref
     lhs = jnp.where(_row_mask(lo_ref[w], hi_ref[w], tile_ref[w], tm, tk), lhs_ref[...], 0)
     # [tm, tk]^T @ [tm, tn]: contract the row axis of both operands.
     acc_ref[...] += jax.lax.dot_general(lhs, grad_ref[...], (((0,), (0,)), ((), ())),
-                                        preferred_element_type=jnp.float32)
+                                        preferred_element_type=jnp.float32, precision=_precision(lhs.dtype))
 
     @pl.when((w == last) | (group != next_group))
     def _():
@@ -221,7 +245,7 @@ def tgmm_mosaic(lhs: jax.Array, grad: jax.Array, group_sizes: jax.Array, *, tili
     )
     out = pl.pallas_call(
         functools.partial(_tgmm_kernel, tm=tm, tk=tk, tn=tn),
-        out_shape=jax.ShapeDtypeStruct((e, kp, np_), out_dtype),
+        out_shape=_out_shape((e, kp, np_), out_dtype, interpret, lhs_p, grad_p),
         grid_spec=grid_spec,
         interpret=interpret,
         name="moejax_tgmm",

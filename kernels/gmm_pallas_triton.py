@@ -57,7 +57,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from .capacity_pallas_mosaic import varying_axes
+from .gmm_pallas_mosaic import varying_axes
 
 Tiling = tuple[int, int, int]
 # gmm: (rows, contraction chunk, output columns); tgmm: (row chunk = contraction, output K, output N).

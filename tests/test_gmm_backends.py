@@ -273,7 +273,7 @@ class TestTokamax(GmmContract):
 
 def test_without_tokamax_auto_passes_over_it_and_naming_it_says_how_to_install(monkeypatch):
     monkeypatch.setattr(tokamax_backend, "import_error", lambda: "ModuleNotFoundError: No module named 'tokamax'")
-    assert [gmm.resolve_name("auto", p) for p in ("cpu", "gpu", "tpu")] == ["bulk", "ragged_dot", "ragged_dot"]
+    assert [gmm.resolve_name("auto", p) for p in ("cpu", "gpu", "tpu")] == ["bulk", "pallas_triton", "ragged_dot"]
     with pytest.raises(ValueError, match=r"^dispatch.gmm='tokamax': runs only on an install with the optional "
                                          r"package tokamax \(pip install -e \"\.\[tokamax\]\"; here "
                                          r"ModuleNotFoundError.*not on platform 'gpu'"):

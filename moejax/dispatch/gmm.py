@@ -3,7 +3,7 @@
 Thin wrappers over the selection of :mod:`moejax.dispatch.backends.gmm` (one file per backend, each declaring its
 platforms; the contract is in :mod:`moejax.dispatch.backends.gmm.base`): :func:`get_gmm` and :func:`get_fused_ffn`
 select the backend for jax's current platform (logged once) and bind its row tile and, for the Pallas kernels,
-interpret mode (on CPU). Names: ``auto`` (``bulk`` on CPU; ``tokamax`` if installed, then ``ragged_dot``, on GPU/TPU;
+interpret mode (on CPU). Names: ``auto`` (``bulk`` on CPU; ``tokamax`` if installed, then ``pallas_triton`` on GPU, ``ragged_dot`` on TPU;
 ``blocked`` elsewhere), ``tokamax``,
 ``bulk``, ``padded``, ``blocked``, ``pallas`` (the Pallas kernel of the platform: Mosaic on TPU, Triton on GPU,
 Mosaic in the interpreter on CPU), ``pallas_mosaic``, ``pallas_triton``, ``ragged_dot``, ``reference``, and any

@@ -36,7 +36,9 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from moejax.dispatch import capacity as capacity_lib
+from moejax.dispatch.backends.registry import current_platform
 from moejax.dispatch.info import DispatchInfo
+from moejax.dispatch.padded_gmm import vary_like
 from moejax.dispatch.sorting import group_by_expert, inverse_permutation
 from moejax.experts.ffn import ExpertFFN, Padded, Ragged, ffn, ffn_param_shapes
 from moejax.parallel.mesh import TOKEN_AXES
@@ -125,8 +127,10 @@ def _ragged_a2a(backend_supports: bool):
 
 
 def native_ragged_all_to_all() -> bool:
-    """Whether the default backend implements ``ragged-all-to-all`` (XLA:CPU does not)."""
-    return jax.default_backend() != "cpu"
+    """Whether the platform being traced for (the context mesh's devices', else jax's default backend;
+    :func:`moejax.dispatch.backends.registry.current_platform`) implements ``ragged-all-to-all`` (XLA:CPU does
+    not)."""
+    return current_platform() != "cpu"
 
 
 def capacity_apply(x: jax.Array, plan: capacity_lib.TokenChoicePlan, experts: ExpertFFN, mesh: Any, *,
@@ -187,8 +191,11 @@ def dropless_apply(x: jax.Array, routing: Routing, experts: ExpertFFN, mesh: Any
         out_off = (jnp.cumsum(blocks, axis=0) - blocks)[me]        # where my slice lands on each receiver
         recv = blocks[:, me]
         recv_off = jnp.cumsum(recv) - recv
-        got = a2a(sent_rows, jnp.zeros((n * rows_n, x_l.shape[-1]), x_l.dtype), in_off, send, out_off, recv,
-                  axis_name=EXPERT_AXIS)                                                 # [n*N, D] by source
+        # The output buffers vary over the token axes like the rows sent into them: the native ragged all-to-all
+        # types its result as its output operand, and a non-varying one breaks the custom VJPs of the grouped
+        # matmul kernels downstream (their cotangents do vary).
+        got = a2a(sent_rows, vary_like(jnp.zeros((n * rows_n, x_l.shape[-1]), x_l.dtype), sent_rows), in_off, send,
+                  out_off, recv, axis_name=EXPERT_AXIS)                                  # [n*N, D] by source
         # Received rows come in (source, local expert) segments; re-sort them by local expert.
         local_counts = jax.lax.dynamic_slice_in_dim(counts, me * el, el, axis=1)         # [n, E_l]
         seg_end = jnp.cumsum(local_counts.reshape(-1))
@@ -198,7 +205,7 @@ def dropless_apply(x: jax.Array, routing: Routing, experts: ExpertFFN, mesh: Any
         y = local_ffn(params_l, got[order2], Ragged(sizes2, gmm), kind=kind, activation=activation, tensor=tensor)
         y = y[inverse_permutation(order2)]
         back_off = jax.lax.all_gather(in_off, EXPERT_AXIS)[:, me]                       # where each source keeps its rows
-        back = a2a(y, jnp.zeros((rows_n, y.shape[-1]), y.dtype), recv_off, recv, back_off, send,
+        back = a2a(y, vary_like(jnp.zeros((rows_n, y.shape[-1]), y.dtype), y), recv_off, recv, back_off, send,
                    axis_name=EXPERT_AXIS)                                                # [N, D] in my sorted order
         w = jnp.where(valid_f, weight.reshape(-1), 0.0)[order].astype(back.dtype)
         return (w[:, None] * back)[inverse_permutation(order)].reshape(t_l, k, -1).sum(1)

@@ -135,6 +135,19 @@ def init_state(model: nn.Module, tx, example_inputs: jax.Array, seed: int, mesh:
     return jax.jit(init_fn(model, tx, example_inputs, boxed=False), out_shardings=shardings)(key), shardings
 
 
+def jit_train_step(model: nn.Module, tx, task: str, settings: Mapping[str, Any], moe_k: int | None,
+                   state_sharding: Any, mesh: Mesh):
+    """The trainer's jitted train step ``(state, batch) -> (state, metrics)`` at experts-per-token ``moe_k``: the
+    state sharded as ``state_sharding``, the batch along the mesh's token axes, metrics replicated. The one place it
+    is built, so that :mod:`moejax.aot` compiles exactly what the trainer runs."""
+    weights = AuxWeights(settings["load_balance_weight"], settings["z_loss_weight"], settings["importance_weight"],
+                         settings["router_entropy_weight"])
+    return jax.jit(make_train_step(model, tx, task, weights, moe_k=moe_k,
+                                   consistency_weight=settings["consistency_weight"]),
+                   in_shardings=(state_sharding, parallel.batch_sharding(mesh)),
+                   out_shardings=(state_sharding, NamedSharding(mesh, PartitionSpec())))
+
+
 def state_dict(state: TrainState) -> dict[str, Any]:
     """The train state as the dict a checkpoint holds."""
     return {"step": state.step, "params": state.params, "opt_state": state.opt_state,
@@ -359,18 +372,13 @@ def _train(config: Mapping[str, Any], workdir: pathlib.Path, settings: dict[str,
             log.warning("moejax: SIGTERM during start-up: checkpoint at step %d, exiting", start)
             return {"step": start, "preempted": True}
 
-        weights = AuxWeights(settings["load_balance_weight"], settings["z_loss_weight"],
-                             settings["importance_weight"], settings["router_entropy_weight"])
         # k is a static shape: one jitted train step per distinct scheduled k (SMoE-Dropout), built on first use.
         train_steps: dict[int | None, Any] = {}
 
         def train_step_at(step: int):
             k = scheduled_moe_k(settings, step)
             if k not in train_steps:
-                train_steps[k] = jax.jit(
-                    make_train_step(model, tx, task, weights, moe_k=k,
-                                    consistency_weight=settings["consistency_weight"]),
-                    in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, replicated))
+                train_steps[k] = jit_train_step(model, tx, task, settings, k, state_sharding, mesh)
             return train_steps[k]
 
         eval_step = jax.jit(make_eval_step(model, task, moe_k=settings["eval_moe_k"]),

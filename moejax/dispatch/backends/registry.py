@@ -9,7 +9,10 @@ its list for the platform that is registered and supports the platform (the fall
 support the platform is a one-line ValueError naming the config field and the platform. Every selection is logged at
 INFO once per (config field, name, platform) per process.
 
-Platforms are ``jax.default_backend()`` names (``cpu``, ``gpu``, ``tpu``; ``cuda``/``rocm`` count as ``gpu``).
+Platforms are jax platform names (``cpu``, ``gpu``, ``tpu``; ``cuda``/``rocm`` count as ``gpu``), of the program being
+traced: the platform of the devices of the mesh in context (``jax.set_mesh``, concrete or abstract: a TPU topology
+compiled ahead of time from a CPU host selects the TPU kernels, compiled, not interpreted), else
+``jax.default_backend()`` (:func:`current_platform`).
 """
 from __future__ import annotations
 
@@ -24,9 +27,20 @@ log = logging.getLogger("moejax")
 _logged: set[tuple[str, str, str]] = set()
 
 
+def mesh_platform() -> str | None:
+    """The platform of the devices of the mesh in context (``jax.set_mesh``; inside ``shard_map`` too), or None
+    when there is none or it does not say (an abstract mesh made without devices)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return None
+    device = getattr(mesh, "abstract_device", None)
+    return getattr(device, "platform", None)
+
+
 def current_platform(platform: str | None = None) -> str:
-    """``platform``, or jax's default backend, as a platform name (``cuda``/``rocm`` -> ``gpu``)."""
-    platform = platform or jax.default_backend()
+    """``platform``; else the platform the traced program is for: the context mesh's devices', else jax's default
+    backend; as a platform name (``cuda``/``rocm`` -> ``gpu``)."""
+    platform = platform or mesh_platform() or jax.default_backend()
     return "gpu" if platform in ("cuda", "rocm") else platform
 
 
@@ -138,4 +152,4 @@ class Operation:
         return backend
 
 
-__all__ = ["ANY", "Backend", "Operation", "current_platform", "forget_logged"]
+__all__ = ["ANY", "Backend", "Operation", "current_platform", "forget_logged", "mesh_platform"]

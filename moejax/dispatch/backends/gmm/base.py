@@ -69,11 +69,14 @@ class GmmBackend(Backend):
 
 
 # Aliases: ``auto`` is the measured default per platform (benchmarks/results/): bulk on CPU, where ragged_dot is a
-# dense matmul over all experts; ragged_dot on GPU/TPU until a measurement says a Pallas kernel is faster; blocked
-# anywhere else. ``pallas`` is the Pallas kernel of the platform (Mosaic interpreted on CPU).
+# dense matmul over all experts; on GPU (after tokamax, when installed) moejax's Triton kernel, never ragged_dot,
+# which XLA lowers to a dense product over all experts on NVIDIA for the jax versions supported
+# (marin-community/marin#7012: ~23 vs ~1,500 TFLOP/s on B200); the Triton kernel compiles for sm_90 (forward and
+# both gradients, moejax.aot, tests/test_aot.py) and does only the routed work; ragged_dot on TPU, where XLA has a
+# grouped lowering; blocked anywhere else. ``pallas`` is the Pallas kernel of the platform (Mosaic interpreted on CPU).
 GMM = Operation(
     "dispatch.gmm", "grouped matmul",
-    aliases={"auto": {"cpu": ("bulk", "blocked"), "gpu": ("ragged_dot", "blocked"), "tpu": ("ragged_dot", "blocked"),
+    aliases={"auto": {"cpu": ("bulk", "blocked"), "gpu": ("pallas_triton", "blocked"), "tpu": ("ragged_dot", "blocked"),
                       ANY: ("blocked",)},
              "pallas": {"tpu": ("pallas_mosaic",), "gpu": ("pallas_triton",), "cpu": ("pallas_mosaic",)}},
     hint="'auto'")

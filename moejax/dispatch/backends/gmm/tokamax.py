@@ -36,11 +36,13 @@ evidence, read 2026-12; re-decide from ``benchmarks/accelerator_check.py``'s res
   ``src/maxtext/configs/pyconfig_deprecated.py``), the maintained successor of MaxText's Megablox kernel; the Mosaic
   TPU kernel ships tuned tiles for DeepSeek-V3 shapes (``pallas_mosaic_tpu.py``, ``GMM_TILING_TUNED_LUT``).
   ``jax.lax.ragged_dot`` remains MaxText's fallback, so it stays next in ``auto``'s order here.
-* moejax's own Pallas kernels (``pallas_triton``, ``pallas_mosaic``) have been lowered but never run on an
-  accelerator, and their tiles are untuned: they are not in ``auto`` until the check shows them passing the
-  contract on the device and beating the others.
+* moejax's own Pallas kernels (``pallas_triton``, ``pallas_mosaic``) have been compiled for H100 and TPU v4-v6e
+  (``moejax.aot``, ``tests/test_aot.py``) but never run on an accelerator, and their tiles are untuned.
+  ``pallas_triton`` still comes before ``ragged_dot`` on GPU: XLA lowers ``ragged_dot`` to a dense product over all
+  experts on NVIDIA (marin-community/marin#7012), E times the routed work, which no untuned kernel loses to.
 
-So ``auto`` on GPU and TPU is ``tokamax`` (when it imports) -> ``ragged_dot`` -> ``blocked``; on CPU it is unchanged.
+So ``auto`` on GPU is ``tokamax`` (when it imports) -> ``pallas_triton`` -> ``blocked``, on TPU ``tokamax`` ->
+``ragged_dot`` -> ``blocked``; on CPU it is unchanged.
 
 Tests (``tests/test_gmm_backends.py``): the contract (``tests/gmm_contract.py``) through tokamax's XLA path on CPU,
 and the forward of its Mosaic TPU kernel in JAX's TPU interpret mode (tokamax gates that kernel to TPU devices, and
@@ -100,7 +102,11 @@ def _zero_rows_past(x: jax.Array, total: jax.Array) -> jax.Array:
 
 
 def _ragged_dot(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, implementation: Any) -> jax.Array:
-    return _tokamax().ragged_dot(lhs, rhs, group_sizes, preferred_element_type=lhs.dtype,
+    # 16-bit operands at DEFAULT precision: otherwise tokamax's Mosaic TPU kernel takes jax's default matmul precision
+    # config, and under "highest" Mosaic refuses a bf16 matmul at fp32 contract precision ("Bad lhs type"; found
+    # compiling for TPU v5e/v5p with moejax.aot, tokamax 0.0.12, jax 0.10.2). 32-bit operands keep the config's.
+    precision = jax.lax.Precision.DEFAULT if jnp.dtype(lhs.dtype).itemsize < 4 else None
+    return _tokamax().ragged_dot(lhs, rhs, group_sizes, precision=precision, preferred_element_type=lhs.dtype,
                                  implementation=implementation)
 
 

@@ -54,12 +54,12 @@ def varying_axes(*operands: jax.Array) -> frozenset:
 
 
 def _out_shape(shape: tuple[int, ...], dtype, interpret: bool, *operands: jax.Array) -> jax.ShapeDtypeStruct:
-    """The pallas_call result type. Under ``shard_map`` (check_vma) it must name the mesh axes the result varies
-    along: those of any operand (the expert-parallel dispatch calls these kernels per device; shared by every kernel file)."""
+    """The pallas_call result type of every kernel file. Under ``shard_map`` (check_vma) it must name the mesh axes
+    the result varies along: those of any operand (the expert-parallel dispatch calls these kernels per device)."""
     varying = varying_axes(*operands)
     if interpret and varying:
         # jax 0.10.2's interpreter scans over the grid with a carry that loses these axes and fails in tracing.
-        raise ValueError(f"moejax.kernels: interpret mode cannot run inside shard_map(check_vma=True) on operands "
+        raise ValueError(f"interpret: the Pallas interpreter cannot run inside shard_map(check_vma=True) on operands "
                          f"varying along {sorted(varying)}; use check_vma=False or a non-Pallas path")
     return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=jax.sharding.ManualAxisType(varying=varying))
 

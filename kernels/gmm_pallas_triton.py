@@ -57,7 +57,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from .gmm_pallas_mosaic import varying_axes
+from .gmm_pallas_mosaic import _out_shape
 
 Tiling = tuple[int, int, int]
 # gmm: (rows, contraction chunk, output columns); tgmm: (row chunk = contraction, output K, output N).
@@ -103,16 +103,6 @@ def _dot_precision(precision) -> jax.lax.Precision:
     except (TypeError, ValueError):
         raise ValueError(f"precision={precision!r}: must be a jax.lax.Precision or its name "
                          "(a dot algorithm preset is not supported)") from None
-
-
-def _out_shape(shape: tuple[int, ...], dtype, interpret: bool, *operands: jax.Array) -> jax.ShapeDtypeStruct:
-    """The pallas_call result type; under ``shard_map`` (check_vma) it varies along the operands' mesh axes."""
-    varying = varying_axes(*operands)
-    if interpret and varying:
-        # As for the dispatch kernels: jax 0.10.2's interpreter loses these axes in its grid loop.
-        raise ValueError(f"interpret: the Pallas interpreter cannot run inside shard_map(check_vma=True) on operands "
-                         f"varying along {sorted(varying)}; use check_vma=False or another dispatch.gmm")
-    return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=jax.sharding.ManualAxisType(varying=varying))
 
 
 def _check_group_sizes(group_sizes: jax.Array, e: int) -> None:

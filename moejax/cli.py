@@ -21,6 +21,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import re
+import sys
 from typing import Any, Sequence
 
 import ml_collections
@@ -151,6 +152,24 @@ def _check_not_nulled(nulled: dict[tuple[str | int, ...], str], steps: Sequence[
         section = _dotted(steps)
         raise ValueError(f"{path}={text!r}: {section} is None (set by --config.{nulled[key]}); drop that override "
                          f"to set fields of {section}, or this one to leave it None")
+
+
+def split_or_exit(argv: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """:func:`split_overrides` for an entry point: a bad override is one line on stderr and exit status 2."""
+    try:
+        return split_overrides(argv)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def apply_or_exit(config: ml_collections.ConfigDict, overrides: Sequence[tuple[str, str]]) -> None:
+    """:func:`apply_overrides` for an entry point: a bad override is one line on stderr and exit status 2."""
+    try:
+        apply_overrides(config, overrides)
+    except ValueError as e:
+        print(f"error: --config.{e}", file=sys.stderr)
+        sys.exit(2)
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[tuple[str, str]]) -> None:

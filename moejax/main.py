@@ -146,11 +146,7 @@ def main(argv: list[str]) -> None:
     run_log = _route_logging(_WORKDIR.value, _VERBOSE.value)
     from moejax.training import train_and_evaluate
     config = _CONFIG.value
-    try:
-        cli.apply_overrides(config, _OVERRIDES)
-    except ValueError as e:
-        print(f"error: --config.{e}", file=sys.stderr)
-        sys.exit(2)
+    cli.apply_or_exit(config, _OVERRIDES)
     try:
         result = train_and_evaluate(config, _WORKDIR.value)
     except _run_errors() as e:
@@ -176,12 +172,7 @@ def main(argv: list[str]) -> None:
 
 def run(argv: list[str] | None = None) -> None:
     """Parses ``argv`` (default ``sys.argv``), taking the config overrides out first, and runs :func:`main`."""
-    try:
-        rest, overrides = cli.split_overrides(sys.argv if argv is None else argv)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    _OVERRIDES[:] = overrides
+    rest, _OVERRIDES[:] = cli.split_or_exit(sys.argv if argv is None else argv)
     from moejax.training.loop import install_sigterm_handler
     install_sigterm_handler()     # a SIGTERM while the config, data or checkpoint load still leads to exit 143
     sys.argv = rest          # config_flags reads sys.argv itself for --config.* overrides of written fields

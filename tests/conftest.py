@@ -22,10 +22,9 @@ if "MOEJAX_TEST_XLA_CACHE" in os.environ:
     os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.environ["MOEJAX_TEST_XLA_CACHE"])
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
 
-from moejax import libtpu_env  # noqa: E402
-
-libtpu_env.prepare()    # libtpu (TPU compile tests): no lock file between xdist workers, no warnings
-
+# Importing moejax prepares libtpu's environment (moejax.libtpu_env: no lock file between the xdist workers that compile
+# for TPU, no warnings) before jax first loads it.
+import moejax  # noqa: E402,F401
 import jax  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 

@@ -27,7 +27,6 @@ if "JAX_PLATFORMS" not in os.environ:
     import jax
     jax.config.update("jax_platforms", "cpu")
 
-import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
@@ -51,27 +50,19 @@ def report(config: Any, target_spec: str) -> dict[str, Any]:
     """Compiles and returns the report as a JSON-able dict (see the module doc); raises ``ValueError`` (bad input)."""
     from moejax.aot import compile as compile_lib
     from moejax.aot import targets
-    from moejax.training.flops import UnsupportedFlops, model_flops
-    from moejax.training.throughput import device_peak_flops
+    from moejax.training.throughput import Throughput
 
     target = targets.make_target(target_spec)
     program, backends, facts = compile_lib.compile_train(config, target)
-    model_cfg = facts["model"].config
-    dtype = getattr(model_cfg, "dtype", "float32")
-    tokens = int(np.prod(facts["input_shape"]))
-    analytic = None
-    why_no_flops = ""
-    try:
-        shape = facts["input_shape"]
-        flops = model_flops(model_cfg, seq_len=int(shape[1]) if len(shape) > 1 else None,
-                            input_dim=int(np.prod(shape[1:])))
-        per_example_tokens = flops.tokens_per_example
-        analytic = flops.training() * (tokens if len(shape) > 1 else shape[0] * per_example_tokens)
-    except UnsupportedFlops as err:
-        why_no_flops = str(err)
+    # The trainer's own FLOPs and peak (what its logged MFU uses), for the target's devices.
+    rates = Throughput(facts["model"].config, facts["input_shape"], device_kind=target.device_kind,
+                       num_devices=target.num_devices)
+    dtype = rates.dtype
+    analytic = (rates.flops.training() * facts["input_shape"][0] * rates.tokens_per_example
+                if rates.flops is not None else None)
+    why_no_flops = rates.why_no_flops
     compiled_flops = program.cost.get("flops")
-    chip_peak = device_peak_flops(target.device_kind, dtype)
-    peak = chip_peak / target.devices_per_chip if chip_peak else None
+    peak = rates.peak / target.devices_per_chip if rates.peak else None       # the table's peak is per chip
     seconds = program.cost.get("optimal_seconds")
     estimate: dict[str, Any] = {}
     if target.platform == "tpu":
@@ -154,11 +145,7 @@ def main(argv: list[str]) -> None:
     logging.getLogger().setLevel(logging.WARNING)       # jax's and absl's INFO lines; the report says what ran
     from moejax.aot import targets
     config = _CONFIG.value
-    try:
-        cli.apply_overrides(config, _OVERRIDES)
-    except ValueError as e:
-        print(f"error: --config.{e}", file=sys.stderr)
-        sys.exit(2)
+    cli.apply_or_exit(config, _OVERRIDES)
     from moejax.aot.compile import DoesNotFit
     try:
         targets.parse(_TARGET.value)
@@ -189,12 +176,7 @@ def main(argv: list[str]) -> None:
 
 
 def run(argv: list[str] | None = None) -> None:
-    try:
-        rest, overrides = cli.split_overrides(sys.argv if argv is None else argv)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    _OVERRIDES[:] = overrides
+    rest, _OVERRIDES[:] = cli.split_or_exit(sys.argv if argv is None else argv)
     sys.argv = rest
     app.run(main, argv=rest)
 

@@ -84,7 +84,8 @@ def collectives(hlo: str) -> dict[str, dict[str, int]]:
 
 def kernel_calls(hlo: str, platform: str) -> int:
     """How many custom calls in the optimised HLO run a compiled Pallas kernel on ``platform``."""
-    return sum(len(re.findall(r'custom_call_target="' + re.escape(t) + '"', hlo)) for t in KERNEL_TARGETS.get(platform, ()))
+    return sum(len(re.findall(r'custom_call_target="' + re.escape(t) + '"', hlo))
+               for t in KERNEL_TARGETS.get(platform, ()))
 
 
 __all__ = ["COLLECTIVES", "KERNEL_TARGETS", "Memory", "collectives", "cost", "kernel_calls"]

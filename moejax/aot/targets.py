@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import math
 import pathlib
 import re
 from typing import Any
@@ -111,16 +110,20 @@ def check_compiler(spec: str) -> None:
                     "(about 5 GB; run with JAX_PLATFORMS=cpu on a machine without a GPU)")
 
 
+def _first_line(err: Exception) -> str:
+    """A compiler's refusal as one short line."""
+    text = str(err).strip()
+    return text.splitlines()[0][:200] if text else type(err).__name__
+
+
 def _tpu(spec: str, generation: str, topology: str) -> Target:
-    from moejax import libtpu_env
-    libtpu_env.prepare()
+    # libtpu's environment on a host without a TPU was prepared when moejax was imported (moejax.libtpu_env).
     from jax.experimental import topologies
     name = f"{generation}:{topology}"
     try:
         devices = tuple(topologies.get_topology_desc(platform="tpu", topology_name=name).devices)
     except Exception as err:  # noqa: BLE001 - libtpu's refusal, as one line
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        _fail(spec, f"libtpu cannot make topology {name!r} ({first[:200]})")
+        _fail(spec, f"libtpu cannot make topology {name!r} ({_first_line(err)})")
     kind, hbm, source = TPU_GENERATIONS[generation]
     chips = len({tuple(getattr(d, "coords", (i,))) for i, d in enumerate(devices)})
     per_chip = max(1, len(devices) // max(chips, 1))
@@ -141,9 +144,8 @@ def _gpu(spec: str, kind: str, count: str) -> Target:
     try:
         devices = tuple(topologies.get_topology_desc(platform="cuda", target_config=config,
                                                      topology=f"1x1x{n}").devices)
-    except Exception as err:  # noqa: BLE001
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        _fail(spec, f"jax's CUDA plugin cannot make {n} x {kind} ({first[:200]})")
+    except Exception as err:  # noqa: BLE001 - the plugin's refusal, as one line
+        _fail(spec, f"jax's CUDA plugin cannot make {n} x {kind} ({_first_line(err)})")
     return Target(spec, "gpu", devices, devices[0].device_kind, memory, source)
 
 
@@ -154,9 +156,5 @@ def make_target(spec: str) -> Target:
     return _tpu(spec, kind, rest) if platform == "tpu" else _gpu(spec, kind, rest)
 
 
-def chips(target: Target) -> int:
-    return math.ceil(target.num_devices / target.devices_per_chip)
-
-
-__all__ = ["EXAMPLES", "GPU_KINDS", "TPU_GENERATIONS", "Target", "TargetError", "chips", "check_compiler",
+__all__ = ["EXAMPLES", "GPU_KINDS", "TPU_GENERATIONS", "Target", "TargetError", "check_compiler",
            "make_target", "parse"]

@@ -19,12 +19,34 @@ from typing import Callable, Protocol
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 GroupedMatmul = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
+
+@jax.custom_jvp
+def gelu_exact(x: jax.Array) -> jax.Array:
+    """``x * Phi(x)`` (``jax.nn.gelu(x, approximate=False)``) with its derivative ``Phi(x) + x * phi(x)`` written out.
+
+    jax 0.12's JVP of ``erf``/``erfc`` fails inside ``shard_map`` (check_vma) on varying inputs ("Primitive polynomial
+    requires varying manual axes to match"; smallest reproducer, jax 0.12.0.1: ``jax.jit(jax.shard_map(jax.grad(lambda
+    x: jax.lax.erf(x).sum()), mesh=Mesh(devices, ("e",)), in_specs=P("e"), out_specs=P("e")))(jnp.ones(4))``), which
+    the expert-parallel experts are. The forward is jax's own; the derivative uses only ``erfc`` and ``exp`` values.
+    """
+    return jax.nn.gelu(x, approximate=False)
+
+
+@gelu_exact.defjvp
+def _gelu_exact_jvp(primals, tangents):
+    (x,), (t,) = primals, tangents
+    cdf = 0.5 * jax.lax.erfc(-x * np.sqrt(0.5).astype(x.dtype))
+    pdf = jnp.exp(-0.5 * x * x) * np.float32(1.0 / np.sqrt(2.0 * np.pi)).astype(x.dtype)
+    return gelu_exact(x), (cdf + x * pdf) * t
+
+
 ACTIVATION_FNS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": jax.nn.relu,
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu": gelu_exact,
     "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
     "silu": jax.nn.silu,
     "swish": jax.nn.silu,

@@ -22,7 +22,7 @@ import pytest
 
 from moejax.training import checkpoint as checkpoint_lib
 from moejax.training.checkpoint import Checkpointer, CheckpointWriteError, read_checkpoint
-from test_trainer_safety import data_file, write_garbage
+from test_trainer_safety import data_file, ruin
 from test_training import _main_cmd
 
 TIMEOUT = 300          # seconds: a run that needs longer hangs (a run takes 10-40 s on a loaded 2-core machine)
@@ -201,7 +201,7 @@ def test_no_usable_checkpoint_and_a_truncated_checkpoint_on_the_console(tmp_path
     assert not _third_party_lines(proc.stderr), proc.stderr
     # Every checkpoint unusable: one line, exit 2, and no fresh start.
     for step in (2, 4, 6, 8):
-        write_garbage(data_file(tmp_path / "checkpoints" / str(step)))
+        ruin(tmp_path / "checkpoints" / str(step))
     proc = _main(tmp_path, data_dir)
     assert proc.returncode == 2, proc.stderr
     line = _one_error_line(proc)

@@ -16,6 +16,8 @@ setup(
     python_requires=">=3.11",
     packages=PACKAGES,
     package_dir={"moejax": "moejax", "moejax.kernels": "kernels"},
+    # moejax.aot's GPU target descriptions and the pretrained architectures it compiles (--hf=<name>).
+    package_data={"moejax.aot": ["gpu_targets/*.txtpb", "hf_architectures/*.json"]},
     # Lower bounds are the oldest versions tested: what CI's first pass (Python 3.11, the README's test command)
     # installs, the newest releases for Python 3.11 on 2026-12-07 (jax 0.10.2 is the last jax for 3.11). CI's second
     # pass (.ci/run) tests the newest releases for Python 3.12 (on 2026-12-07: jax/jaxlib 0.12.1, flax 0.12.12,

@@ -59,15 +59,19 @@ from .gmm_pallas_mosaic import _out_shape, _round_up, varying_axes  # noqa: F401
 RowTiling = tuple[int, int]
 # 8 rows fill the sublanes of one float32 vreg; (8, 512) keeps gather_sum's float32 accumulator at four vregs.
 DEFAULT_ROW_TILING: RowTiling = (8, 512)
+LANES = 128
 
 
 def _tiles(tiling: RowTiling, d: int) -> tuple[int, int, int]:
-    """(tm, td, padded D): a D that fits one tile is taken whole (no padding), else padded to a multiple of td."""
+    """(tm, td, padded D): a D that fits one tile is taken whole, padded to a multiple of 128 lanes, else padded to
+    a multiple of td. Mosaic DMAs a row at a dynamic offset only when the row is a multiple of 128 lanes of 32 bits
+    (a 64-wide float32 row was refused: "could not determine that the dynamic offset times the element size is a
+    multiple of the word size (4096 bits)", found compiling for TPU v5e)."""
     if len(tiling) != 2 or any(int(t) < 1 for t in tiling):
         raise ValueError(f"tiling={tiling}: must be two positive ints (tm, td)")
     tm, td = int(tiling[0]), int(tiling[1])
     if d <= td:
-        return tm, d, d
+        return tm, _round_up(d, LANES), _round_up(d, LANES)
     return tm, td, _round_up(d, td)
 
 

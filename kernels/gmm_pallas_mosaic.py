@@ -53,6 +53,14 @@ def varying_axes(*operands: jax.Array) -> frozenset:
     return frozenset().union(*(jax.typeof(a).mat.varying for a in operands))
 
 
+def reduce_like(grad: jax.Array, primal: jax.Array) -> jax.Array:
+    """A custom VJP's cotangent summed over the manual mesh axes it varies along and its primal does not: the
+    transpose of the implicit broadcast of an invariant primal (weights replicated over ``data`` inside
+    ``shard_map``), which autodiff adds by itself and a hand-written backward must. Outside ``shard_map``: unchanged."""
+    extra = varying_axes(grad) - varying_axes(primal)
+    return jax.lax.psum(grad, tuple(sorted(extra))) if extra else grad
+
+
 def _out_shape(shape: tuple[int, ...], dtype, interpret: bool, *operands: jax.Array) -> jax.ShapeDtypeStruct:
     """The pallas_call result type of every kernel file. Under ``shard_map`` (check_vma) it must name the mesh axes
     the result varies along: those of any operand (the expert-parallel dispatch calls these kernels per device)."""
@@ -275,7 +283,7 @@ def _gmm_bwd(tiling, interpret, preferred_element_type, res, g):
                        preferred_element_type=lhs.dtype)
     d_rhs = tgmm_mosaic(lhs, g.astype(lhs.dtype), group_sizes, tiling=tiling, interpret=interpret,
                         preferred_element_type=rhs.dtype)
-    return d_lhs, d_rhs, None
+    return reduce_like(d_lhs, lhs), reduce_like(d_rhs, rhs), None
 
 
 _gmm.defvjp(_gmm_fwd, _gmm_bwd)

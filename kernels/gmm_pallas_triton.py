@@ -57,7 +57,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from .gmm_pallas_mosaic import _out_shape
+from .gmm_pallas_mosaic import _out_shape, reduce_like
 
 Tiling = tuple[int, int, int]
 # gmm: (rows, contraction chunk, output columns); tgmm: (row chunk = contraction, output K, output N).
@@ -314,7 +314,7 @@ def _gmm_bwd(tiling, interpret, preferred_element_type, num_warps, num_stages, p
     d_rhs = tgmm_triton(lhs, g, group_sizes, tiling=(tk, tm, tn), interpret=interpret,
                         preferred_element_type=rhs.dtype, num_warps=num_warps, num_stages=num_stages,
                         precision=precision)
-    return d_lhs, d_rhs, None
+    return reduce_like(d_lhs, lhs), reduce_like(d_rhs, rhs), None
 
 
 _gmm.defvjp(_gmm_fwd, _gmm_bwd)

@@ -188,6 +188,81 @@ def test_expert_parallel_train_step_compiles_for_a_tpu_topology_with_the_native_
     assert 0 < program.state_bytes <= program.memory.arguments <= program.memory.total
 
 
+@needs_libtpu
+@pytest.mark.parametrize("dispatch, kernels", [({"gmm": "pallas_mosaic"}, 9), ({"gmm": "tokamax"}, 7),
+                                               ({"mode": "capacity", "capacity_impl": "pallas", "groups": 4}, 5)])
+def test_data_parallel_train_step_dispatches_each_devices_own_tokens_with_compiled_kernels(lm_tiny, dispatch, kernels):
+    # Tokens split over 4 devices, experts not: each device routes its own tokens (TokenParallel). Before it, XLA
+    # gathered every device's routing onto each (4 all-gathers here) and ran the whole batch's grouped matmuls on
+    # every device, and moejax's Mosaic kernels, which XLA cannot partition, did not compile at all.
+    from moejax.aot.compile import compile_train
+    config = lm_tiny()
+    config.model.num_layers = 1
+    for field, value in dispatch.items():
+        setattr(config.model.moe.dispatch, field, value)
+    program, backends, facts = compile_train(config, target("tpu:v5e:2x2"))
+    assert facts["mesh"]["data"] == 4 and not any(interpreted for *_, interpreted in backends.layers)
+    assert program.kernel_calls == kernels
+    assert program.collectives["all-gather"]["count"] == 0
+    assert program.collectives["all-reduce"]["count"] >= 1                 # the gradients' reduction over data
+
+
+@needs_libtpu
+def test_generation_prefill_and_decode_compile_for_a_tpu_topology_with_experts_split_and_the_cache_donated(lm_tiny):
+    # What moejax.generation.generate runs, MoE dropless: prefill into an empty cache, then one-token decode steps.
+    from moejax.aot import compile as compile_lib
+    from moejax.models import build_model
+    config = lm_tiny()
+    config.mesh.data, config.mesh.expert = 1, 4
+    config.model.num_layers = 1
+    t = target("tpu:v5e:2x2")
+    layout = compile_lib.Layout.of(config, t)
+    model = build_model(config.model, vocab_size=256)
+    variables = compile_lib.abstract_variables(model, layout)
+    experts = variables["params"]["decoder"]["block_0"]["ffn"]["experts"]
+    assert all(leaf.sharding.spec[0] == "expert" for leaf in jax.tree.leaves(experts))
+    gen = compile_lib.Generation(batch=8, prompt_len=64, new_tokens=16)
+    prefill, decode = compile_lib.compile_generate(model, variables, t, layout, gen)
+    assert (prefill.name, decode.name) == ("prefill", "decode")
+    cache_bytes = 2 * 8 * 80 * 4 * 16 * 4 // 4 + 8 * 80 // 4 + 4        # k and v [B, S, H, Dh] f32, valid, index
+    for program in (prefill, decode):
+        assert program.state_bytes == compile_lib._shard_bytes(variables) + cache_bytes
+        assert program.memory.aliased >= cache_bytes - 4                    # the cache is updated in place
+        assert program.collectives["ragged-all-to-all"]["count"] == 2        # tokens out to their experts and back
+        assert program.kernel_calls >= 3                                     # the experts' grouped matmuls
+    assert prefill.cost["flops"] > 10 * decode.cost["flops"]
+    with pytest.raises(ValueError, match=r"^--gen_batch=6: must be divisible by the 4 token shards"):
+        compile_lib.Generation(6, 64, 16).check(layout.mesh)
+
+
+# Total parameters as the model cards state them, and half a unit of their last digit.
+PUBLISHED_TOTALS = {"mixtral_8x7b": (46.7e9, 0.05e9), "olmoe_1b_7b": (6.9e9, 0.05e9), "qwen2_57b_a14b": (57e9, 0.5e9),
+                    "qwen1_5_moe_a2_7b": (14.3e9, 0.05e9),
+                    "qwen3_30b_a3b": (30.5e9, 0.05e9), "deepseek_v3": (671e9, 0.5e9)}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_TOTALS))
+def test_shipped_architectures_read_by_the_hf_families_have_the_published_parameter_counts(name):
+    # The config.json fields moejax.aot --hf compiles, through the same family code as moejax.hf.load: the totals
+    # of the models' cards, to the digits they state.
+    from moejax.aot import pretrained
+    from moejax.aot.compile import params_count
+    model = pretrained.model(name)
+    assert model.config.dtype == model.config.param_dtype == "bfloat16"
+    n = params_count(model, S((1, 1), jnp.int32))
+    total, tolerance = PUBLISHED_TOTALS[name]
+    assert abs(n - total) <= tolerance, n
+
+
+def test_a_bad_hf_architecture_is_one_line_naming_the_flag(tmp_path):
+    from moejax.aot import pretrained
+    with pytest.raises(ValueError, match=r"^--hf='nope': not a shipped architecture \(deepseek_v3, mixtral_8x7b"):
+        pretrained.lm_config("nope")
+    (tmp_path / "config.json").write_text('{"model_type": "llama", "hidden_size": 8}')
+    with pytest.raises(ValueError, match=r"^--hf='.*': .*llama"):
+        pretrained.lm_config(str(tmp_path))
+
+
 # ---------------------------------------------------------------- python -m moejax.aot
 
 
@@ -201,24 +276,42 @@ def _aot(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 @needs_libtpu
 def test_aot_cli_prints_the_table_writes_json_and_exits_0_when_it_fits(tmp_path):
     out = _aot("--config=configs/lm_tiny.py", "--target=tpu:v5e:2x2", "--config.model.num_layers=1",
-               f"--json={tmp_path / 'r.json'}")
+               "--gen_new_tokens=16", f"--json={tmp_path / 'r.json'}")
     assert out.returncode == 0, out.stderr
-    assert "train_step for tpu:v5e:2x2: 4 x TPU v5 lite" in out.stdout
-    for row in ("train state (params+opt+rest)", "temporaries", "total", "fits: yes", "compiled FLOPs per step",
-                "XLA cost model estimate", "collectives per device", "layer 0: dropless dispatch on",
-                "compiled kernel calls"):
+    assert "transformer_lm for tpu:v5e:2x2: 4 x TPU v5 lite" in out.stdout
+    for row in ("train step (inputs [16, 128])", "generation prefill (batch 16, prompt 128, cache 144 slots)",
+                "generation decode (one token)", "train state (params+opt+rest)", "variables + KV cache",
+                "temporaries", "total", "fits: yes", "compiled FLOPs", "XLA cost model estimate",
+                "collectives per device", "layer 0: dropless dispatch on", "compiled kernel calls"):
         assert row in out.stdout, row
+    assert out.stdout.count("fits: yes") == 3
     assert out.stderr == "", out.stderr         # no libtpu warnings, no third-party log lines
     report = json.loads((tmp_path / "r.json").read_text())
-    assert report["fits"] and report["devices"] == 4 and report["memory"]["total"] > report["memory"]["state"] > 0
-    assert report["flops"]["compiled_per_device"] > 0 and report["flops"]["analytic_per_step"] > 0
+    assert report["fits"] and report["devices"] == 4
+    assert [p["name"] for p in report["programs"]] == ["train_step", "prefill", "decode"]
+    train, prefill, decode = report["programs"]
+    assert train["memory"]["total"] > train["memory"]["state"] > 0
+    assert train["flops"]["compiled_per_device"] > 0 and train["flops"]["analytic"] > 0
+    assert prefill["flops"]["analytic"] > 0 and decode["flops"]["analytic"] is None
+    assert report["generation"] == {"batch": 16, "prompt_len": 128, "new_tokens": 16}
+
+
+@needs_libtpu
+def test_aot_cli_compiles_a_pretrained_architecture_from_its_config_json():
+    # A Hugging Face directory's config.json (the tiny Mixtral fixture), fine-tuned with float32 master weights.
+    out = _aot("--config=configs/hf_finetune.py", "--hf=tests/fixtures/hf/mixtral", "--target=tpu:v5e:2x2",
+               "--config.data.seq_len=64", "--config.data.batch_size=4", "--gen_batch=4", "--gen_prompt_len=32",
+               "--gen_new_tokens=8", "--config.mesh.expert=4", "--config.mesh.data=1")
+    assert out.returncode == 0, out.stderr
+    assert "tests/fixtures/hf/mixtral for tpu:v5e:2x2" in out.stdout and "(float32 for train, bfloat16 for generation), compute bfloat16" in out.stdout
+    assert out.stdout.count("fits: yes") == 3 and "ragged-all-to-all" in out.stdout
 
 
 @needs_libtpu
 def test_aot_cli_exits_1_with_one_line_when_the_model_does_not_fit():
     # About 52 B parameters (one layer of 64 experts of 8192 x 32768 x 3) with AdamW, on 16 GiB v5e chips.
     out = _aot("--config=configs/lm_tiny.py", "--target=tpu:v5e:2x2", "--config.model.num_layers=1",
-               "--config.model.d_model=8192",
+               "--programs=train", "--config.model.d_model=8192",
                "--config.model.moe.hidden_dim=32768", "--config.model.moe.num_experts=64")
     assert out.returncode == 1, out.stderr
     assert "fits: NO" in out.stdout
@@ -235,6 +328,9 @@ def test_aot_cli_exits_1_with_one_line_when_the_model_does_not_fit():
                                                         "equal the number of devices (4)"),
     (["--target=tpu:v5e:2x2", "--config.model.moe.num_experts=6", "--config.mesh.expert=4", "--config.mesh.data=1"],
      "error: model layer 0: num_experts=6 must be divisible by mesh.expert=4"),
+    (["--target=tpu:v5e:2x2", "--programs=train,sample"], "error: --programs: unknown program 'sample'"),
+    (["--target=tpu:v5e:2x2", "--gen_batch=6"], "error: --gen_batch=6: must be divisible by the 4 token shards"),
+    (["--target=tpu:v5e:2x2", "--hf=nope"], "error: --hf='nope': not a shipped architecture"),
 ])
 def test_aot_cli_bad_input_is_one_line_and_exit_2_before_compiling(args, message):
     out = _aot("--config=configs/lm_tiny.py", *args)
@@ -267,10 +363,13 @@ def test_triton_kernels_and_both_gradients_compile_for_h100(dtype):
 
 @needs_cuda_plugin
 def test_auto_on_an_h100_mesh_compiles_a_kernel_that_does_only_the_routed_work_not_ragged_dot():
+    # From this CPU host tokamax could only emit its XLA fallback (a dense product over all experts, found with this
+    # test: f32[8, 512, 256] dot for 512 routed rows), so auto takes moejax's Triton kernel; no dense dot is left.
+    from moejax.dispatch.backends.gmm import tokamax as tokamax_backend
     t = target("gpu:h100:1")
     with jax.set_mesh(Mesh(np.array(t.devices[:1]), ("x",))):
         from moejax.dispatch import gmm as gmm_lib
-        assert gmm_lib.resolve_name("auto") in ("tokamax", "pallas_triton")
+        assert gmm_lib.resolve_name("auto") == ("tokamax" if tokamax_backend.host_is_gpu() else "pallas_triton")
         auto = get_gmm("auto")
     lhs, rhs, gs = S((512, 256), jnp.bfloat16), S((8, 256, 256), jnp.bfloat16), S((8,), jnp.int32)
     assert compiled_kernels("gpu:h100:1", gmm_fwd_bwd(auto), lhs, rhs, gs) >= 3
@@ -278,7 +377,20 @@ def test_auto_on_an_h100_mesh_compiles_a_kernel_that_does_only_the_routed_work_n
 
 @needs_cuda_plugin
 def test_aot_cli_compiles_the_lm_train_step_for_h100():
-    out = _aot("--config=configs/lm_tiny.py", "--target=gpu:h100:1")
+    out = _aot("--config=configs/lm_tiny.py", "--target=gpu:h100:1", "--config.model.num_layers=1",
+               "--gen_new_tokens=16")
     assert out.returncode == 0, out.stderr
-    assert "1 x NVIDIA H100 80GB HBM3" in out.stdout and "fits: yes" in out.stdout
+    assert "1 x NVIDIA H100 80GB HBM3" in out.stdout and out.stdout.count("fits: yes") == 3
     assert "compiled FLOPs: not reported by the compiler for gpu" in out.stdout
+
+
+@needs_cuda_plugin
+def test_data_parallel_train_step_for_two_h100s_runs_the_triton_kernels_on_each_devices_tokens(lm_tiny):
+    from moejax.aot.compile import compile_train
+    config = lm_tiny()
+    config.model.num_layers = 1
+    config.mesh.data = 2
+    program, backends, _ = compile_train(config, target("gpu:h100:2"))
+    assert {name for _, _, name, _ in backends.layers} == {"pallas_triton"}
+    assert program.kernel_calls >= 9                   # three expert matmuls, forward and both gradients
+    assert program.collectives["all-gather"]["count"] == 0

@@ -25,8 +25,10 @@ from moejax.kernels import reference
 needs_tokamax = pytest.mark.skipif(not tokamax_backend.available(),
                                    reason=f"tokamax does not import here ({tokamax_backend.import_error()}); "
                                           f"{tokamax_backend.INSTALL_HINT}")
-# What auto picks on GPU/TPU here: tokamax when it imports (the measured-elsewhere rule of backends/gmm/tokamax.py).
+# What auto picks on TPU here: tokamax when it imports (the measured-elsewhere rule of backends/gmm/tokamax.py). On
+# GPU from this CPU host tokamax could only emit its dense XLA fallback, so auto goes on to moejax's Triton kernel.
 GPU_TPU_AUTO = "tokamax" if tokamax_backend.available() else "ragged_dot"
+GPU_AUTO = "tokamax" if tokamax_backend.available() and tokamax_backend.host_is_gpu() else "pallas_triton"
 
 # ---------------------------------------------------------------- XLA backends
 
@@ -271,6 +273,19 @@ class TestTokamax(GmmContract):
             np.testing.assert_array_equal(np.asarray(out)[sum(sizes):], 0.0)
 
 
+@needs_tokamax
+def test_tokamax_is_not_offered_for_a_gpu_program_compiled_on_a_host_without_a_gpu(monkeypatch):
+    # Its GPU kernels refuse a CPU host ("Not supported on cpu") even when compiling for an H100, leaving only its
+    # XLA fallback: a dense product over all experts, what auto must never end on for a GPU.
+    monkeypatch.setattr(tokamax_backend, "host_is_gpu", lambda: False)
+    assert gmm.resolve_name("auto", "gpu") == "pallas_triton" and gmm.resolve_name("auto", "tpu") == "tokamax"
+    with pytest.raises(ValueError, match=r"^dispatch.gmm='tokamax': runs only on tpu, or gpu from a host whose jax "
+                                         r"backend is a GPU .*not on platform 'gpu'"):
+        select_gmm("tokamax", "gpu")
+    monkeypatch.setattr(tokamax_backend, "host_is_gpu", lambda: True)
+    assert gmm.resolve_name("auto", "gpu") == "tokamax"
+
+
 def test_without_tokamax_auto_passes_over_it_and_naming_it_says_how_to_install(monkeypatch):
     monkeypatch.setattr(tokamax_backend, "import_error", lambda: "ModuleNotFoundError: No module named 'tokamax'")
     assert [gmm.resolve_name("auto", p) for p in ("cpu", "gpu", "tpu")] == ["bulk", "pallas_triton", "ragged_dot"]
@@ -342,7 +357,7 @@ def test_every_builtin_backend_has_a_contract_subclass():
 
 def test_auto_and_pallas_resolve_per_platform_in_fallback_order():
     assert [gmm.resolve_name("auto", p) for p in ("cpu", "gpu", "tpu", "metal")] == \
-        ["bulk", GPU_TPU_AUTO, GPU_TPU_AUTO, "blocked"]
+        ["bulk", GPU_AUTO, GPU_TPU_AUTO, "blocked"]
     assert [gmm.resolve_name("pallas", p) for p in ("cpu", "gpu", "tpu", "cuda")] == \
         ["pallas_mosaic", "pallas_triton", "pallas_mosaic", "pallas_triton"]
     assert select_gmm("pallas", "cpu").interpreted("cpu") and not select_gmm("pallas", "tpu").interpreted("tpu")

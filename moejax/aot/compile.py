@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from moejax import parallel
 from moejax.aot import analysis
@@ -34,8 +35,9 @@ class DoesNotFit(Exception):
 class Program:
     """One compiled program's report (per device unless said otherwise).
 
-    name: ``train_step`` (or ``prefill``/``decode``). memory: :class:`~moejax.aot.analysis.Memory`. state_bytes:
-    the train state's shard on one device (parameters + optimiser state + the rest). cost: the compiler's cost
+    name: ``train_step``, ``prefill`` or ``decode``. memory: :class:`~moejax.aot.analysis.Memory`. state_bytes:
+    what stays resident, one device's shard: the train state (parameters + optimiser state + the rest), or for
+    generation the variables and the KV cache. cost: the compiler's cost
     analysis ({} on GPU). collectives: ``{op: {count, bytes}}``. kernel_calls: compiled Pallas kernel calls in the
     optimised HLO. lower_seconds, compile_seconds: wall time on this host.
     """
@@ -107,37 +109,27 @@ def dispatch_backends(model: nn.Module, platform: str) -> Backends:
     return Backends(tuple(rows))
 
 
-def compile_train(config: Mapping[str, Any], target: Target) -> tuple[Program, Backends, dict[str, Any]]:
-    """Compiles the config's train step (at the first step's experts per token) for ``target``.
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """The config's mesh on the target's devices and the logical-axis rules that shard on it."""
 
-    Returns (the program's report, the dispatch backends, facts for the report: model, batch shape, mesh shape,
-    analytic FLOPs per step). Raises ``ValueError`` naming the field for a config that cannot be laid out on the
-    target's devices (mesh axes, divisibility), before compiling.
-    """
-    settings = train_settings(config)
-    optim.validate(config.get("optimizer", {}), settings["steps"])
-    mesh_cfg = parallel.MeshConfig.from_dict(config.get("mesh"))
-    mesh = parallel.make_mesh(dataclasses.replace(mesh_cfg, num_devices=None, distributed="never"), target.devices)
-    rules = mesh_cfg.all_rules()
-    loop._check_divisible(config, mesh)
-    meta, batch, example = data_shapes(config)
-    from moejax import models as models_lib
-    model = models_lib.build_model(config["model"], num_classes=meta.num_classes, vocab_size=meta.vocab_size,
-                                   input_shape=meta.input_shape)
-    loop.check_model_on_mesh(model, mesh)
-    tx = optim.make_optimizer(config.get("optimizer", {}), settings["steps"])
-    key = jax.eval_shape(lambda: jax.random.key(0))
+    mesh: Mesh
+    rules: Any
+
+    @classmethod
+    def of(cls, config: Mapping[str, Any], target: Target) -> "Layout":
+        mesh_cfg = parallel.MeshConfig.from_dict(config.get("mesh"))
+        mesh = parallel.make_mesh(dataclasses.replace(mesh_cfg, num_devices=None, distributed="never"),
+                                  target.devices)
+        return cls(mesh, mesh_cfg.all_rules())
+
+
+def _compile(name: str, lower: Callable[[], Any], state_bytes: int, target: Target, layout: Layout) -> Program:
+    """Lowers (under the layout's mesh and rules) and compiles one program for ``target``; :class:`DoesNotFit` when
+    the compiler refuses it for memory."""
     t0 = time.perf_counter()
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        boxed = jax.eval_shape(lambda k, x: loop.init_fn(model, tx, x, boxed=True)(k), key, example)
-        shardings = parallel.state_shardings(boxed, mesh, rules)
-        plain = jax.eval_shape(lambda k, x: loop.init_fn(model, tx, x, boxed=False)(k), key, example)
-        state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), plain, shardings)
-        batch_sharding = parallel.batch_sharding(mesh)
-        batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding) for k, v in batch.items()}
-        step = loop.jit_train_step(model, tx, meta.task, settings, scheduled_moe_k(settings, 0), shardings, mesh)
-        lowered = step.lower(state, batch)
-        backends = dispatch_backends(model, target.platform)
+    with jax.set_mesh(layout.mesh), nn.logical_axis_rules(layout.rules):
+        lowered = lower()
     t1 = time.perf_counter()
     try:
         compiled = lowered.compile()
@@ -145,19 +137,151 @@ def compile_train(config: Mapping[str, Any], target: Target) -> tuple[Program, B
         text = str(err)
         if "RESOURCE_EXHAUSTED" in text or "Ran out of memory" in text:
             line = next((x.strip() for x in text.splitlines() if "memory" in x.lower()), text.splitlines()[0])
-            raise DoesNotFit(line[:400]) from None
+            raise DoesNotFit(f"{name}: {line[:400]}") from None
         raise
     t2 = time.perf_counter()
     hlo = compiled.as_text()
-    program = Program("train_step", analysis.Memory.of(compiled), _shard_bytes(state), analysis.cost(compiled),
-                      analysis.collectives(hlo), analysis.kernel_calls(hlo, target.platform), t1 - t0, t2 - t1)
+    return Program(name, analysis.Memory.of(compiled), state_bytes, analysis.cost(compiled),
+                   analysis.collectives(hlo), analysis.kernel_calls(hlo, target.platform), t1 - t0, t2 - t1)
+
+
+def _with_shardings(tree: Any, shardings: Any) -> Any:
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
+
+
+def compile_train(config: Mapping[str, Any], target: Target, model: nn.Module | None = None
+                  ) -> tuple[Program, Backends, dict[str, Any]]:
+    """Compiles the config's train step (at the first step's experts per token) for ``target``.
+
+    ``model``: train this model instead of the config's ``model`` (e.g. a pretrained architecture,
+    :func:`moejax.aot.pretrained.model`; the config still gives data shapes, optimiser and mesh). Returns (the
+    program's report, the dispatch backends, facts for the report: model, batch shape, mesh shape, parameter
+    count). Raises ``ValueError`` naming the field for a config that cannot be laid out
+    on the target's devices (mesh axes, divisibility), before compiling.
+    """
+    settings = train_settings(config)
+    optim.validate(config.get("optimizer", {}), settings["steps"])
+    layout = Layout.of(config, target)
+    mesh = layout.mesh
+    loop._check_divisible(config, mesh)
+    meta, batch, example = data_shapes(config)
+    if model is None:
+        from moejax import models as models_lib
+        model = models_lib.build_model(config["model"], num_classes=meta.num_classes, vocab_size=meta.vocab_size,
+                                       input_shape=meta.input_shape)
+    loop.check_model_on_mesh(model, mesh)
+    tx = optim.make_optimizer(config.get("optimizer", {}), settings["steps"])
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(layout.rules):
+        boxed = jax.eval_shape(lambda k, x: loop.init_fn(model, tx, x, boxed=True)(k), key, example)
+        shardings = parallel.state_shardings(boxed, mesh, layout.rules)
+        plain = jax.eval_shape(lambda k, x: loop.init_fn(model, tx, x, boxed=False)(k), key, example)
+    state = _with_shardings(plain, shardings)
+    batch_sharding = parallel.batch_sharding(mesh)
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding) for k, v in batch.items()}
+    step = loop.jit_train_step(model, tx, meta.task, settings, scheduled_moe_k(settings, 0), shardings, mesh)
+    program = _compile("train_step", lambda: step.lower(state, batch), _shard_bytes(state), target, layout)
     facts = {"model": model, "meta": meta, "input_shape": tuple(example.shape),
              "mesh": {a: int(s) for a, s in mesh.shape.items()}, "params": _params_count(plain.params)}
-    return program, backends, facts
+    return program, dispatch_backends(model, target.platform), facts
+
+
+def abstract_variables(model: nn.Module, layout: Layout) -> dict[str, Any]:
+    """A language model's variables (``params`` and its other collections) as ShapeDtypeStructs sharded by the
+    layout's rules (what :func:`moejax.hf.load` places on a mesh); nothing is allocated."""
+    rows = parallel.token_shards(layout.mesh)            # one token per shard: expert-parallel layers split them
+    with jax.set_mesh(layout.mesh), nn.logical_axis_rules(layout.rules):
+        boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((rows, 1), jnp.int32)))
+        shardings = parallel.state_shardings(boxed, layout.mesh, layout.rules)
+    plain = nn.meta.unbox(boxed)
+    return _with_shardings(plain, shardings)
+
+
+def cache_shardings(cache: Any, mesh: Mesh) -> Any:
+    """A KV cache split like the tokens: each array's batch axis over the mesh's token axes (when they divide it),
+    a ``[B, S, H, Dh]`` array's heads over ``tensor`` (when it divides them); the rest replicated."""
+    token_axes = tuple(a for a in parallel.TOKEN_AXES if a in mesh.axis_names)
+    shards = parallel.token_shards(mesh)
+    tensor = mesh.shape.get("tensor", 1)
+
+    def one(leaf: Any) -> NamedSharding:
+        spec: list[Any] = [None] * len(leaf.shape)
+        if spec and shards > 1 and leaf.shape[0] % shards == 0:
+            spec[0] = token_axes
+        if len(spec) == 4 and tensor > 1 and leaf.shape[2] % tensor == 0:
+            spec[2] = "tensor"
+        return NamedSharding(mesh, PartitionSpec(*spec))
+
+    return jax.tree.map(one, cache)
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    """The shapes the generation programs are compiled at: ``batch`` sequences, prompts of ``prompt_len`` tokens,
+    ``new_tokens`` generated (the KV cache holds ``prompt_len + new_tokens`` slots)."""
+
+    batch: int
+    prompt_len: int
+    new_tokens: int
+
+    def check(self, mesh: Mesh) -> None:
+        for field in ("batch", "prompt_len", "new_tokens"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"--gen_{field}={value!r}: must be an integer >= 1")
+        shards = parallel.token_shards(mesh)
+        if self.batch % shards:
+            raise ValueError(f"--gen_batch={self.batch}: must be divisible by the {shards} token shards of the mesh "
+                             f"(data*fsdp*expert)")
+
+
+def compile_generate(model: nn.Module, variables: Any, target: Target, layout: Layout, gen: Generation,
+                     programs: Sequence[str] = ("prefill", "decode")) -> list[Program]:
+    """Compiles generation's two programs for ``target`` (what :func:`moejax.generation.generate` runs, MoE layers
+    dropless): ``prefill``, the left-padded prompts ``int32[B, P]`` written into an empty cache of ``P + N`` slots,
+    returning the last position's logits ``float32[B, V]``; and ``decode``, one new token per sequence against a
+    cache of ``P + N`` slots. The cache is donated to both (generation updates it in place). ``variables``: the
+    model's abstract variables with shardings (:func:`abstract_variables`)."""
+    from moejax.generation.decode import cached_forward, for_decoding
+    from moejax.models.transformer import make_cache
+    gen.check(layout.mesh)
+    cfg = for_decoding(model.config)
+    loop.check_model_on_mesh(type(model)(cfg), layout.mesh)
+    call = cached_forward(cfg, tuple(variables))
+    b, p, slots = gen.batch, gen.prompt_len, gen.prompt_len + gen.new_tokens
+    mesh = layout.mesh
+    cache = jax.eval_shape(lambda: make_cache(cfg, b, slots))
+    cache = _with_shardings(cache, cache_shardings(cache, mesh))
+    rows = parallel.batch_sharding(mesh)                # gen.check: the batch splits over the token shards
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def last_logits(variables, tokens, positions, mask, cache):
+        logits, cache = call(variables, tokens, positions, mask, cache)
+        return logits[:, -1], cache
+
+    fn = jax.jit(last_logits, donate_argnums=(4,),
+                 out_shardings=(replicated, cache_shardings(cache, mesh)))
+    state_bytes = _shard_bytes(variables)
+    compiled = []
+    for name, length in (("prefill", p), ("decode", 1)):
+        if name not in programs:
+            continue
+        tokens = jax.ShapeDtypeStruct((b, length), jnp.int32, sharding=rows)
+        mask = jax.ShapeDtypeStruct((b, length), jnp.bool_, sharding=rows)
+        compiled.append(_compile(name, lambda t=tokens, m=mask: fn.lower(variables, t, t, m, cache),
+                                 state_bytes + _shard_bytes(cache), target, layout))
+    return compiled
 
 
 def _params_count(params: Any) -> int:
     return int(sum(int(np.prod(x.shape, dtype=np.int64)) for x in jax.tree.leaves(params)))
 
 
-__all__ = ["Backends", "DoesNotFit", "Program", "compile_train", "data_shapes", "dispatch_backends"]
+def params_count(model: nn.Module, example: jax.ShapeDtypeStruct) -> int:
+    """Parameters of ``model`` for inputs like ``example`` (shapes only)."""
+    tree = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x), example)
+    return _params_count(tree["params"])
+
+
+__all__ = ["Backends", "DoesNotFit", "Generation", "Layout", "Program", "abstract_variables", "cache_shardings",
+           "compile_generate", "compile_train", "data_shapes", "dispatch_backends", "params_count"]

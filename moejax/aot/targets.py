@@ -141,9 +141,13 @@ def _gpu(spec: str, kind: str, count: str) -> Target:
     file, memory, source = GPU_KINDS[kind]
     config = (GPU_TARGETS_DIR / file).read_text()
     n = int(count)
+    if n > 8 and n % 8:
+        _fail(spec, f"GPU count {n}: more than one host's 8 GPUs must be a multiple of 8 (hosts of 8)")
+    # <slices>x<hosts>x<GPUs per host>: up to 8 GPUs on one host, then hosts of 8.
+    topology = f"1x1x{n}" if n <= 8 else f"1x{n // 8}x8"
     try:
         devices = tuple(topologies.get_topology_desc(platform="cuda", target_config=config,
-                                                     topology=f"1x1x{n}").devices)
+                                                     topology=topology).devices)
     except Exception as err:  # noqa: BLE001 - the plugin's refusal, as one line
         _fail(spec, f"jax's CUDA plugin cannot make {n} x {kind} ({_first_line(err)})")
     return Target(spec, "gpu", devices, devices[0].device_kind, memory, source)

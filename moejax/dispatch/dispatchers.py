@@ -150,8 +150,12 @@ def register_mode(cls: Any) -> Any:
 def from_config(dispatch: Any, capacity: int, groups: int = 1) -> Dispatcher:
     """The dispatcher of ``dispatch`` (a :class:`~moejax.config.DispatchConfig`) with capacity ``C`` per routing
     group and ``G = groups``; wrapped in :class:`~moejax.parallel.expert_parallel.ExpertParallel` when the current
-    mesh has an ``expert`` axis larger than 1."""
+    mesh has an ``expert`` axis larger than 1, else in :class:`~moejax.parallel.expert_parallel.TokenParallel` when
+    it splits the tokens over several devices."""
     from moejax.parallel import expert_parallel
     local = MODES[dispatch.mode].from_config(dispatch, capacity, groups)    # the mode: checked by DispatchConfig
     mesh = expert_parallel.expert_mesh()
-    return local if mesh is None else expert_parallel.ExpertParallel(local, mesh)
+    if mesh is not None:
+        return expert_parallel.ExpertParallel(local, mesh)
+    mesh = expert_parallel.token_mesh()
+    return local if mesh is None else expert_parallel.TokenParallel(local, mesh)

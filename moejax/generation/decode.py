@@ -139,20 +139,29 @@ def generate(cfg: LMConfig, variables: Any, prompts: Sequence[Sequence[int]], *,
     return Generated(np.asarray(out), np.asarray(n), lengths)
 
 
-def decode_fn(cfg: LMConfig, variables: Any, moe_k: int | None = None):
-    """``step(tokens int[B, L], positions int[B, L], mask bool[B, L], cache) -> (logits float32[B, L, V], cache)``,
-    the model's cached forward call (non-gradient state such as selection biases is read, never updated);
-    ``moe_k``: experts per token of every routed layer for this view of the model (None: each layer's own)."""
+def cached_forward(cfg: LMConfig, collections: Sequence[str] = (), moe_k: int | None = None):
+    """``call(variables, tokens int[B, L], positions int[B, L], mask bool[B, L], cache) -> (logits float32[B, L, V],
+    cache)``: the model's cached forward call, the one both :func:`generate` and :mod:`moejax.aot` run.
+    ``collections``: the variables' collections besides ``params`` (e.g. ``moe_state``: selection biases are read,
+    never updated); ``moe_k``: experts per token of every routed layer for this view of the model (None: each
+    layer's own)."""
     model = TransformerLM(cfg)
-    mutable = [k for k in variables if k != "params"]
+    mutable = [k for k in collections if k != "params"]
 
-    def step(tokens, positions, mask, cache):
+    def call(variables, tokens, positions, mask, cache):
         res = model.apply(variables, tokens, positions=positions, token_mask=mask, cache=cache, moe_k=moe_k,
                           mutable=mutable or False)
         logits, _, cache = res[0] if mutable else res
         return logits, cache
 
-    return step
+    return call
+
+
+def decode_fn(cfg: LMConfig, variables: Any, moe_k: int | None = None):
+    """``step(tokens int[B, L], positions int[B, L], mask bool[B, L], cache) -> (logits float32[B, L, V], cache)``:
+    :func:`cached_forward` with ``variables`` bound."""
+    call = cached_forward(cfg, tuple(variables), moe_k)
+    return lambda tokens, positions, mask, cache: call(variables, tokens, positions, mask, cache)
 
 
 @jax.jit(static_argnames=("cfg", "max_new", "sampling", "stop", "pad", "cache_dtype", "contrast"))

@@ -83,10 +83,11 @@ def check_expert_parallel(mesh: Any, num_experts: int, num_tokens: int, groups: 
                          f"set dispatch.groups={shards} (or a multiple)")
 
 
-def param_specs(kind: str, use_bias: bool, tensor: str | None) -> dict[str, P]:
-    """``shard_map`` specs of the stacked expert parameters: expert -> ``expert``, mlp -> ``tensor``."""
-    axis = {"expert": EXPERT_AXIS, "mlp": tensor, "embed": None}
-    return {name: P(EXPERT_AXIS, *(axis.get(a) for a in axes))
+def param_specs(kind: str, use_bias: bool, tensor: str | None, expert: str | None = EXPERT_AXIS) -> dict[str, P]:
+    """``shard_map`` specs of the stacked expert parameters: expert -> ``expert`` (None: every device holds all
+    experts), mlp -> ``tensor``."""
+    axis = {"mlp": tensor, "embed": None}
+    return {name: P(expert, *(axis.get(a) for a in axes))
             for name, (_, axes) in ffn_param_shapes(kind, 1, 1, use_bias).items()}
 
 
@@ -149,16 +150,21 @@ def capacity_apply(x: jax.Array, plan: capacity_lib.TokenChoicePlan, experts: Ex
         g, tg, _ = plan_l.expert_index.shape
         d = x_l.shape[-1]
         buf = jax.vmap(lambda p, xg: capacity_lib.dispatch(p, xg, impl))(plan_l, x_l.reshape(g, tg, d))
-        buf = jax.lax.all_to_all(buf.reshape(g, n, e // n, c, d), EXPERT_AXIS, 1, 1, tiled=True)
+        buf = buf.reshape(g, n, e // n, c, d)
+        if n > 1:
+            buf = jax.lax.all_to_all(buf, EXPERT_AXIS, 1, 1, tiled=True)
         h = buf.transpose(2, 1, 0, 3, 4).reshape(e // n, n * g * c, d)                # [E_l, n*g*C, D]
         y = local_ffn(params_l, h, Padded(), kind=kind, activation=activation, tensor=tensor)
         y = y.reshape(e // n, n, g, c, -1).transpose(2, 1, 0, 3, 4)                   # [g, n, E_l, C, D]
-        y = jax.lax.all_to_all(y, EXPERT_AXIS, 1, 1, tiled=True).reshape(g, e, c, -1)
+        if n > 1:
+            y = jax.lax.all_to_all(y, EXPERT_AXIS, 1, 1, tiled=True)
+        y = y.reshape(g, e, c, -1)
         return jax.vmap(lambda p, yg: capacity_lib.combine(p, yg, impl))(plan_l, y).reshape(g * tg, -1)
 
     plan_spec = jax.tree_util.tree_map(lambda _: P(toks), plan)
-    fn = jax.shard_map(body, mesh=mesh, in_specs=(P(toks), plan_spec, param_specs(kind, "b_out" in params or
-                                                                                     "b_down" in params, tensor)),
+    has_bias = "b_out" in params or "b_down" in params
+    fn = jax.shard_map(body, mesh=mesh, in_specs=(P(toks), plan_spec,
+                                                  param_specs(kind, has_bias, tensor, EXPERT_AXIS if n > 1 else None)),
                        out_specs=P(toks))
     return fn(x, plan, params)
 
@@ -184,6 +190,10 @@ def dropless_apply(x: jax.Array, routing: Routing, experts: ExpertFFN, mesh: Any
         valid_f = valid.reshape(-1)
         order, sizes, _ = group_by_expert(expert_index.reshape(-1), valid_f, e)       # sizes [E], this device
         sent_rows = x_l[order // k]                                                      # [N, D] sorted by expert
+        if n == 1:       # tokens split, experts not (TokenParallel): every expert is here, nothing to exchange
+            y = local_ffn(params_l, sent_rows, Ragged(sizes, gmm), kind=kind, activation=activation, tensor=tensor)
+            w = jnp.where(valid_f, weight.reshape(-1), 0.0)[order].astype(y.dtype)
+            return (w[:, None] * y)[inverse_permutation(order)].reshape(t_l, k, -1).sum(1)
         counts = jax.lax.all_gather(sizes, EXPERT_AXIS)                                  # [n (src), E]
         blocks = counts.reshape(n, n, el).sum(-1)                                        # [src, dst] rows
         send = blocks[me]
@@ -212,9 +222,52 @@ def dropless_apply(x: jax.Array, routing: Routing, experts: ExpertFFN, mesh: Any
 
     has_bias = "b_out" in params or "b_down" in params
     fn = jax.shard_map(body, mesh=mesh,
-                       in_specs=(P(toks), P(toks), P(toks), P(toks), param_specs(kind, has_bias, tensor)),
+                       in_specs=(P(toks), P(toks), P(toks), P(toks),
+                                 param_specs(kind, has_bias, tensor, EXPERT_AXIS if n > 1 else None)),
                        out_specs=P(toks))
     return fn(x, routing.expert_index, routing.weight, routing.valid, params)
+
+
+def token_mesh() -> Any | None:
+    """The current (abstract) mesh if it splits tokens over more than one device (``data``, ``fsdp``) while its
+    ``expert`` axis does not split the experts, on an accelerator platform, else None. On CPU (multi-device CPU is
+    a test setting) XLA's own partitioning stays: the Pallas kernels run there in the interpreter, which cannot run
+    inside ``shard_map`` on varying operands."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or expert_mesh() is not None or current_platform() == "cpu":
+        return None
+    return mesh if math.prod(mesh.shape[a] for a in TOKEN_AXES if a in mesh.axis_names) > 1 else None
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenParallel:
+    """A dispatcher on a mesh that splits the tokens but not the experts (data parallelism, FSDP): each device
+    dispatches its own tokens to a whole copy of the experts, under ``shard_map`` (the wrapped dispatcher's
+    ``sharded`` form with an expert axis of one device: no all-to-all). Dropless dispatch computes exactly the same
+    function; capacity dispatch does when its routing groups are whole on each device.
+
+    Without it XLA partitions the global sort and grouped matmul itself, by gathering every token onto every
+    device: each device computed the whole batch's experts (a ``tokamax`` or ``ragged_dot`` gmm all-gathered its
+    rows), and moejax's own Mosaic and Triton kernels, which XLA cannot partition, did not compile at all (found
+    compiling for TPU with ``moejax.aot``). Where the split does not apply (expert-choice routing, experts without
+    stacked parameters, tokens that do not divide over the devices, capacity groups split across devices) the
+    wrapped dispatcher runs on the whole batch, as before.
+    """
+
+    inner: Any
+    mesh: Any
+
+    @property
+    def mode(self) -> str:
+        return self.inner.mode
+
+    def __call__(self, x: jax.Array, routing: Any, experts: Any) -> tuple[jax.Array, DispatchInfo]:
+        shards = math.prod(self.mesh.shape[a] for a in _token_axes(self.mesh))
+        whole = (isinstance(routing, Routing) and hasattr(experts, "params") and routing.num_tokens % shards == 0
+                 and (self.inner.mode != "capacity" or getattr(self.inner, "groups", 1) % shards == 0))
+        if not whole:
+            return self.inner(x, routing, experts)
+        return self.inner.sharded(x, routing, experts, self.mesh)
 
 
 @dataclasses.dataclass(frozen=True)

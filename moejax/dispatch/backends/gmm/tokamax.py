@@ -8,7 +8,14 @@ the Megablox-derived Mosaic TPU kernel on TPU v5+), then ``triton`` (Pallas Trit
 input and the weight gradients), wrapped so that rows past all groups are zero (:func:`gmm_tokamax`). On CPU only
 ``xla`` applies: correct, but a dense product over all experts there, so ``auto`` never picks it on CPU.
 ``gmm_tokamax(..., implementation=...)`` forces one implementation (what ``benchmarks/accelerator_check.py``
-measures one by one).
+measures one by one). On a GPU, left to itself, it is given only ``mosaic`` and ``triton``: never the ``xla``
+fallback, which is a dense product over all experts there; a call neither kernel takes runs moejax's own Pallas
+Triton kernel instead, with a warning.
+
+tokamax decides which kernels it may use from the *host's* jax backend, not from the program's target: compiling
+for an H100 from a CPU host (``moejax.aot``), its GPU kernels raise "Not supported on cpu" and only the dense XLA
+fallback is left (found with ``moejax.aot``, tokamax 0.0.12). So on such a host this backend does not offer the
+``gpu`` platform: ``auto`` goes on to ``pallas_triton`` and ``dispatch.gmm=tokamax`` is a one-line error.
 
 The Mosaic TPU kernel needs the row count to be a multiple of its row tile (128 unless tokamax's tuned table says
 otherwise for that exact shape, and those shapes are multiples of 1024), so on TPU the rows are padded to a multiple
@@ -53,6 +60,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 from typing import Any
 
 import jax
@@ -63,6 +71,7 @@ from moejax.dispatch.backends.gmm.base import GmmBackend, register_gmm_backend
 from moejax.dispatch.backends.registry import ANY, current_platform
 from moejax.dispatch.gmm_args import check_gmm_args
 
+log = logging.getLogger("moejax")
 INSTALL_HINT = "pip install -e \".[tokamax]\""
 # The Mosaic TPU kernel's default row tile: on TPU the rows are padded to a multiple of it.
 ROW_MULTIPLE = 128
@@ -93,6 +102,10 @@ def _tokamax() -> Any:
 def available() -> bool:
     """Whether ``dispatch.gmm=tokamax`` can run here (tokamax imports)."""
     return import_error() is None
+
+
+# tokamax's GPU kernels, in its own order; its "xla" implementation is left out on purpose (see gmm_tokamax).
+GPU_KERNELS = ("mosaic", "triton")
 
 
 def _zero_rows_past(x: jax.Array, total: jax.Array) -> jax.Array:
@@ -148,9 +161,21 @@ def gmm_tokamax(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, imple
     if m == 0:
         return jnp.zeros((0, n), lhs.dtype)
     x = lhs
-    if current_platform() == "tpu" and m % ROW_MULTIPLE:
+    platform = current_platform()
+    if platform == "tpu" and m % ROW_MULTIPLE:
         x = jnp.pad(lhs, ((0, -m % ROW_MULTIPLE), (0, 0)))
-    out = _masked_ragged_dot(x, rhs.astype(lhs.dtype), group_sizes.astype(jnp.int32), _hashable(implementation))
+    if platform == "gpu" and implementation is None:
+        # Never tokamax's XLA fallback on a GPU: jax.lax.ragged_dot, a dense product over all experts there. When
+        # neither of its GPU kernels takes the call (dtype, shape), moejax's own Triton kernel does.
+        try:
+            out = _masked_ragged_dot(x, rhs.astype(lhs.dtype), group_sizes.astype(jnp.int32), GPU_KERNELS)
+        except NotImplementedError as err:
+            log.warning("moejax: tokamax has no GPU kernel for lhs %s %s, rhs %s (%s); using pallas_triton",
+                        lhs.shape, lhs.dtype, rhs.shape, str(err).splitlines()[0] if str(err) else "")
+            from moejax.kernels import gmm_gpu
+            return gmm_gpu(lhs, rhs.astype(lhs.dtype), group_sizes.astype(jnp.int32))
+    else:
+        out = _masked_ragged_dot(x, rhs.astype(lhs.dtype), group_sizes.astype(jnp.int32), _hashable(implementation))
     return out[:m] if out.shape[0] != m else out
 
 
@@ -171,12 +196,25 @@ class TokamaxBackend(GmmBackend):
     platform, so ``auto`` passes over it and ``dispatch.gmm=tokamax`` is a one-line error saying how to install."""
 
     def supports(self, platform: str) -> bool:
-        return available() and super().supports(platform)
+        return available() and super().supports(platform) and (platform != "gpu" or host_is_gpu())
 
     def where(self) -> str:
-        if available():
-            return super().where()
-        return f"an install with the optional package tokamax ({INSTALL_HINT}; here {import_error()})"
+        if not available():
+            return f"an install with the optional package tokamax ({INSTALL_HINT}; here {import_error()})"
+        if not host_is_gpu():
+            return ("tpu, or gpu from a host whose jax backend is a GPU (tokamax picks its GPU kernels from "
+                    "jax.default_backend(): compiled for a GPU from this host it could only emit its XLA fallback, "
+                    "a dense product over all experts)")
+        return super().where()
+
+
+def host_is_gpu() -> bool:
+    """Whether this process's default jax backend is a GPU: tokamax's GPU kernels refuse ("Not supported on cpu")
+    anywhere else, even when the program is compiled for a GPU (``moejax.aot`` from a CPU host; tokamax 0.0.12)."""
+    try:
+        return jax.default_backend() == "gpu"
+    except RuntimeError:
+        return False
 
 
 BACKEND = register_gmm_backend(TokamaxBackend("tokamax", gmm_tokamax, platforms=(ANY,), kernel="tokamax kernels"),

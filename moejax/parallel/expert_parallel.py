@@ -263,9 +263,18 @@ class TokenParallel:
 
     def __call__(self, x: jax.Array, routing: Any, experts: Any) -> tuple[jax.Array, DispatchInfo]:
         shards = math.prod(self.mesh.shape[a] for a in _token_axes(self.mesh))
+        groups = getattr(self.inner, "groups", 1)
         whole = (isinstance(routing, Routing) and hasattr(experts, "params") and routing.num_tokens % shards == 0
-                 and (self.inner.mode != "capacity" or getattr(self.inner, "groups", 1) % shards == 0))
+                 and (self.inner.mode != "capacity" or groups % shards == 0))
         if not whole:
+            impl = getattr(self.inner, "impl", None)
+            if self.inner.mode == "capacity" and groups % shards and impl is not None:
+                from moejax.dispatch.backends import CAPACITY
+                platform = current_platform()
+                if not CAPACITY.resolve(impl, platform).partitionable(platform):
+                    raise ValueError(f"dispatch.groups={groups}: capacity_impl={impl!r} runs a kernel per device on "
+                                     f"{platform}, so routing groups must be whole on each of the {shards} token "
+                                     f"shards; set dispatch.groups={shards} (or a multiple)")
             return self.inner(x, routing, experts)
         return self.inner.sharded(x, routing, experts, self.mesh)
 

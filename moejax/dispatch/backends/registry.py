@@ -76,6 +76,11 @@ class Backend:
         """Whether it runs in the Pallas interpreter on ``platform``."""
         return platform in self.interpret
 
+    def partitionable(self, platform: str) -> bool:
+        """Whether XLA can split its calls over a mesh by itself: not a compiled Pallas kernel (a custom call XLA
+        cannot partition; it has to run per device, under ``shard_map``)."""
+        return not self.interpret or self.interpreted(platform)
+
     def _interpret_kwargs(self, platform: str) -> dict:
         return {"interpret": self.interpreted(platform)} if self.interpret else {}
 

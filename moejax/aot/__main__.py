@@ -1,15 +1,20 @@
-"""``python -m moejax.aot --config=<config.py> --target=<target> [--config.<field>=<value> ...] [--json=PATH]``.
+"""``python -m moejax.aot --config=<config.py> --target=<target> [--config.<field>=<value> ...] [--programs=...]
+[--hf=<architecture>] [--gen_batch=B --gen_prompt_len=P --gen_new_tokens=N] [--json=PATH]``.
 
-Compiles the config's train step for a TPU topology or N NVIDIA GPUs on this (CPU) machine, from abstract shapes
-(nothing the size of the model is allocated), and prints per device: the train state, the compiled program's
-arguments, outputs, temporaries and their total against the device's memory; the compiled FLOPs beside moejax's
-analytic count; on TPU the XLA cost model's step-time estimate and the MFU it implies (an estimate, never a
-measurement); the collectives of the optimised HLO; the dispatch backend each MoE layer selected on the target and
-the compiled kernel calls; lower and compile times. ``--json`` writes the same.
+Compiles a config's programs for a TPU topology or N NVIDIA GPUs on this (CPU) machine, from abstract shapes
+(nothing the size of the model is allocated): the train step, and for a language model generation's prefill and
+one-token decode (``--programs``, default all that apply); ``--hf`` compiles a pretrained architecture
+(:mod:`moejax.aot.pretrained`) with the config's batch, optimiser and mesh. For each program it prints per device:
+the resident state (train state, or variables and KV cache), the compiled program's arguments, outputs,
+temporaries and their total against the device's memory; the compiled FLOPs beside moejax's analytic count; on TPU
+the XLA cost model's time estimate and the MFU it implies (an estimate, never a measurement); the collectives of
+the optimised HLO; the compiled kernel calls; lower and compile times; and the dispatch backend each MoE layer
+selected on the target. ``--json`` writes the same.
 
-Exit status: 0 compiled and fits; 1 compiled but does not fit (one line names the bytes); 2 bad input (an unknown
-target or topology, a mesh that does not match the target's devices, a missing compiler, a bad config field), one
-line, before compiling. Targets: :mod:`moejax.aot.targets`. Runs with ``JAX_PLATFORMS=cpu`` unless set otherwise.
+Exit status: 0 compiled and every program fits; 1 some program does not fit (one line names its bytes, or the
+compiler's refusal); 2 bad input (an unknown target or topology, a mesh that does not match the target's devices,
+a missing compiler, a bad config field or flag), one line, before compiling. Targets: :mod:`moejax.aot.targets`.
+Runs with ``JAX_PLATFORMS=cpu`` unless set otherwise.
 """
 from __future__ import annotations
 
@@ -121,10 +126,9 @@ def report(config: Any, target_spec: str, programs: list[str] | None = None, hf:
                                  gen_prompt_len if gen_prompt_len is not None else int(example.shape[1]),
                                  gen_new_tokens) if is_lm else None
     if gen is not None and any(p != "train" for p in programs):
-        gen.check(layout.mesh)
         from moejax.generation.decode import for_decoding
-        loop_check = compile_lib.loop.check_model_on_mesh
-        loop_check(type(gen_model)(for_decoding(gen_model.config)), layout.mesh)
+        gen.check(layout.mesh)
+        compile_lib.loop.check_model_on_mesh(type(gen_model)(for_decoding(gen_model.config)), layout.mesh)
     if "train" in programs:
         compile_lib.loop._check_divisible(config, layout.mesh)
         compile_lib.loop.check_model_on_mesh(train_model, layout.mesh)
@@ -171,6 +175,7 @@ def report(config: Any, target_spec: str, programs: list[str] | None = None, hf:
         "param_dtype": {k: getattr(m.config, "param_dtype", None) for k, m, on in
                         (("train", train_model, "train" in programs), ("generation", gen_model, bool(wanted))) if on},
         "generation": dataclasses.asdict(gen) if gen is not None and wanted else None,
+        "peak_flops_per_device": peak,
         "fits": all(r["fits"] for r in rows), "programs": rows,
         "dispatch": [{"layer": i, "mode": mode, "backend": name, "interpreted": interp}
                      for i, mode, name, interp in backends.layers],

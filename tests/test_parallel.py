@@ -77,6 +77,18 @@ def loss_and_grads(fn, params, x):
     return jax.value_and_grad(loss, argnums=(0, 1))(params, x)
 
 
+def assert_layer_matches_reference(cfg: MoEConfig, want, x, params, state) -> None:
+    """The layer's values and gradients under the mesh in context equal ``want``, the single-device reference's
+    (:func:`reference_result`, computed outside any mesh)."""
+    def layer(p, xx):
+        return MoELayer(cfg).apply({"params": p, **state}, xx, deterministic=False).y
+
+    got, got_grads = jax.jit(functools.partial(loss_and_grads, layer))(params, x)
+    want, want_grads = want
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+    chex.assert_trees_all_close(got_grads, want_grads, rtol=2e-5, atol=2e-5)
+
+
 CASES = [(m, mode, True) for m in MESHES for mode in ("capacity", "dropless")] + \
         [("data2_expert4", mode, False) for mode in ("capacity", "dropless")]
 
@@ -86,19 +98,13 @@ CASES = [(m, mode, True) for m in MESHES for mode in ("capacity", "dropless")] +
 def test_expert_parallel_layer_matches_reference(mesh_name, mode, skewed):
     cfg = layer_config(mode, skewed=skewed)
     x, params, state = init_layer(cfg, skewed)
-    want, want_grads = reference_result(mode, skewed)
+    want = reference_result(mode, skewed)
     mesh = make_mesh(MeshConfig(**MESHES[mesh_name]))
-
-    def layer(p, xx):
-        return MoELayer(cfg).apply({"params": p, **state}, xx, deterministic=False).y
-
     with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.DEFAULT_RULES):
         assert parallel.expert_mesh() is not None
-        got, got_grads = jax.jit(functools.partial(loss_and_grads, layer))(params, x)
+        assert_layer_matches_reference(cfg, want, x, params, state)
         stats = jax.jit(lambda p, xx: MoELayer(cfg).apply({"params": p, **state}, xx, deterministic=False).stats)(
             params, x)
-    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
-    chex.assert_trees_all_close(got_grads, want_grads, rtol=2e-5, atol=2e-5)
     if skewed and mode == "capacity":
         assert float(stats.dropped_fraction) > 0.3            # the skew really overflows the capacity
     if mode == "dropless":
@@ -119,18 +125,12 @@ def test_token_parallel_layer_matches_reference(monkeypatch, mesh_name, mode):
     monkeypatch.setattr(expert_parallel, "current_platform", lambda platform=None: "tpu")
     cfg = layer_config(mode, skewed=True)
     x, params, state = init_layer(cfg, True)
-    want, want_grads = reference_result(mode, True)
+    want = reference_result(mode, True)
     mesh = make_mesh(MeshConfig(**TOKEN_MESHES[mesh_name]))
-
-    def layer(p, xx):
-        return MoELayer(cfg).apply({"params": p, **state}, xx, deterministic=False).y
-
     with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.DEFAULT_RULES):
         assert parallel.expert_mesh() is None
         assert isinstance(dispatchers.from_config(cfg.dispatch, 4, cfg.dispatch.groups), expert_parallel.TokenParallel)
-        got, got_grads = jax.jit(functools.partial(loss_and_grads, layer))(params, x)
-    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
-    chex.assert_trees_all_close(got_grads, want_grads, rtol=2e-5, atol=2e-5)
+        assert_layer_matches_reference(cfg, want, x, params, state)
 
 
 def test_emulated_ragged_all_to_all_matches_its_definition():

@@ -23,6 +23,7 @@ from moejax import parallel
 from moejax.aot import analysis
 from moejax.aot.targets import Target
 from moejax.config import MoEConfig
+from moejax.models.build import count_params
 from moejax.training import loop, optim
 from moejax.training.config import scheduled_moe_k, train_settings
 
@@ -182,7 +183,7 @@ def compile_train(config: Mapping[str, Any], target: Target, model: nn.Module | 
     step = loop.jit_train_step(model, tx, meta.task, settings, scheduled_moe_k(settings, 0), shardings, mesh)
     program = _compile("train_step", lambda: step.lower(state, batch), _shard_bytes(state), target, layout)
     facts = {"model": model, "meta": meta, "input_shape": tuple(example.shape),
-             "mesh": {a: int(s) for a, s in mesh.shape.items()}, "params": _params_count(plain.params)}
+             "mesh": {a: int(s) for a, s in mesh.shape.items()}, "params": count_params(plain.params)}
     return program, dispatch_backends(model, target.platform), facts
 
 
@@ -251,7 +252,8 @@ def compile_generate(model: nn.Module, variables: Any, target: Target, layout: L
     b, p, slots = gen.batch, gen.prompt_len, gen.prompt_len + gen.new_tokens
     mesh = layout.mesh
     cache = jax.eval_shape(lambda: make_cache(cfg, b, slots))
-    cache = _with_shardings(cache, cache_shardings(cache, mesh))
+    cache_sharding = cache_shardings(cache, mesh)
+    cache = _with_shardings(cache, cache_sharding)
     rows = parallel.batch_sharding(mesh)                # gen.check: the batch splits over the token shards
     replicated = NamedSharding(mesh, PartitionSpec())
 
@@ -260,7 +262,7 @@ def compile_generate(model: nn.Module, variables: Any, target: Target, layout: L
         return logits[:, -1], cache
 
     fn = jax.jit(last_logits, donate_argnums=(4,),
-                 out_shardings=(replicated, cache_shardings(cache, mesh)))
+                 out_shardings=(replicated, cache_sharding))
     state_bytes = _shard_bytes(variables)
     compiled = []
     for name, length in (("prefill", p), ("decode", 1)):
@@ -273,14 +275,10 @@ def compile_generate(model: nn.Module, variables: Any, target: Target, layout: L
     return compiled
 
 
-def _params_count(params: Any) -> int:
-    return int(sum(int(np.prod(x.shape, dtype=np.int64)) for x in jax.tree.leaves(params)))
-
-
 def params_count(model: nn.Module, example: jax.ShapeDtypeStruct) -> int:
     """Parameters of ``model`` for inputs like ``example`` (shapes only)."""
     tree = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x), example)
-    return _params_count(tree["params"])
+    return count_params(tree["params"])
 
 
 __all__ = ["Backends", "DoesNotFit", "Generation", "Layout", "Program", "abstract_variables", "cache_shardings",

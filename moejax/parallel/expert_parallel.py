@@ -28,7 +28,6 @@ on an accelerator here.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import jax
@@ -41,7 +40,7 @@ from moejax.dispatch.info import DispatchInfo
 from moejax.dispatch.padded_gmm import vary_like
 from moejax.dispatch.sorting import group_by_expert, inverse_permutation
 from moejax.experts.ffn import ExpertFFN, Padded, Ragged, ffn, ffn_param_shapes
-from moejax.parallel.mesh import TOKEN_AXES
+from moejax.parallel.mesh import TOKEN_AXES, token_shards
 from moejax.routing.types import Routing
 
 EXPERT_AXIS = "expert"
@@ -73,7 +72,7 @@ def check_expert_parallel(mesh: Any, num_experts: int, num_tokens: int, groups: 
     n = mesh.shape[EXPERT_AXIS]
     if num_experts % n:
         raise ValueError(f"num_experts={num_experts}: must be divisible by the mesh's expert axis ({n} devices)")
-    shards = math.prod(mesh.shape[a] for a in _token_axes(mesh))
+    shards = token_shards(mesh)
     if num_tokens % shards:
         raise ValueError(f"x: {num_tokens} routed tokens do not split over the {shards} token shards of the mesh "
                          f"({' x '.join(_token_axes(mesh))})")
@@ -183,17 +182,11 @@ def dropless_apply(x: jax.Array, routing: Routing, experts: ExpertFFN, mesh: Any
     el = e // n
     a2a = _ragged_a2a(native_ragged_all_to_all() if native_ragged is None else native_ragged)
 
-    def body(x_l, expert_index, weight, valid, params_l):
-        t_l, k = expert_index.shape
-        rows_n = t_l * k
+    def exchange(sent_rows, sizes, params_l):
+        """[N, D] rows sorted by expert (``sizes`` [E] of this device) -> their experts' outputs, same order: sent to
+        the experts' devices, computed there, sent back."""
+        rows_n = sent_rows.shape[0]
         me = jax.lax.axis_index(EXPERT_AXIS)
-        valid_f = valid.reshape(-1)
-        order, sizes, _ = group_by_expert(expert_index.reshape(-1), valid_f, e)       # sizes [E], this device
-        sent_rows = x_l[order // k]                                                      # [N, D] sorted by expert
-        if n == 1:       # tokens split, experts not (TokenParallel): every expert is here, nothing to exchange
-            y = local_ffn(params_l, sent_rows, Ragged(sizes, gmm), kind=kind, activation=activation, tensor=tensor)
-            w = jnp.where(valid_f, weight.reshape(-1), 0.0)[order].astype(y.dtype)
-            return (w[:, None] * y)[inverse_permutation(order)].reshape(t_l, k, -1).sum(1)
         counts = jax.lax.all_gather(sizes, EXPERT_AXIS)                                  # [n (src), E]
         blocks = counts.reshape(n, n, el).sum(-1)                                        # [src, dst] rows
         send = blocks[me]
@@ -204,8 +197,8 @@ def dropless_apply(x: jax.Array, routing: Routing, experts: ExpertFFN, mesh: Any
         # The output buffers vary over the token axes like the rows sent into them: the native ragged all-to-all
         # types its result as its output operand, and a non-varying one breaks the custom VJPs of the grouped
         # matmul kernels downstream (their cotangents do vary).
-        got = a2a(sent_rows, vary_like(jnp.zeros((n * rows_n, x_l.shape[-1]), x_l.dtype), sent_rows), in_off, send,
-                  out_off, recv, axis_name=EXPERT_AXIS)                                  # [n*N, D] by source
+        got = a2a(sent_rows, vary_like(jnp.zeros((n * rows_n, sent_rows.shape[-1]), sent_rows.dtype), sent_rows),
+                  in_off, send, out_off, recv, axis_name=EXPERT_AXIS)                    # [n*N, D] by source
         # Received rows come in (source, local expert) segments; re-sort them by local expert.
         local_counts = jax.lax.dynamic_slice_in_dim(counts, me * el, el, axis=1)         # [n, E_l]
         seg_end = jnp.cumsum(local_counts.reshape(-1))
@@ -215,8 +208,18 @@ def dropless_apply(x: jax.Array, routing: Routing, experts: ExpertFFN, mesh: Any
         y = local_ffn(params_l, got[order2], Ragged(sizes2, gmm), kind=kind, activation=activation, tensor=tensor)
         y = y[inverse_permutation(order2)]
         back_off = jax.lax.all_gather(in_off, EXPERT_AXIS)[:, me]                       # where each source keeps its rows
-        back = a2a(y, vary_like(jnp.zeros((rows_n, y.shape[-1]), y.dtype), y), recv_off, recv, back_off, send,
+        return a2a(y, vary_like(jnp.zeros((rows_n, y.shape[-1]), y.dtype), y), recv_off, recv, back_off, send,
                    axis_name=EXPERT_AXIS)                                                # [N, D] in my sorted order
+
+    def body(x_l, expert_index, weight, valid, params_l):
+        t_l, k = expert_index.shape
+        valid_f = valid.reshape(-1)
+        order, sizes, _ = group_by_expert(expert_index.reshape(-1), valid_f, e)       # sizes [E], this device
+        sent_rows = x_l[order // k]                                                      # [N, D] sorted by expert
+        if n == 1:       # tokens split, experts not (TokenParallel): every expert is here, nothing to exchange
+            back = local_ffn(params_l, sent_rows, Ragged(sizes, gmm), kind=kind, activation=activation, tensor=tensor)
+        else:
+            back = exchange(sent_rows, sizes, params_l)
         w = jnp.where(valid_f, weight.reshape(-1), 0.0)[order].astype(back.dtype)
         return (w[:, None] * back)[inverse_permutation(order)].reshape(t_l, k, -1).sum(1)
 
@@ -236,11 +239,23 @@ def token_mesh() -> Any | None:
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or expert_mesh() is not None or current_platform() == "cpu":
         return None
-    return mesh if math.prod(mesh.shape[a] for a in TOKEN_AXES if a in mesh.axis_names) > 1 else None
+    return mesh if token_shards(mesh) > 1 else None
 
 
 @dataclasses.dataclass(frozen=True)
-class TokenParallel:
+class _OnMesh:
+    """A dispatcher ``inner`` wrapped to run over ``mesh``; it keeps the inner dispatcher's ``mode``."""
+
+    inner: Any
+    mesh: Any
+
+    @property
+    def mode(self) -> str:
+        return self.inner.mode
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenParallel(_OnMesh):
     """A dispatcher on a mesh that splits the tokens but not the experts (data parallelism, FSDP): each device
     dispatches its own tokens to a whole copy of the experts, under ``shard_map`` (the wrapped dispatcher's
     ``sharded`` form with an expert axis of one device: no all-to-all). Dropless dispatch computes exactly the same
@@ -254,15 +269,8 @@ class TokenParallel:
     wrapped dispatcher runs on the whole batch, as before.
     """
 
-    inner: Any
-    mesh: Any
-
-    @property
-    def mode(self) -> str:
-        return self.inner.mode
-
     def __call__(self, x: jax.Array, routing: Any, experts: Any) -> tuple[jax.Array, DispatchInfo]:
-        shards = math.prod(self.mesh.shape[a] for a in _token_axes(self.mesh))
+        shards = token_shards(self.mesh)
         groups = getattr(self.inner, "groups", 1)
         whole = (isinstance(routing, Routing) and hasattr(experts, "params") and routing.num_tokens % shards == 0
                  and (self.inner.mode != "capacity" or groups % shards == 0))
@@ -280,7 +288,7 @@ class TokenParallel:
 
 
 @dataclasses.dataclass(frozen=True)
-class ExpertParallel:
+class ExpertParallel(_OnMesh):
     """A dispatcher wrapped for expert parallelism over ``mesh``: the wrapped dispatcher's ``sharded`` form
     (:func:`capacity_apply`, :func:`dropless_apply`) runs the dispatch, the local experts and the combine under
     ``shard_map``; the statistics come from the global routing and plan, outside it, exactly as on one device.
@@ -288,13 +296,6 @@ class ExpertParallel:
     ``experts`` must carry its stacked parameters (an :class:`~moejax.experts.ExpertFFN`): they enter the
     ``shard_map`` split over ``expert`` (and ``tensor``).
     """
-
-    inner: Any
-    mesh: Any
-
-    @property
-    def mode(self) -> str:
-        return self.inner.mode
 
     def __call__(self, x: jax.Array, routing: Any, experts: Any) -> tuple[jax.Array, DispatchInfo]:
         if not isinstance(routing, Routing):

@@ -162,7 +162,7 @@ def test_attention_logits_hand_computed():
 
 
 def test_attention_router_parameters_and_composition_with_top_k():
-    cfg = MoEConfig(num_experts=4, hidden_dim=3, router=RouterConfig(k=2, logits="attention"))
+    cfg = MoEConfig(num_experts=4, hidden_dim=3, router=RouterConfig(k=2, scorer="attention"))
     x = jax.random.normal(jax.random.key(0), (2, 5, 6))
     variables = jax.eval_shape(MoELayer(cfg).init, jax.random.key(1), x)
     router = variables["params"]["router"]
@@ -208,7 +208,7 @@ MECHANISMS = {
     "sinkhorn": RouterConfig(kind="sinkhorn", k=2, balance_iterations=10),
     "base": RouterConfig(kind="base", k=1, score="sigmoid"),
     "sparse_ot": RouterConfig(kind="sparse_ot", k=2, renormalize=True),
-    "attention": RouterConfig(k=2, logits="attention"),
+    "attention": RouterConfig(k=2, scorer="attention"),
     "threshold": RouterConfig(kind="threshold", k=3, threshold=0.15),
 }
 

@@ -296,7 +296,7 @@ def test_every_per_expert_array_follows_the_kept_experts():
         sm.replace_experts(model, {1: (sm.layer_experts(model, 1), jnp.zeros((8, 5)))})
     # Routers whose meaning would change: refused by the tools that remap them, naming the field.
     for spec, field in ((MoEConfig(router=RouterConfig(kind="hash", k=1)), "router.kind='hash'"),
-                        (MoEConfig(router=RouterConfig(logits="attention")), "router.logits='attention'")):
+                        (MoEConfig(router=RouterConfig(scorer="attention")), "router.scorer='attention'")):
         with pytest.raises(ValueError, match=rf"^model\.layers\[0\]\.{re.escape(field)}: "):
             prune_lib.drop_experts(_random_mlp(spec), {0: [1]})
     with pytest.raises(ValueError, match=r"^model\.layers\[0\]\.router\.kind='hash': has no learned router logits"):

@@ -8,6 +8,6 @@ from moejax.training.config import digits_mlp_config
 
 
 def get_config() -> ml_collections.ConfigDict:
-    layer = {"num_experts": 8, "hidden_dim": 64, "router": {"k": 2, "renormalize": True, "logits": "attention"},
+    layer = {"num_experts": 8, "hidden_dim": 64, "router": {"k": 2, "renormalize": True, "scorer": "attention"},
              "dispatch": {"mode": "dropless"}}
     return digits_mlp_config([layer, dict(layer)], steps=300)

@@ -27,7 +27,7 @@ class MoELayer(nn.Module):
     ``out.y`` with x's shape, ``out.stats`` a :class:`~moejax.routing.RoutingStats`, ``out.logits``.
 
     Parameters (logical axes in parentheses), ``E`` = ``num_experts``, ``E_r`` = ``num_routed``:
-      ``router/kernel`` float32[D, E_r] (embed, expert) (with ``router.logits='attention'`` also
+      ``router/kernel`` float32[D, E_r] (embed, expert) (with ``router.scorer='attention'`` also
       ``router/key_kernel`` and ``router/value_kernel``; absent for hash and random routers);
       ``expert_kind='mlp'``: ``experts/w_in`` [E, D, F] (expert, embed, mlp), ``experts/w_out`` [E, F, D]
       (expert, mlp, embed), with ``use_bias`` ``experts/b_in`` [E, F], ``experts/b_out`` [E, D];

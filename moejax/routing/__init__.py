@@ -3,7 +3,7 @@
 Router kinds and transforms are plug-ins (:mod:`moejax.routing.plugin`): importing this package registers the
 built-in ones (each kind next to its routing function, each transform in :mod:`moejax.routing.transforms`).
 """
-from moejax.routing.attention import attention_router_logits
+from moejax.routing.scorers.attention import attention_router_logits
 from moejax.routing.balanced import (balanced_assignment, base_routing, capped_transport_plan, expert_slots,
                                      sinkhorn_plan, sinkhorn_routing, sparse_ot_routing)
 from moejax.routing.dynamic import active_experts_histogram, top_p_routing

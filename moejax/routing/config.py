@@ -4,10 +4,14 @@ Two ways to write one, equivalent:
 
 * flat, as in an ``ml_collections`` config or on the command line: ``RouterConfig(kind="sinkhorn", k=2,
   balance_iterations=30, jitter_noise=0.01)``. Every field is either common to all kinds (``kind``, ``k``,
-  ``logits``), a field of the chosen kind's options class, or a field of a registered transform; the
+  ``scorer``), a field of the chosen kind's options class, of the chosen scorer, or of a registered transform; the
   transforms whose fields are given (and do something) are applied in registration order unless
   ``transforms=("group_limit", "selection_bias", ...)`` names an order;
-* typed: ``RouterConfig(kind="topk", options=TopK(renormalize=True), transforms=(Jitter(0.01),))``.
+* typed: ``RouterConfig(kind="topk", options=TopK(renormalize=True), scorer="cosine",
+  scorer_options=Cosine(temperature=0.1), transforms=(Jitter(0.01),))``.
+
+``logits`` is the old name of ``scorer`` (``logits='attention'``): configs and workdirs that use it keep working,
+and ``config.logits`` reads the scorer's name.
 
 ``dataclasses.replace(config, field=value)`` takes flat fields too. A field that belongs to another kind, a
 transform the kind cannot take, or an unknown field is a one-line ``ValueError`` naming ``router.<field>`` and the
@@ -23,8 +27,8 @@ from typing import Any, Mapping, Sequence
 from moejax.errors import unknown_field
 from moejax.routing import plugin
 from moejax.routing.plugin import RouterKind, Transform, fail
-
-ROUTER_LOGITS = ("linear", "attention")
+from moejax.routing.scorer import SCORERS, Scorer
+import moejax.routing.scorers  # noqa: F401  (registers the built-in scorers)
 _CAPABILITY = {plugin.LEARNED: "routes on learned logits",
                plugin.TOKEN_CHOICE: "is token-choice",
                plugin.SELECTION_LOGITS: "orders experts by (noisy) logits",
@@ -39,30 +43,44 @@ class RouterConfig:
       kind: a registered router kind (:func:`moejax.routing.plugin.router_kinds`; docs/routing_mechanisms.md).
       k: experts per token (the maximum for dynamic-k kinds; for ``expert_choice`` the average, so that
         ``C = ceil(capacity_factor * T * k / E)`` holds for both).
-      logits: how a learned router scores experts: ``linear`` (``x W``) or ``attention`` (Yuan 2.0-M32).
+      scorer: how a learned router scores experts, a registered :class:`~moejax.routing.scorer.Scorer`: ``linear``
+        (``x W``), ``attention`` (Yuan 2.0-M32), a paper's own.
+      scorer_options: the scorer's own config (an instance of its class).
       options: the kind's own config (an instance of the kind's class, e.g. ``TopK``).
       transforms: the transforms in the order they apply.
     """
 
     kind: str
     k: int
-    logits: str
+    scorer: str
+    scorer_options: Scorer
     options: RouterKind
     transforms: tuple[Transform, ...]
 
-    def __init__(self, kind: str = "topk", k: int = 2, logits: str = "linear", *,
+    def __init__(self, kind: str = "topk", k: int = 2, scorer: str = "linear", *,
+                 scorer_options: Scorer | Mapping[str, Any] | None = None,
                  options: RouterKind | Mapping[str, Any] | None = None,
                  transforms: Sequence[Transform | str | Mapping[str, Any]] | None = None, **fields: Any) -> None:
         kind_cls = plugin.router_kind(kind)
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             fail("k", k, "must be an integer >= 1")
-        if logits not in ROUTER_LOGITS:
-            fail("logits", logits, f"must be one of {list(ROUTER_LOGITS)}")
+        scorer_field = "scorer"
+        if "logits" in fields:         # the old name; it wins over a scorer that dataclasses.replace passes along
+            scorer, scorer_field = fields.pop("logits"), "logits"
+        scorer_cls = _scorer_class(scorer, scorer_field)
+        if isinstance(scorer_options, Mapping):
+            fields = {**scorer_options, **fields}
+            scorer_options = None
         if isinstance(options, Mapping):
             fields = {**options, **fields}
             options = None
         explicit, listed = _listed_transforms(transforms, fields)
-        own, by_transform = _split_fields(kind_cls, fields)
+        own, by_transform, scorer_own = _split_fields(kind_cls, scorer_cls, fields)
+        if scorer_options is None or type(scorer_options) is not scorer_cls:
+            # a replaced scorer name starts from the new scorer's defaults
+            scorer_options = scorer_cls(**scorer_own)
+        elif scorer_own:
+            scorer_options = dataclasses.replace(scorer_options, **scorer_own)
         if options is None:
             options = kind_cls(**own)
         elif not isinstance(options, kind_cls):
@@ -78,18 +96,20 @@ class RouterConfig:
                 needs = _CAPABILITY.get(missing[0], missing[0])
                 fail(name, getattr(t, name), f"transform {t.name!r} needs a router kind that {needs}; "
                                              f"router.kind={kind!r} does not")
-        if logits != "linear" and plugin.LEARNED not in kind_cls.offers:
-            fail("logits", logits, f"kind={kind!r} has no learned router")
-        for name, value in (("kind", kind), ("k", k), ("logits", logits), ("options", options),
-                            ("transforms", tuple(chain))):
+        if scorer_cls.name != "linear" and plugin.LEARNED not in kind_cls.offers:
+            fail(scorer_field, scorer_cls.name, f"kind={kind!r} has no learned router")
+        for name, value in (("kind", kind), ("k", k), ("scorer", scorer_cls.name), ("scorer_options", scorer_options),
+                            ("options", options), ("transforms", tuple(chain))):
             object.__setattr__(self, name, value)
 
     def __getattr__(self, name: str) -> Any:
-        if name.startswith("_") or name in ("options", "transforms"):
+        if name.startswith("_") or name in ("options", "transforms", "scorer", "scorer_options"):
             raise AttributeError(name)
-        options = self.__dict__.get("options")
-        if options is not None and name in plugin.field_names(type(options)):
-            return getattr(options, name)
+        if name == "logits":         # the old name of the scorer
+            return self.__dict__["scorer"]
+        for part in (self.__dict__.get("options"), self.__dict__.get("scorer_options")):
+            if part is not None and name in plugin.field_names(type(part)):
+                return getattr(part, name)
         owner = plugin.transform_of_field(name)
         if owner is not None:
             for t in self.__dict__.get("transforms", ()):
@@ -100,7 +120,8 @@ class RouterConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Flat fields (what an ``ml_collections`` config writes); ``RouterConfig(**d)`` rebuilds the config."""
-        d: dict[str, Any] = {"kind": self.kind, "k": self.k, "logits": self.logits}
+        d: dict[str, Any] = {"kind": self.kind, "k": self.k, "scorer": self.scorer}
+        d.update(dataclasses.asdict(self.scorer_options))
         d.update(dataclasses.asdict(self.options))
         for t in self.transforms:
             d.update(dataclasses.asdict(t))
@@ -114,6 +135,11 @@ class RouterConfig:
         d = self.to_dict()
         if "kind" in changes and changes["kind"] != self.kind:
             for name in plugin.field_names(type(self.options)):
+                d.pop(name, None)
+        if "logits" in changes:
+            changes = {**changes, "scorer": changes.pop("logits")}
+        if changes.get("scorer", self.scorer) != self.scorer:
+            for name in plugin.field_names(type(self.scorer_options)):
                 d.pop(name, None)
         return RouterConfig(**{**d, **changes})
 
@@ -153,27 +179,43 @@ def _listed_transforms(transforms: Sequence[Any] | None, fields: dict[str, Any]
     return explicit, order
 
 
-def _split_fields(kind_cls: type[RouterKind], fields: dict[str, Any]
-                  ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+def _scorer_class(scorer: Any, field: str) -> type[Scorer]:
+    try:
+        return SCORERS.get(scorer)
+    except ValueError as e:
+        raise ValueError(str(e).replace("router.scorer=", f"router.{field}=", 1)) from None
+
+
+def _split_fields(kind_cls: type[RouterKind], scorer_cls: type[Scorer], fields: dict[str, Any]
+                  ) -> tuple[dict[str, Any], dict[str, dict[str, Any]], dict[str, Any]]:
     own_names = plugin.field_names(kind_cls)
+    scorer_names = plugin.field_names(scorer_cls)
     own: dict[str, Any] = {}
+    scorer_own: dict[str, Any] = {}
     by_transform: dict[str, dict[str, Any]] = {}
     for name, value in fields.items():
         if name in own_names:
             own[name] = value
+            continue
+        if name in scorer_names:
+            scorer_own[name] = value
             continue
         owner = plugin.transform_of_field(name)
         if owner is not None:
             by_transform.setdefault(owner.name, {})[name] = value
             continue
         kinds = [n for n in plugin.router_kinds() if name in plugin.field_names(plugin.router_kind(n))]
-        known = sorted({*own_names, *plugin.COMMON_FIELDS,
+        scorers = [n for n in SCORERS.names() if name in plugin.field_names(SCORERS.get(n))]
+        known = sorted({*own_names, *scorer_names, *plugin.COMMON_FIELDS,
                         *(f for t in plugin.transforms().values() for f in plugin.field_names(t))})
         if kinds:
             fail(name, value, f"not a field of router.kind={kind_cls.name!r} (it belongs to kind(s) {kinds}); "
                               f"this kind's own fields: {list(own_names)}")
+        if scorers:
+            fail(name, value, f"not a field of router.scorer={scorer_cls.name!r} (it belongs to scorer(s) "
+                              f"{scorers}); this scorer's own fields: {list(scorer_names)}")
         raise unknown_field(f"router.{name}", known, f"router.kind={kind_cls.name!r}")
-    return own, by_transform
+    return own, by_transform, scorer_own
 
 
 def _build_transforms(explicit: dict[str, Transform], order: list[str],

@@ -32,7 +32,7 @@ from typing import Any, Callable, ClassVar
 
 import jax
 
-from moejax.errors import closest
+from moejax.registry import Registry
 from moejax.routing.types import AnyRouting, Routing
 
 LEARNED, TOKEN_CHOICE, SELECTION_LOGITS, SELECTION_SCORES = "learned", "token_choice", "selection_logits", \
@@ -169,9 +169,10 @@ class Transform:
         return False
 
 
-_KINDS: dict[str, type[RouterKind]] = {}
-_TRANSFORMS: dict[str, type[Transform]] = {}
-COMMON_FIELDS = ("kind", "k", "logits", "transforms")
+KINDS: Registry[type[RouterKind]] = Registry("router kind", "router.kind")
+TRANSFORMS: Registry[type[Transform]] = Registry("transform", "router.transforms")
+# ``logits`` is the old name of ``scorer`` (configs and workdirs written before scorers were plug-ins).
+COMMON_FIELDS = ("kind", "k", "scorer", "logits", "transforms")
 
 
 def expert_state(call: RouteCall, name: str, field: str, what: str) -> Any:
@@ -190,62 +191,68 @@ def field_names(cls: type) -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(cls))
 
 
-def _check_new_fields(cls: type, owner: str) -> None:
-    taken = {n: f"transform {t.name!r}" for t in _TRANSFORMS.values() for n in field_names(t)}
-    taken.update({n: "the router itself" for n in COMMON_FIELDS})
+def check_new_fields(cls: type, owner: str, replacing: str) -> None:
+    """Refuses a plug-in whose field names are taken, so that every flat router field has one owner: the router's
+    common fields, any transform, and the kinds or scorers (one of each is chosen per router, so two kinds, or two
+    scorers, may share a field name; a kind and a scorer may not). ``replacing``: the name being (re-)registered,
+    whose own earlier definition does not count."""
+    from moejax.routing.scorer import SCORERS
+    mine = _registry_of(cls)
+    taken = {n: "the router itself" for n in COMMON_FIELDS}
+    for registry in (KINDS, TRANSFORMS, SCORERS):
+        if registry is mine and registry is not TRANSFORMS:
+            continue
+        for name, other in registry.items():
+            if registry is mine and name == replacing:
+                continue
+            for n in field_names(other):
+                taken.setdefault(n, f"{registry.what} {name!r}")
     for n in field_names(cls):
         if n in taken:
             raise ValueError(f"{owner}: field {n!r} is already a field of {taken[n]}; choose another name")
+
+
+def _registry_of(cls: type) -> Registry:
+    from moejax.routing.scorer import SCORERS
+    return KINDS if issubclass(cls, RouterKind) else TRANSFORMS if issubclass(cls, Transform) else SCORERS
 
 
 def register_router(cls: type[RouterKind]) -> type[RouterKind]:
     """Class decorator: makes a frozen dataclass subclass of :class:`RouterKind` selectable as ``router.kind``."""
     if not (dataclasses.is_dataclass(cls) and issubclass(cls, RouterKind) and cls.name):
         raise TypeError(f"register_router: {cls!r} must be a dataclass subclass of RouterKind with a name")
-    _check_new_fields(cls, f"router kind {cls.name!r}")
-    _KINDS[cls.name] = cls
-    return cls
+    check_new_fields(cls, f"router kind {cls.name!r}", replacing=cls.name)
+    return KINDS.add(cls)
 
 
 def register_transform(cls: type[Transform]) -> type[Transform]:
     """Class decorator: registers a frozen dataclass subclass of :class:`Transform` under ``cls.name``."""
     if not (dataclasses.is_dataclass(cls) and issubclass(cls, Transform) and cls.name):
         raise TypeError(f"register_transform: {cls!r} must be a dataclass subclass of Transform with a name")
-    _check_new_fields(cls, f"transform {cls.name!r}")
-    for kind in _KINDS.values():
-        clash = set(field_names(cls)) & set(field_names(kind))
-        if clash:
-            raise ValueError(f"transform {cls.name!r}: field {sorted(clash)[0]!r} is already a field of router "
-                             f"kind {kind.name!r}; choose another name")
-    _TRANSFORMS[cls.name] = cls
-    return cls
+    check_new_fields(cls, f"transform {cls.name!r}", replacing=cls.name)
+    return TRANSFORMS.add(cls)
 
 
 def router_kind(name: Any) -> type[RouterKind]:
     """The registered kind class ``router.kind=name``; a one-line error naming the registered kinds."""
-    if not isinstance(name, str) or name not in _KINDS:
-        fail("kind", name, f"unknown router kind{closest(str(name), _KINDS)}; registered: {sorted(_KINDS)}")
-    return _KINDS[name]
+    return KINDS.get(name)
 
 
 def transform(name: Any) -> type[Transform]:
-    if not isinstance(name, str) or name not in _TRANSFORMS:
-        fail("transforms", name, f"unknown transform{closest(str(name), _TRANSFORMS)}; "
-                                 f"registered: {sorted(_TRANSFORMS)}")
-    return _TRANSFORMS[name]
+    return TRANSFORMS.get(name)
 
 
 def router_kinds() -> list[str]:
-    return sorted(_KINDS)
+    return KINDS.names()
 
 
 def transforms() -> dict[str, type[Transform]]:
     """Registered transforms in registration order (the order a flat config applies them in)."""
-    return dict(_TRANSFORMS)
+    return dict(TRANSFORMS.items())
 
 
 def transform_of_field(name: str) -> type[Transform] | None:
-    for t in _TRANSFORMS.values():
+    for t in TRANSFORMS.values():
         if name in field_names(t):
             return t
     return None

@@ -1,4 +1,4 @@
-"""The learned part of routing: a linear router that produces logits and calls a routing function."""
+"""The learned part of routing: the configured scorer's parameters and logits, the transforms, the kind's rule."""
 from __future__ import annotations
 
 import flax.linen as nn
@@ -7,24 +7,22 @@ import jax.numpy as jnp
 
 from moejax.context import LayerContext, as_context
 from moejax.routing import plugin
-from moejax.routing.attention import attention_router_logits
 from moejax.routing.config import RouterConfig
 from moejax.routing.types import AnyRouting
 
 
 class Router(nn.Module):
-    """Router logits (``x W``, float32), the configured transforms, and the configured kind's routing rule.
+    """Router logits (float32, from the configured scorer), the configured transforms, and the kind's routing rule.
 
-    The kind (``config.options``, a registered :class:`~moejax.routing.plugin.RouterKind`) decides; the transforms
-    (``config.transforms``) hook in at the input, the kernel, the logits, the selection and the finished routing
-    (:mod:`moejax.routing.plugin`). This module only provides the learned projections and the call's context.
+    The kind (``config.options``, a registered :class:`~moejax.routing.plugin.RouterKind`) decides; the scorer
+    (``config.scorer``, a registered :class:`~moejax.routing.scorer.Scorer`) maps the tokens to logits; the transforms
+    (``config.transforms``) hook in at the input, the parameters, the logits, the selection and the finished routing
+    (:mod:`moejax.routing.plugin`). This module only declares the scorer's parameters and builds the call's context.
 
-    Parameters: ``kernel`` float32[D, E] with logical axes ``('embed', 'expert')``. With
-    ``config.logits='attention'`` (Yuan 2.0-M32's attention router, :mod:`moejax.routing.attention`) the
-    logits are ``softmax(q k^T) v`` with ``q = x kernel``, ``k = x key_kernel``, ``v = x value_kernel``, all
-    three float32[D, E] with the same logical axes (``kernel`` stays the query projection, so code that reads
-    or sets the router kernel keeps working). With
-    ``config.frozen`` (SMoE-Dropout) the same kernel lives in ``moe_state/kernel`` instead: randomly
+    Parameters: the scorer's (:meth:`~moejax.routing.scorer.Scorer.params`), for kinds that route on learned logits:
+    ``linear``: ``kernel`` float32[D, E] with logical axes ``('embed', 'expert')``; ``attention`` (Yuan 2.0-M32,
+    :mod:`moejax.routing.scorers.attention`): ``kernel``, ``key_kernel``, ``value_kernel``. With
+    ``config.frozen`` (SMoE-Dropout) the same parameters live in ``moe_state`` instead: randomly
     initialised, never trained (no gradient, no optimiser update, no weight decay), but checkpointed
     with the rest of the non-gradient state. ``kind='hash'`` and ``kind='random'`` have no kernel.
 
@@ -77,7 +75,10 @@ class Router(nn.Module):
             h = x.astype(jnp.float32)
             for t in cfg.transforms:
                 h = t.on_input(h, call)
-            logits = self._logits(h)
+            scorer = cfg.scorer_options
+            params = {name: self._declare(name, spec) for name, spec in
+                      scorer.params(h.shape[-1], self.num_experts).items()}
+            logits = scorer.logits(h, params).astype(jnp.float32)
             for t in cfg.transforms:
                 logits = t.on_logits(logits, call)
         routing = cfg.options.route(logits, call)
@@ -85,19 +86,12 @@ class Router(nn.Module):
             routing = t.on_routing(routing, call)
         return (routing, logits) if return_logits else routing
 
-    def _logits(self, x: jax.Array) -> jax.Array:
-        kernel = self._kernel("kernel", x.shape[-1])
-        if self.config.logits == "attention":
-            return attention_router_logits(x, kernel, self._kernel("key_kernel", x.shape[-1]),
-                                           self._kernel("value_kernel", x.shape[-1]))
-        return x @ kernel.astype(jnp.float32)
-
-    def _kernel(self, name: str, d: int) -> jax.Array:
-        """A float[D, E] router projection: a param, unless a transform declares it (e.g. frozen in ``moe_state``)."""
-        shape = (d, self.num_experts)
-        init = nn.with_logical_partitioning(self.kernel_init, ("embed", "expert"))
+    def _declare(self, name: str, spec) -> jax.Array:
+        """A scorer parameter (:class:`~moejax.routing.scorer.ParamSpec`): a param, unless a transform declares it
+        (e.g. frozen, in ``moe_state``)."""
+        init = nn.with_logical_partitioning(spec.init or self.kernel_init, spec.axes)
         for t in self.config.transforms:
-            kernel = t.make_kernel(self, name, init, shape, self.param_dtype)
+            kernel = t.make_kernel(self, name, init, spec.shape, self.param_dtype)
             if kernel is not None:
                 return kernel
-        return self.param(name, init, shape, self.param_dtype)
+        return self.param(name, init, spec.shape, self.param_dtype)

@@ -297,20 +297,12 @@ def run_merge(model: SurgeryModel, args: argparse.Namespace) -> SurgeryModel:
     updates, assignment = {}, {}
     for ref in refs:
         e = ref.spec.num_experts
-        kernel = model_lib.router_kernel(model, ref)
         lp = prof[ref.path]
-        result = merge.merge_layer(model_lib.layer_experts(model, ref), kernel[:, :e], lp.frequency[:e],
+        result = merge.merge_layer(model_lib.layer_experts(model, ref), None, lp.frequency[:e],
                                    lp.router_similarity[:e, :e], args.groups, method=args.method)
-        new_kernel = jnp.concatenate([jnp.asarray(result.router_kernel, kernel.dtype), kernel[:, e:]], axis=1)
-        bias = model_lib.selection_bias(model, ref)
-        new_bias = None
-        if bias is not None:
-            leaders = getattr(result, "leaders", None)
-            if leaders is None:
-                raise ValueError(f"{ref.field}router.selection_bias=True: the merge result names no leader per "
-                                 f"group to take the bias from")
-            new_bias = jnp.concatenate([bias[:e][np.asarray(leaders)], bias[e:]])
-        updates[ref.path] = model_lib.LayerUpdate(result.experts, new_kernel, new_bias)
+        # Group g's router entries (every per-expert array of the scorer, the selection bias) are its leader's.
+        router, _ = model_lib.subset_arrays(model, ref, np.asarray(result.leaders))
+        updates[ref.path] = model_lib.LayerUpdate(result.experts, None, None, router)
         assignment[ref.path] = np.asarray(result.assignment).tolist()
     merged = model_lib.replace_experts(model, updates)
     return merged.record("merge", groups=args.groups, method=args.method, assignment=assignment)

@@ -208,13 +208,14 @@ def _num_experts(experts: Experts) -> int:
     return next(iter(sizes.values()))
 
 
-def merge_layer(experts: Experts, router_kernel: jax.Array, frequency: jax.Array, router_similarity: jax.Array,
+def merge_layer(experts: Experts, router_kernel: jax.Array | None, frequency: jax.Array, router_similarity: jax.Array,
                 num_groups: int, *, method: str = "msmoe") -> MergeResult:
     """Merges a layer's ``E`` experts into ``G = num_groups``.
 
     experts: ``{name: [E, ...]}`` stacked expert parameters (``glu``: ``w_gate``, ``w_up`` [E, D, F], ``w_down``
     [E, F, D], optional ``b_gate``, ``b_up`` [E, F], ``b_down`` [E, D]; ``mlp``: ``w_in``, ``w_out``, ``b_in``,
-    ``b_out``); router_kernel: float[D, E]; frequency: float[E] routing frequency; router_similarity:
+    ``b_out``); router_kernel: float[D, E] or None (the result then has none: take the leaders' entries of every
+    per-expert router array, :func:`moejax.surgery.subset_arrays`); frequency: float[E] routing frequency; router_similarity:
     float[E, E]; method: ``msmoe`` (align members to their leader, frequency-weighted average), ``frequency``
     (frequency-weighted, no alignment), ``average`` (plain mean, no alignment), ``prune`` (the leaders alone).
     Groups come from :func:`group_experts`; the router keeps each group's leader column (module docstring).
@@ -223,8 +224,8 @@ def merge_layer(experts: Experts, router_kernel: jax.Array, frequency: jax.Array
     if method not in METHODS:
         raise ValueError(f"method={method!r}: must be one of {list(METHODS)}")
     num_experts = _num_experts(experts)
-    kernel = jnp.asarray(router_kernel)
-    if kernel.ndim != 2 or kernel.shape[1] != num_experts:
+    kernel = None if router_kernel is None else jnp.asarray(router_kernel)
+    if kernel is not None and (kernel.ndim != 2 or kernel.shape[1] != num_experts):
         raise ValueError(f"router_kernel: expected float[D, E] with E={num_experts}, got shape {kernel.shape}")
     f = _check_frequency(frequency)
     if f.size != num_experts:
@@ -259,5 +260,5 @@ def merge_layer(experts: Experts, router_kernel: jax.Array, frequency: jax.Array
             acc = sum(w * part[name].astype(np.float64) for w, part in zip(weights, parts))
             merged[name].append(acc)
     out = {name: jnp.asarray(np.stack(ws).astype(host[name].dtype)) for name, ws in merged.items()}
-    return MergeResult(experts=out, router_kernel=kernel[:, leaders], assignment=jnp.asarray(assignment, jnp.int32),
+    return MergeResult(experts=out, router_kernel=None if kernel is None else kernel[:, leaders], assignment=jnp.asarray(assignment, jnp.int32),
                        leaders=jnp.asarray(leaders, jnp.int32))

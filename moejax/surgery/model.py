@@ -11,10 +11,12 @@ Axis vocabulary: ``D`` model width, ``F`` expert hidden width, ``E`` FFN experts
 outputs (``E`` plus MoE++ zero-computation experts, which come last), ``K`` experts per token.
 
 Where a layer's arrays live (``<path>`` is :attr:`MoELayerRef.path`, e.g. ``decoder/block_1/ffn``):
-``params/<path>/experts/{w_gate, w_up, w_down | w_in, w_out, b_*}`` ``[E, ...]``; the router's per-expert arrays,
-all with ``E_r`` as their last axis: ``params/<path>/router/kernel`` ``[D, E_r]`` (in ``moe_state`` for a frozen
-router; ``key_kernel``, ``value_kernel`` for an attention router), ``moe_state/<path>/router/selection_bias``
-``[E_r]`` and ``moe_state/<path>/router/steer_offset`` ``[E_r]`` (:mod:`moejax.surgery.steer`).
+``params/<path>/experts/{w_gate, w_up, w_down | w_in, w_out, b_*}`` ``[E, ...]``; the router's per-expert arrays:
+the scorer's parameters, each with its ``'expert'`` axis where its :class:`~moejax.routing.scorer.ParamSpec` puts
+it (``params/<path>/router/kernel`` ``[D, E_r]`` for a linear scorer; in ``moe_state`` for a frozen router),
+``moe_state/<path>/router/selection_bias`` ``[E_r]`` and ``moe_state/<path>/router/steer_offset`` ``[E_r]``
+(:mod:`moejax.surgery.steer`). A scorer parameter without an ``'expert'`` axis is shared by all experts and is
+never sliced.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ import numpy as np
 from moejax.config import MoEConfig
 from moejax.models.build import build_model
 from moejax.models.config import LMConfig, MLPConfig, ModelConfig, ViTConfig
+from moejax.routing.scorer import EXPERT_SLICES
 import moejax.routing.transforms.steer  # noqa: F401  (registers router.steer: configs and moe_layers read it)
 
 log = logging.getLogger("moejax")
@@ -193,16 +196,28 @@ def layer_experts(model: SurgeryModel, layer: LayerKey | MoELayerRef) -> dict[st
 
 
 def router_arrays(model: SurgeryModel, layer: LayerKey | MoELayerRef) -> dict[tuple[str, str], jax.Array]:
-    """``{(collection, name): array}``: every per-expert array of a layer's router, each with ``E_r`` as its last
-    axis: ``('params', 'kernel')`` [D, E_r] (``('moe_state', 'kernel')`` when frozen), attention routers' key and
-    value kernels, ``('moe_state', 'selection_bias')`` and ``('moe_state', 'steer_offset')`` [E_r]."""
+    """``{(collection, name): array}``: every per-expert array of a layer's router (its expert axis:
+    :func:`router_expert_axis`): the scorer's parameters that have an ``'expert'`` axis (``('params', 'kernel')``
+    [D, E_r] of a linear scorer, ``('moe_state', 'kernel')`` when frozen), ``('moe_state', 'selection_bias')`` and
+    ``('moe_state', 'steer_offset')`` [E_r]. Scorer parameters shared by all experts are not included."""
     ref = resolve_layer(model, layer)
     out = {}
     for collection in ("params", "moe_state"):
         sub = get_in(model.variables.get(collection, {}), (*ref.keys, "router"))
         if isinstance(sub, Mapping):
-            out.update({(collection, name): arr for name, arr in sub.items()})
+            out.update({(collection, name): arr for name, arr in sub.items()
+                        if router_expert_axis(ref, name) is not None})
     return out
+
+
+def router_expert_axis(ref: MoELayerRef, name: str) -> int | None:
+    """The ``'expert'`` axis of the layer's router array ``name``: from the scorer's parameter declaration, else
+    0 for the router's per-expert state (``[E_r]``)."""
+    router = ref.spec.router
+    specs = router.scorer_options.params(1, ref.spec.num_routed)
+    if name in specs:
+        return specs[name].expert_axis
+    return 0
 
 
 def router_kernel(model: SurgeryModel, layer: LayerKey | MoELayerRef) -> jax.Array:
@@ -228,12 +243,15 @@ class LayerUpdate(NamedTuple):
 
     experts: ``{name: [E', ...]}`` with the layer's names and trailing shapes; router_kernel: float[D, E'_r]
     (``E'`` FFN experts, then the layer's zero-computation experts); selection_bias: float32[E'_r] (required when
-    the layer has one and ``E'`` differs from ``E``; None keeps the old one when ``E' == E``).
+    the layer has one and ``E'`` differs from ``E``; None keeps the old one when ``E' == E``); router: instead of
+    the two, every per-expert router array (``{(collection, name): array}`` as :func:`router_arrays` returns them,
+    each resized to ``E'_r`` on its expert axis), for scorers other than a linear kernel.
     """
 
     experts: Mapping[str, Any]
     router_kernel: Any
     selection_bias: Any = None
+    router: Mapping[tuple[str, str], Any] | None = None
 
 
 def _num_rows(arrays: Mapping[str, Any], what: str) -> int:
@@ -255,6 +273,16 @@ def _check_layer_update(model: SurgeryModel, ref: MoELayerRef, update: LayerUpda
             raise ValueError(f"experts[{ref.path}][{name!r}]: shape {tuple(np.shape(arr))}, expected "
                              f"[E', {', '.join(map(str, np.shape(old[name])[1:]))}]")
     routed = e_new + ref.spec.num_zero_computation
+    if update.router is not None:
+        for key, arr in router_arrays(model, ref).items():
+            if key not in update.router:
+                raise ValueError(f"router[{ref.path}]: no new value for {key[0]}/{key[1]}")
+            want = list(np.shape(arr))
+            want[router_expert_axis(ref, key[1])] = routed
+            if list(np.shape(update.router[key])) != want:
+                raise ValueError(f"router[{ref.path}][{key}]: shape {tuple(np.shape(update.router[key]))}, "
+                                 f"expected {tuple(want)}")
+        return e_new
     kernel = router_kernel(model, ref)
     if tuple(np.shape(update.router_kernel)) != (kernel.shape[0], routed):
         raise ValueError(f"router_kernel[{ref.path}]: shape {tuple(np.shape(update.router_kernel))}, expected "
@@ -292,7 +320,9 @@ def replace_experts(model: SurgeryModel, per_layer: Mapping[LayerKey, LayerUpdat
         resized = new_e[path] != ref.spec.num_experts
         arrays = router_arrays(model, ref)
         for (collection, name), arr in arrays.items():
-            if name == "kernel":
+            if update.router is not None:
+                value = jnp.asarray(update.router[(collection, name)], arr.dtype)
+            elif name == "kernel":
                 value = jnp.asarray(update.router_kernel, arr.dtype)
             elif name == "selection_bias" and update.selection_bias is not None:
                 value = jnp.asarray(update.selection_bias, arr.dtype)
@@ -312,8 +342,9 @@ def select_experts(model: SurgeryModel, keep: Mapping[LayerKey, Sequence[int] | 
     """The model keeping only the given experts of each listed layer, in the given order.
 
     ``keep``: ``{layer: int[E']}`` indices of the FFN experts to keep (distinct, in ``[0, E)``). Every per-expert
-    array follows: the stacked experts ``[E, ...] -> [E', ...]``, and every router array's last axis (kernel
-    columns, selection bias, steering offsets), whose zero-computation entries are kept after the FFN experts. The
+    array follows: the stacked experts ``[E, ...] -> [E', ...]``, and every router array's expert axis (the scorer's
+    per-expert parameters, selection bias, steering offsets), whose zero-computation entries are kept after the FFN
+    experts. The
     config is rewritten as by :func:`replace_experts`. Keeping no expert is an error naming ``num_experts``.
     """
     updates = {}
@@ -334,16 +365,18 @@ def select_experts(model: SurgeryModel, keep: Mapping[LayerKey, Sequence[int] | 
 def subset_arrays(model: SurgeryModel, layer: LayerKey | MoELayerRef, keep: Sequence[int] | np.ndarray
                   ) -> tuple[dict[tuple[str, str], jax.Array], dict[str, jax.Array]]:
     """(router arrays, experts) of a layer restricted to the FFN experts ``keep`` int[E'] (see :func:`router_arrays`,
-    :func:`layer_experts`): router arrays keep the columns ``keep`` then the zero-computation ones."""
+    :func:`layer_experts`): router arrays keep the entries ``keep`` of their expert axis, then the zero-computation
+    ones."""
     ref = resolve_layer(model, layer)
     idx = _check_keep(ref, keep)
     cols = np.concatenate([idx, np.arange(ref.spec.num_experts, ref.spec.num_routed)]).astype(np.int32)
     router = {}
     for (collection, name), arr in router_arrays(model, ref).items():
-        if np.shape(arr)[-1] != ref.spec.num_routed:
+        axis = router_expert_axis(ref, name)
+        if np.shape(arr)[axis] != ref.spec.num_routed:
             raise ValueError(f"{collection}: {ref.path}/router/{name} has shape {np.shape(arr)}; expected "
-                             f"{ref.spec.num_routed} router outputs on its last axis")
-        router[(collection, name)] = jnp.asarray(arr)[..., cols]
+                             f"{ref.spec.num_routed} router outputs on its expert axis {axis}")
+        router[(collection, name)] = jnp.take(jnp.asarray(arr), cols, axis=axis)
     experts = {name: jnp.asarray(arr)[idx] for name, arr in layer_experts(model, ref).items()}
     return router, experts
 
@@ -357,9 +390,10 @@ def check_remappable(ref: MoELayerRef, tool: str) -> None:
     if "learned" not in router.options.offers:
         raise ValueError(f"{ref.field}router.kind={router.kind!r}: routes without learned logits, so {tool} cannot "
                          f"remap its router ({ref.path})")
-    if router.logits != "linear":
-        raise ValueError(f"{ref.field}router.logits={router.logits!r}: the attention router's logits mix all expert "
-                         f"columns; {tool} needs router.logits='linear' ({ref.path})")
+    if EXPERT_SLICES not in router.scorer_options.offers:
+        raise ValueError(f"{ref.field}router.scorer={router.scorer!r}: each expert's logit depends on other "
+                         f"experts' parameters (the scorer does not offer {EXPERT_SLICES!r}), so {tool} cannot remove "
+                         f"or merge experts by slicing them ({ref.path})")
     if router.gating_residual:
         raise ValueError(f"{ref.field}router.gating_residual=True: the next MoE layer adds these logits expert by "
                          f"expert; {tool} does not remap them ({ref.path})")

@@ -31,7 +31,7 @@ import numpy as np
 
 from moejax.generation.evaluate import routing_paths
 from moejax.models.build import build_model
-from moejax.surgery.model import SurgeryModel, check_sparse, moe_layers, router_kernel
+from moejax.surgery.model import SurgeryModel, check_sparse, moe_layers, router_arrays, router_expert_axis
 
 log = logging.getLogger("moejax")
 
@@ -210,6 +210,19 @@ def cosine_similarity(kernel: jax.Array | np.ndarray) -> np.ndarray:
     return unit.T @ unit
 
 
+def router_similarity(model: SurgeryModel, ref: Any) -> np.ndarray | None:
+    """float[E_r, E_r]: cosine similarity of the experts' router parameters (each expert's slices of the scorer's
+    per-expert parameters, concatenated; the kernel's columns for a linear scorer), or None for a router without
+    learned parameters (hash, random)."""
+    arrays = [(name, arr) for (collection, name), arr in router_arrays(model, ref).items()
+              if name in ref.spec.router.scorer_options.params(1, ref.spec.num_routed)]
+    if not arrays or "learned" not in ref.spec.router.options.offers:
+        return None
+    per_expert = [np.moveaxis(np.asarray(a, np.float64), router_expert_axis(ref, name), -1).reshape(-1, np.shape(a)[
+        router_expert_axis(ref, name)]) for name, a in arrays]
+    return cosine_similarity(np.concatenate(per_expert, axis=0))
+
+
 def token_stats(expert_index: np.ndarray, weight: np.ndarray, keep: np.ndarray, num_routed: int
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(counts int64[E_r], gate sums float64[E_r], co-activation int64[E_r, E_r]) of the kept tokens.
@@ -280,10 +293,7 @@ def profile_experts(model: SurgeryModel, batches: Iterable[Batch], *, labeler: L
         raise ValueError("batches: empty (nothing to profile)")
     layers = {}
     for ref in refs:
-        try:
-            sim = cosine_similarity(router_kernel(model, ref))
-        except ValueError:          # hash / random routers: no kernel to compare
-            sim = None
+        sim = router_similarity(model, ref)
         layers[ref.path] = LayerProfile(ref.path, ref.spec.num_routed, totals[ref.path], co[ref.path], sim,
                                         by_label[ref.path])
     return Profile(layers)

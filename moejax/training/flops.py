@@ -128,7 +128,7 @@ def moe_flops(spec: MoEConfig, d_model: int) -> MoEFlops:
 
     Routed: ``k`` experts of width ``F`` (with MoE++ zero-computation experts, ``k * E / num_routed`` of the slots
     reach an FFN expert under balanced routing). Shared: one FFN of width ``num_shared * shared_hidden`` plus the
-    ``[D, 1]`` gate. Router: ``[D, num_routed]`` for learned linear logits, three such for attention logits, 0 for
+    ``[D, 1]`` gate. Router: the scorer's ``flops_per_token`` (``[D, num_routed]`` for linear logits), 0 for
     hash and random routers.
     """
     if spec.layer not in ("sparse", "chain"):
@@ -140,7 +140,7 @@ def moe_flops(spec: MoEConfig, d_model: int) -> MoEFlops:
         shared += matmul_flops(d_model, 1)
     router = 0.0
     if "learned" in spec.router.options.offers:
-        router = (3 if spec.router.logits == "attention" else 1) * matmul_flops(d_model, spec.num_routed)
+        router = spec.router.scorer_options.flops_per_token(d_model, spec.num_routed)
     iterations = spec.resolved_chain_iterations if spec.layer == "chain" else 1
     return MoEFlops(iterations * slots * per_expert, iterations * slots, iterations * shared, iterations * router)
 

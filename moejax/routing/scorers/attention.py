@@ -9,11 +9,19 @@ scores interact: three projections of the token give one query, key and value *s
 released code (one fused ``[D, 3E]`` projection without bias, float32 softmax, no output projection after
 ``A v``): the paper's figure shows exactly these three steps; there is no further projection to logits.
 The logits then go through the configured routing function (top-k and softmax in the paper).
+
+Registered as ``router.scorer='attention'``. It does not offer ``expert_slices``: every expert's logit mixes all
+experts' values, so expert surgery cannot remove or merge its experts by slicing.
 """
 from __future__ import annotations
 
+import dataclasses
+from typing import ClassVar, Mapping
+
 import jax
 import jax.numpy as jnp
+
+from moejax.routing.scorer import ParamSpec, Scorer, register_scorer
 
 
 def attention_router_logits(x: jax.Array, w_q: jax.Array, w_k: jax.Array, w_v: jax.Array) -> jax.Array:
@@ -26,3 +34,23 @@ def attention_router_logits(x: jax.Array, w_q: jax.Array, w_k: jax.Array, w_v: j
     q, k, v = (x @ w.astype(jnp.float32) for w in (w_q, w_k, w_v))       # [T, E] each
     attn = jax.nn.softmax(q[:, :, None] * k[:, None, :], axis=-1)          # [T, E, E]
     return jnp.einsum("tij,tj->ti", attn, v)
+
+
+@register_scorer
+@dataclasses.dataclass(frozen=True)
+class Attention(Scorer):
+    """``attention``: Yuan 2.0-M32's attention router. Parameters ``kernel`` (the query projection, so code that reads
+    the router kernel keeps working), ``key_kernel`` and ``value_kernel``, each float32[D, E] (embed, expert)."""
+
+    name: ClassVar[str] = "attention"
+
+    def params(self, d_model: int, num_experts: int) -> dict[str, ParamSpec]:
+        spec = ParamSpec((d_model, num_experts), ("embed", "expert"))
+        return {"kernel": spec, "key_kernel": spec, "value_kernel": spec}
+
+    def logits(self, x: jax.Array, params: Mapping[str, jax.Array]) -> jax.Array:
+        return attention_router_logits(x, params["kernel"], params["key_kernel"], params["value_kernel"])
+
+    def flops_per_token(self, d_model: int, num_experts: int) -> float:
+        # The three projections, as the trainer always counted them; the E x E products are O(E^2) per token.
+        return 3 * 2.0 * d_model * num_experts

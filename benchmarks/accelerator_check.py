@@ -401,7 +401,7 @@ def check_train(check: Check, deadline: float) -> list[dict]:
     from moejax.models.transformer import TransformerLM
     from moejax.routing.config import RouterConfig
     from moejax.training.loop import init_state
-    from moejax.training.steps import AuxWeights, make_train_step
+    from moejax.training.steps import make_train_step
     from moejax.training.throughput import Throughput, Window
     s = check.args.sizes["train"]
     moe = MoEConfig(num_experts=s["experts"], hidden_dim=s["hidden"], expert_kind="glu", activation="silu",
@@ -413,7 +413,7 @@ def check_train(check: Check, deadline: float) -> list[dict]:
     tx = optax.adamw(1e-4)
     example = jnp.zeros((s["batch"], s["seq_len"]), jnp.int32)
     state, _ = init_state(model, tx, example, 0)
-    step = jax.jit(make_train_step(model, tx, "lm", AuxWeights()), donate_argnums=(0,))
+    step = jax.jit(make_train_step(model, tx, "lm"), donate_argnums=(0,))
     tokens = jax.random.randint(jax.random.key(2), (s["batch"], s["seq_len"] + 1), 0, s["vocab"], jnp.int32)
     t = time.perf_counter()
     state, metrics = step(state, {"tokens": tokens})

@@ -17,7 +17,7 @@ def moe_layer(num_experts: int, k: int, hidden_dim: int) -> dict:
         "hidden_dim": hidden_dim,
         "expert_kind": "mlp",
         "activation": "gelu",
-        "router": {"k": k, "renormalize": k > 1},
+        "router": {"k": k, "renormalize": k > 1, "load_balance_weight": 0.01, "z_loss_weight": 0.001},
         "dispatch": {"mode": "dropless"},
     }
 
@@ -43,8 +43,6 @@ def get_config() -> ml_collections.ConfigDict:
         "eval_every": 500,
         "checkpoint_every": 500,
         "keep_checkpoints": 2,
-        "load_balance_weight": 0.01,
-        "z_loss_weight": 0.001,
     })
     config.mesh = mesh_config()        # all devices on 'data'; e.g. --config.mesh.expert=4
     return config

@@ -11,8 +11,8 @@ _libtpu_env.prepare()        # before jax's first device query: no libtpu warnin
 from moejax.config import DispatchConfig, MoEConfig, RouterConfig  # noqa: E402
 from moejax.context import LayerContext, LayerOutput  # noqa: E402
 from moejax.layers import DenseLayer, MoELayer  # noqa: E402
-from moejax.routing.types import AuxLosses, ExpertChoiceRouting, Routing, RoutingStats  # noqa: E402
+from moejax.routing.types import ExpertChoiceRouting, Routing, RoutingStats  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["AuxLosses", "DenseLayer", "DispatchConfig", "ExpertChoiceRouting", "LayerContext", "LayerOutput",
+__all__ = ["DenseLayer", "DispatchConfig", "ExpertChoiceRouting", "LayerContext", "LayerOutput",
            "MoEConfig", "MoELayer", "RouterConfig", "Routing", "RoutingStats"]

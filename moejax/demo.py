@@ -28,8 +28,8 @@ def main() -> None:
     print(f"capacity C={int(stats.capacity)}  dropped={float(stats.dropped_fraction):.3f}  "
           f"experts/token={float(stats.experts_per_token):.2f}")
     print("expert load", np.round(np.asarray(stats.expert_load), 3))
-    print(f"load-balance loss={float(stats.aux.load_balance):.4f}  z-loss={float(stats.aux.z_loss):.4f}  "
-          f"router entropy={float(stats.router_entropy):.3f}")
+    losses = "  ".join(f"{name}={float(v):.6f}" for name, v in stats.losses.items())
+    print(f"weighted losses: {losses}  router entropy={float(stats.router_entropy):.3f}")
 
 
 if __name__ == "__main__":

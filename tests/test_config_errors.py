@@ -26,7 +26,7 @@ L0 = "model.layers[0]"
 CASES = [
     # train
     ("train.steps", "0"), ("train.steps", "-5"), ("train.log_every", "0"), ("train.eval_every", "0"),
-    ("train.checkpoint_every", "-1"), ("train.keep_checkpoints", "0"), ("train.load_balance_weight", "-1.0"),
+    ("train.checkpoint_every", "-1"), ("train.keep_checkpoints", "0"), (f"{L0}.router.load_balance_weight", "-1.0"),
     ("train.moe_k_start", "0"), ("train.eval_moe_k", "0"), ("train.consistency_weight", "nan"),
     # optimizer
     ("optimizer.name", "'adamax'"), ("optimizer.learning_rate", "inf"), ("optimizer.schedule", "'cyclic'"),

@@ -10,7 +10,7 @@ from moejax.config import DispatchConfig, MoEConfig, RouterConfig
 from moejax.models import build_model
 from moejax.training.gradients import (capture_gradients, default_groups, gradient_noise, minibatch_gradients,
                                        path_name)
-from moejax.training.steps import AuxWeights, TrainState, make_train_step
+from moejax.training.steps import TrainState, make_train_step
 
 pytestmark = pytest.mark.usefixtures("quick_compiles")   # conftest: tiny shapes compile faster unoptimised
 
@@ -36,11 +36,10 @@ def _batch(seed):
 def test_minibatch_gradients_equal_an_sgd_steps_update():
     """The captured gradient is what the trainer's step applies: an SGD(lr=1) step moves params by -g."""
     model, state = _model_and_state()
-    weights = AuxWeights(load_balance=0.01, z_loss=0.001)
     batches = [_batch(0), _batch(1)]
-    grads, metrics = minibatch_gradients(model, "classification", weights, state, batches)
+    grads, metrics = minibatch_gradients(model, "classification", state, batches)
     sgd = optax.sgd(1.0)
-    step = jax.jit(make_train_step(model, sgd, "classification", weights))
+    step = jax.jit(make_train_step(model, sgd, "classification"))
     for g, m, b in zip(grads, metrics, batches):
         batch = {k: jnp.asarray(v) for k, v in b.items()}
         new, ref_metrics = step(state.replace(opt_state=sgd.init(state.params)), batch)

@@ -18,6 +18,8 @@ from moejax.models import build_model
 from moejax.models.blocks import make_ffn
 from moejax.models.config import MLPConfig
 from moejax.routing import Router, top_k_routing
+from moejax.routing.aux_losses.load_balance import LoadBalance
+from moejax.routing.loss import loss_inputs
 from trees import assert_trees_close
 
 pytestmark = pytest.mark.usefixtures("quick_compiles")   # conftest: tiny shapes compile faster unoptimised
@@ -334,7 +336,11 @@ def test_split_routing_and_heterogeneous_load_balance():
     np.testing.assert_array_equal(ffn.valid, [[True, True], [False, False]])
     np.testing.assert_array_equal(zc_index, [[-1, -1], [1, 0]])
     np.testing.assert_allclose(zc_weight, [[0, 0], [0.4, 0.3]], rtol=1e-6)
-    np.testing.assert_allclose(heterogeneous_load_balance(r, 2, 1.0), r.aux.load_balance, rtol=1e-6)
+    # The layer's load-balance loss plug-in with MoE++'s per-output weights is the same function.
+    for tau in (1.0, 0.5):
+        eta = jnp.array([1.0, 1.0, tau, tau])
+        np.testing.assert_allclose(LoadBalance().value(loss_inputs(r, logits, eta)),
+                                   heterogeneous_load_balance(r, 2, tau), rtol=1e-6)
     # f = [1/4, 1/4, 1/4, 1/4]; P = [0.3, 0.225, 0.225, 0.25]; E * sum eta f P with eta = [1, 1, tau, tau].
     np.testing.assert_allclose(heterogeneous_load_balance(r, 2, 1.0), 1.0, rtol=1e-6)
     np.testing.assert_allclose(heterogeneous_load_balance(r, 2, 0.5), 0.525 + 0.5 * 0.475, rtol=1e-6)
@@ -386,7 +392,8 @@ def test_chain_equals_an_explicit_loop_of_moe_layers(iterations, gating_residual
     y, stats = out.y, out.stats
     y_ref, per_iter = jax.jit(loop)(params, x)
     np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(stats.aux.load_balance, sum(s.aux.load_balance for s in per_iter), rtol=1e-6)
+    for name in ("load_balance", "z_loss"):
+        np.testing.assert_allclose(stats.losses[name], sum(s.losses[name] for s in per_iter), rtol=1e-6)
     np.testing.assert_allclose(stats.expert_load, sum(s.expert_load for s in per_iter) / iterations, rtol=1e-6)
     np.testing.assert_allclose(stats.experts_per_token, sum(s.experts_per_token for s in per_iter), rtol=1e-6)
     cot = jax.random.normal(jax.random.key(2), x.shape)

@@ -18,7 +18,7 @@ from moejax.parallel import launch
 from moejax.training import loop, optim
 from moejax.training.checkpoint import Checkpointer
 from moejax.training.config import mesh_config, optimizer_config, train_config
-from moejax.training.steps import AuxWeights, make_train_step, split_batch
+from moejax.training.steps import make_train_step, split_batch
 from trees import assert_trees_close
 
 pytestmark = pytest.mark.usefixtures("quick_compiles")   # conftest: tiny models compile faster unoptimised
@@ -66,7 +66,7 @@ def one_step(cfg, mesh_shape: dict | None, skewed: bool):
     tx = optim.make_optimizer(cfg.optimizer, 1)
     batch = train_data.batch(0)
     inputs, _ = split_batch(batch, meta.task)
-    step = make_train_step(model, tx, meta.task, AuxWeights())
+    step = make_train_step(model, tx, meta.task)
     if mesh_shape is None:
         state, _ = loop.init_state(model, tx, jnp.asarray(inputs), 0)
         if skewed:

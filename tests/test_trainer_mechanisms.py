@@ -19,7 +19,7 @@ from moejax.models.config import LMConfig, MLPConfig, ViTConfig
 from moejax.routing import consistency_loss, smoe_dropout_k
 from moejax.training import Checkpointer, loop, train_and_evaluate
 from moejax.training.config import digits_mlp_config, train_settings
-from moejax.training.steps import AuxWeights, TrainState, make_train_step, pass_rngs, token_losses
+from moejax.training.steps import TrainState, make_train_step, pass_rngs, token_losses
 
 pytestmark = pytest.mark.usefixtures("quick_compiles")   # conftest: tiny models compile faster unoptimised
 
@@ -116,13 +116,13 @@ def _batch(n=16, features=5, classes=3):
 
 
 def test_thor_objective_is_both_cross_entropies_plus_weighted_consistency():
-    model = build_model(MLPConfig(num_classes=3, d_model=D, layers=(spec(kind="random"),)))
+    model = build_model(MLPConfig(num_classes=3, d_model=D, layers=(spec(kind="random", load_balance_weight=0.0,
+                                                                         z_loss_weight=0.0),)))
     tx = optax.sgd(0.1)
     batch = _batch()
     state = _state(model, tx, batch["inputs"])
     alpha = 0.7
-    _, metrics = jax.jit(make_train_step(model, tx, "classification", AuxWeights(0.0, 0.0),
-                                         consistency_weight=alpha))(state, batch)
+    _, metrics = jax.jit(make_train_step(model, tx, "classification", consistency_weight=alpha))(state, batch)
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     run = jax.jit(lambda params, rngs: model.apply({"params": params}, batch["inputs"], deterministic=False,
                                                    rngs=rngs)[0])
@@ -134,25 +134,29 @@ def test_thor_objective_is_both_cross_entropies_plus_weighted_consistency():
     np.testing.assert_allclose(metrics["loss"], ces[0] + ces[1] + alpha * cr, rtol=1e-5)   # summed, not averaged
     np.testing.assert_allclose(metrics["ce"], (ces[0] + ces[1]) / 2, rtol=1e-5)
     # Without the regulariser: one pass, with the RNGs of pass 0.
-    _, single = jax.jit(make_train_step(model, tx, "classification", AuxWeights(0.0, 0.0)))(state, batch)
+    _, single = jax.jit(make_train_step(model, tx, "classification"))(state, batch)
     assert "consistency" not in single
     np.testing.assert_allclose(single["loss"], ces[0], rtol=1e-5)
     with pytest.raises(ValueError, match=r"^train\.consistency_weight"):
-        make_train_step(model, tx, "classification", AuxWeights(), consistency_weight=-1.0)
+        make_train_step(model, tx, "classification", consistency_weight=-1.0)
 
 
 def test_router_entropy_loss_adds_weight_times_the_summed_entropy_and_changes_the_update():
-    layer = spec(kind="top_p", top_p=0.5, k=E)
-    model = build_model(MLPConfig(num_classes=3, d_model=D, layers=(layer, layer)))
+    w = 0.5
+
+    def model_with(weight):
+        layer = spec(kind="top_p", top_p=0.5, k=E, load_balance_weight=0.0, z_loss_weight=0.0,
+                     router_entropy_weight=weight)
+        return build_model(MLPConfig(num_classes=3, d_model=D, layers=(layer, layer)))
+
     tx = optax.sgd(1.0)
     batch = _batch()
-    state = _state(model, tx, batch["inputs"])
-    w = 0.5
-    new_0, m0 = jax.jit(make_train_step(model, tx, "classification", AuxWeights(0.0, 0.0)))(state, batch)
-    new_w, mw = jax.jit(make_train_step(model, tx, "classification", AuxWeights(0.0, 0.0, router_entropy=w)))(
-        state, batch)
+    state = _state(model_with(0.0), tx, batch["inputs"])
+    new_0, m0 = jax.jit(make_train_step(model_with(0.0), tx, "classification"))(state, batch)
+    new_w, mw = jax.jit(make_train_step(model_with(w), tx, "classification"))(state, batch)
     entropy = sum(float(e) for e in mw["router_entropy"])
-    assert entropy > 0 and float(mw["aux/router_entropy"]) == pytest.approx(entropy, rel=1e-6)
+    assert "loss/router_entropy" not in m0 and not any(k.startswith("loss/") for k in m0)
+    assert entropy > 0 and float(mw["loss/router_entropy"]) == pytest.approx(w * entropy, rel=1e-6)
     np.testing.assert_allclose(mw["loss"] - m0["loss"], w * entropy, rtol=1e-5)
     k0 = new_0.params["layer_0"]["router"]["kernel"]
     kw = new_w.params["layer_0"]["router"]["kernel"]

@@ -71,7 +71,8 @@ def test_mlp_end_to_end(tmp_path, data_dir):
     assert [len(x) for x in result["expert_load"]] == [8, 4]
     train = records(tmp_path, "train")
     assert [r["step"] for r in train] == [4, 8, 12]
-    assert {"loss", "accuracy", "items_per_sec", "expert_load", "dropped_fraction", "router_z_loss"} <= set(train[0])
+    assert {"loss", "accuracy", "items_per_sec", "expert_load", "dropped_fraction", "loss/load_balance",
+            "loss/z_loss"} <= set(train[0])
     assert len(train[0]["expert_load"]) == 2
     assert [r["step"] for r in records(tmp_path, "eval")] == [6, 12]
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))

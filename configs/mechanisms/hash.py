@@ -16,9 +16,7 @@ from moejax.training.config import digits_mlp_config
 
 
 def get_config() -> ml_collections.ConfigDict:
-    layer = {"num_experts": 8, "hidden_dim": 64, "router": {"kind": "hash", "k": 1, "seed": 0},
-             "dispatch": {"mode": "dropless"}}
-    config = digits_mlp_config([layer, {**layer, "router": {"kind": "hash", "k": 1, "seed": 1}}])
-    config.train.load_balance_weight = 0.0
-    config.train.z_loss_weight = 0.0
-    return config
+    # No learned router: its load-balance and z-losses would be constants, so they are off.
+    router = {"kind": "hash", "k": 1, "seed": 0, "load_balance_weight": 0.0, "z_loss_weight": 0.0}
+    layer = {"num_experts": 8, "hidden_dim": 64, "router": router, "dispatch": {"mode": "dropless"}}
+    return digits_mlp_config([layer, {**layer, "router": {**router, "seed": 1}}])

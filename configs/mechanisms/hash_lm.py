@@ -30,11 +30,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.model = ml_collections.ConfigDict({
         "kind": "transformer_lm", "d_model": 64, "num_layers": 2, "num_heads": 4, "moe_every": 1,
         "moe": {"num_experts": 8, "hidden_dim": 64, "expert_kind": "glu", "activation": "silu", "use_bias": False,
-                "router": {"kind": "hash", "k": 1, "seed": 0}, "dispatch": {"mode": "dropless"}},
+                "router": {"kind": "hash", "k": 1, "seed": 0, "load_balance_weight": 0.0, "z_loss_weight": 0.0},
+                "dispatch": {"mode": "dropless"}},
     })
     config.optimizer = optimizer_config(name="adamw", learning_rate=2e-3, schedule="warmup_cosine",
                                         warmup_steps=30, weight_decay=0.01, grad_clip_norm=1.0)
     config.train = train_config(steps=300, log_every=50, eval_every=150, eval_steps=10, checkpoint_every=150,
-                                keep_checkpoints=1, load_balance_weight=0.0, z_loss_weight=0.0)
+                                keep_checkpoints=1)
     config.mesh = mesh_config()
     return config

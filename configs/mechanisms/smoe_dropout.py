@@ -17,13 +17,11 @@ from moejax.training.config import digits_mlp_config
 
 
 def get_config() -> ml_collections.ConfigDict:
-    layer = {"num_experts": 8, "hidden_dim": 64, "router": {"k": 1, "frozen": True, "renormalize": True},
-             "dispatch": {"mode": "dropless"}}
+    # A frozen router cannot be balanced by a loss, and its z-loss has no gradient: both off.
+    layer = {"num_experts": 8, "hidden_dim": 64, "dispatch": {"mode": "dropless"},
+             "router": {"k": 1, "frozen": True, "renormalize": True, "load_balance_weight": 0.0, "z_loss_weight": 0.0}}
     config = digits_mlp_config([layer, dict(layer)])
     config.train.moe_k_start = 1
     config.train.moe_k_end = 8
     config.train.eval_moe_k = 8
-    # A frozen router cannot be balanced by a loss, and its z-loss has no gradient.
-    config.train.load_balance_weight = 0.0
-    config.train.z_loss_weight = 0.0
     return config

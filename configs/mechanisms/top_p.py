@@ -3,8 +3,8 @@
 python -m moejax.main --config=configs/mechanisms/top_p.py --workdir=/tmp/moejax_top_p
 
 Each token takes the fewest experts, by descending router probability, whose probability reaches
-``top_p = 0.4`` (the authors' released default), at most ``k = 4`` of the 8. The trainer adds
-``train.router_entropy_weight * sum over layers of the router entropy``: minimising the entropy concentrates
+``top_p = 0.4`` (the authors' released default), at most ``k = 4`` of the 8. Each router adds its
+``router_entropy_weight * router entropy`` (the ``router_entropy`` loss plug-in): minimising it concentrates
 the router's mass so that easy tokens need fewer experts. The weight 1e-3 is our choice for this small model.
 Watch ``experts_per_token`` in metrics.jsonl.
 
@@ -16,8 +16,6 @@ from moejax.training.config import digits_mlp_config
 
 
 def get_config() -> ml_collections.ConfigDict:
-    layer = {"num_experts": 8, "hidden_dim": 64, "router": {"kind": "top_p", "top_p": 0.4, "k": 4},
-             "dispatch": {"mode": "dropless"}}
-    config = digits_mlp_config([layer, dict(layer)])
-    config.train.router_entropy_weight = 1e-3
-    return config
+    layer = {"num_experts": 8, "hidden_dim": 64, "dispatch": {"mode": "dropless"},
+             "router": {"kind": "top_p", "top_p": 0.4, "k": 4, "router_entropy_weight": 1e-3}}
+    return digits_mlp_config([layer, dict(layer)])

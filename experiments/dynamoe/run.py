@@ -165,13 +165,11 @@ def measure_run(config_lib, config, workdir, final: dict, state: dict) -> dict:
     from moejax.training.gradients import gradient_fn, gradient_noise
     from moejax.training.loop import build
     from moejax.training.metrics import to_python
-    from moejax.training.steps import AuxWeights, TrainState
+    from moejax.training.steps import TrainState
 
     model, train_data, eval_data, meta = build(config)
     s = train_settings(config)
-    weights = AuxWeights(s["load_balance_weight"], s["z_loss_weight"], s["importance_weight"],
-                         s["router_entropy_weight"])
-    grad = gradient_fn(model, meta.task, weights, consistency_weight=s["consistency_weight"])
+    grad = gradient_fn(model, meta.task, consistency_weight=s["consistency_weight"])
     ckpt = Checkpointer(workdir, keep=s["keep_checkpoints"], async_save=False)
     points = []
     try:

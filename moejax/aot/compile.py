@@ -167,9 +167,7 @@ def compile_train(config: Mapping[str, Any], target: Target, model: nn.Module | 
     loop._check_divisible(config, mesh)
     meta, batch, example = data_shapes(config)
     if model is None:
-        from moejax import models as models_lib
-        model = models_lib.build_model(config["model"], num_classes=meta.num_classes, vocab_size=meta.vocab_size,
-                                       input_shape=meta.input_shape)
+        model = loop.experiment_model(config, meta)
     loop.check_model_on_mesh(model, mesh)
     tx = optim.make_optimizer(config.get("optimizer", {}), settings["steps"])
     key = jax.eval_shape(lambda: jax.random.key(0))

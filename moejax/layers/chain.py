@@ -37,17 +37,17 @@ from moejax.config import MoEConfig
 from moejax.experts.ffn import FFN, ExpertWeights
 from moejax.context import LayerContext, LayerOutput, as_context
 from moejax.layers.moe import MoELayer
+from moejax.routing.loss import sum_losses
 from moejax.routing.types import RoutingStats
 
 
 def chain_stats(stats: list[RoutingStats] | tuple[RoutingStats, ...]) -> RoutingStats:
-    """One RoutingStats for a chain: aux losses and ``experts_per_token`` summed over iterations (each router
+    """One RoutingStats for a chain: losses (by name) and ``experts_per_token`` summed over iterations (each router
     is penalised as a layer of its own would be; the experts applied per token add up along the chain);
     ``dropped_fraction``, ``expert_load``, router entropy and confidence averaged; ``capacity`` of the first
     iteration (all iterations route the same number of tokens with the same config)."""
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-    aux = jax.tree_util.tree_map(lambda *xs: sum(xs), *[s.aux for s in stats])
-    return RoutingStats(aux=aux, dropped_fraction=mean([s.dropped_fraction for s in stats]),
+    return RoutingStats(losses=sum_losses(s.losses for s in stats), dropped_fraction=mean([s.dropped_fraction for s in stats]),
                         expert_load=mean([s.expert_load for s in stats]),
                         router_entropy=mean([s.router_entropy for s in stats]),
                         router_confidence=mean([s.router_confidence for s in stats]),

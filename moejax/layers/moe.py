@@ -14,9 +14,11 @@ from moejax.context import LayerContext, LayerOutput, as_context
 from moejax.dispatch import dispatchers
 from moejax.dispatch.info import DispatchInfo
 from moejax.experts.ffn import FFN, ExpertFFN, ExpertWeights
-from moejax.experts.zero_computation import ZeroComputationExperts, heterogeneous_load_balance, split_routing
+from moejax.experts.zero_computation import ZeroComputationExperts, split_routing
+from moejax.routing.config import RouterConfig
+from moejax.routing.loss import loss_inputs, weighted_losses
 from moejax.routing.router import Router
-from moejax.routing.types import AuxLosses, Routing, RoutingStats
+from moejax.routing.types import AnyRouting, Routing, RoutingStats
 
 
 class MoELayer(nn.Module):
@@ -123,9 +125,6 @@ class MoELayer(nn.Module):
                                            dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
                                            name="zero_computation")(tokens, zc_index, zc_weight)
             info = _with_zero_computation(info, routing, ffn_routing)
-            if cfg.zero_computation_tau != 1.0:
-                routing = routing.replace(aux=routing.aux.replace(load_balance=heterogeneous_load_balance(
-                    routing, cfg.num_experts, cfg.zero_computation_tau)))
         if cfg.num_shared_experts:
             shared_ffn = self.shared_module
             if shared_ffn is None:
@@ -138,11 +137,23 @@ class MoELayer(nn.Module):
                                 name="shared_gate")(tokens)
                 shared = jax.nn.sigmoid(gate) * shared
             y = y + shared
-        stats = RoutingStats(aux=routing.aux, dropped_fraction=info.dropped_fraction, expert_load=info.expert_load,
-                             router_entropy=routing.entropy, router_confidence=routing.confidence,
-                             experts_per_token=info.experts_per_token, capacity=info.capacity)
+        # MoE++'s heterogeneous load balance: zero-computation outputs' loads count tau times (1.0: the plain loss).
+        balance = jnp.where(jnp.arange(cfg.num_routed) < cfg.num_experts, 1.0, cfg.zero_computation_tau)
+        stats = layer_stats(cfg.router, routing, logits, info, balance.astype(jnp.float32))
         logits = None if logits is None else logits.reshape(*shape[:-1], logits.shape[-1])
         return LayerOutput(y.reshape(shape).astype(x.dtype), stats, logits)
+
+
+def layer_stats(router: RouterConfig, routing: AnyRouting, logits: jax.Array | None, info: DispatchInfo,
+                balance_weights: jax.Array) -> RoutingStats:
+    """The layer's :class:`RoutingStats`, built once from its routing decision, the router's logits (float32[T, E]
+    after the transforms, or None) and the dispatch's counts: the router's active losses, weighted
+    (:mod:`moejax.routing.loss`), and the load, drop and confidence statistics."""
+    inputs = loss_inputs(routing, logits, balance_weights)
+    return RoutingStats(losses=weighted_losses(router.active_losses, inputs), dropped_fraction=info.dropped_fraction,
+                        expert_load=info.expert_load, router_entropy=routing.entropy,
+                        router_confidence=routing.confidence, experts_per_token=info.experts_per_token,
+                        capacity=info.capacity)
 
 
 def _with_zero_computation(info: DispatchInfo, routing: Routing, ffn_routing: Routing) -> DispatchInfo:
@@ -162,7 +173,7 @@ def _with_zero_computation(info: DispatchInfo, routing: Routing, ffn_routing: Ro
 def _empty_output(x: jax.Array, cfg: MoEConfig) -> LayerOutput:
     """The output for ``T = 0`` tokens: an empty ``y``, zero statistics, empty logits (nothing routed, nothing run)."""
     zero = jnp.zeros((), jnp.float32)
-    stats = RoutingStats(aux=AuxLosses.zeros(), dropped_fraction=zero,
+    stats = RoutingStats(losses={}, dropped_fraction=zero,
                          expert_load=jnp.zeros((cfg.num_routed,), jnp.float32), router_entropy=zero,
                          router_confidence=zero, experts_per_token=zero, capacity=zero)
     logits = None

@@ -30,7 +30,7 @@ from moejax.config import MoEConfig
 from moejax.context import LayerContext, LayerOutput, as_context
 from moejax.experts.ffn import ExpertFFN, ExpertWeights, Padded, merge_params
 from moejax.routing.losses import mean_confidence, mean_entropy
-from moejax.routing.types import AuxLosses, RoutingStats
+from moejax.routing.types import RoutingStats
 
 
 class SMEARLayer(nn.Module):
@@ -43,7 +43,7 @@ class SMEARLayer(nn.Module):
     router; ``experts/...`` stacked as in :class:`~moejax.layers.MoELayer`, so checkpoints of the two share the
     expert layout.
 
-    Stats: ``aux`` all zero (the paper uses no auxiliary loss); ``expert_load`` = mean merge weight per expert
+    Stats: ``losses`` empty (the paper uses no auxiliary loss); ``expert_load`` = mean merge weight per expert
     over the routed groups (sums to 1); ``router_entropy`` / ``router_confidence`` of the merge weights;
     ``dropped_fraction`` 0; ``experts_per_token`` 1 (one merged expert runs per token); ``capacity`` 0.
     """
@@ -78,7 +78,7 @@ class SMEARLayer(nn.Module):
         # Group n of the N groups goes through one FFN whose parameters are sum_e probs[n, e] * params[e].
         y = ExpertFFN(merge_params(stacked, probs), cfg.expert_kind, cfg.activation, dtype)(groups, Padded())
         zero = jnp.zeros((), jnp.float32)
-        stats = RoutingStats(aux=AuxLosses.zeros(), dropped_fraction=zero, expert_load=probs.mean(0),
+        stats = RoutingStats(losses={}, dropped_fraction=zero, expert_load=probs.mean(0),
                              router_entropy=mean_entropy(probs), router_confidence=mean_confidence(probs),
                              experts_per_token=jnp.ones((), jnp.float32), capacity=zero)
         return LayerOutput(y.reshape(shape).astype(x.dtype), stats, ctx.router_logits)

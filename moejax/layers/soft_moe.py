@@ -33,7 +33,7 @@ from moejax.config import MoEConfig
 from moejax.experts.ffn import ExpertFFN, ExpertWeights, Padded
 from moejax.context import LayerContext, LayerOutput, as_context
 from moejax.routing.losses import mean_confidence, mean_entropy
-from moejax.routing.types import AuxLosses, RoutingStats
+from moejax.routing.types import RoutingStats
 
 
 @struct.dataclass
@@ -90,7 +90,7 @@ class SoftMoELayer(nn.Module):
     Parameters (logical axes): ``phi`` float[D, E, S] (embed, expert, None), LeCun normal over ``D``;
     ``scale`` float[] (normalisation only), init 1; ``experts/...`` as in :class:`~moejax.layers.MoELayer`.
 
-    Stats: ``aux`` all zero; ``expert_load[e]`` = mean over tokens of expert ``e``'s share of the combine
+    Stats: ``losses`` empty; ``expert_load[e]`` = mean over tokens of expert ``e``'s share of the combine
     weights (sums to 1); ``router_entropy`` / ``router_confidence`` of that per-token expert share;
     ``dropped_fraction`` 0; ``experts_per_token`` = E (each token reaches every expert); ``capacity`` = S.
     """
@@ -125,7 +125,7 @@ class SoftMoELayer(nn.Module):
         y = jnp.einsum("gmes,egsd->gmd", routing.combine.astype(ys.dtype), ys)
         share = routing.expert_share.reshape(-1, e)
         zero = jnp.zeros((), jnp.float32)
-        stats = RoutingStats(aux=AuxLosses.zeros(), dropped_fraction=zero, expert_load=share.mean(0),
+        stats = RoutingStats(losses={}, dropped_fraction=zero, expert_load=share.mean(0),
                              router_entropy=mean_entropy(share), router_confidence=mean_confidence(share),
                              experts_per_token=jnp.asarray(e, jnp.float32), capacity=jnp.asarray(s, jnp.float32))
         return LayerOutput(y.reshape(shape).astype(x.dtype), stats, ctx.router_logits)

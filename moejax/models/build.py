@@ -81,6 +81,26 @@ def sizes_from_params(experiment: Mapping[str, Any], params: Mapping[str, Any]) 
     return sizes
 
 
+def map_moe_specs(cfg: ModelConfig, fn: Any) -> ModelConfig:
+    """``cfg`` with every :class:`MoEConfig` in it (a field, or an entry of a tuple field such as an MLP's
+    ``layers``) replaced by ``fn(spec)``."""
+    changes = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, MoEConfig):
+            changes[f.name] = fn(value)
+        elif isinstance(value, tuple) and any(isinstance(v, MoEConfig) for v in value):
+            changes[f.name] = tuple(fn(v) if isinstance(v, MoEConfig) else v for v in value)
+    return dataclasses.replace(cfg, **changes) if changes else cfg
+
+
+def with_router_fields(cfg: ModelConfig, fields: Mapping[str, Any]) -> ModelConfig:
+    """``cfg`` with ``fields`` (flat router fields, e.g. ``{'load_balance_weight': 0.0}``) set on every router."""
+    if not fields:
+        return cfg
+    return map_moe_specs(cfg, lambda spec: dataclasses.replace(spec, router=spec.router.replace(**fields)))
+
+
 def build_model(model_cfg: Mapping[str, Any] | ModelConfig, *, num_classes: int | None = None,
                 vocab_size: int | None = None, input_shape: Sequence[int] | None = None) -> nn.Module:
     """The model of ``model_cfg`` (see :func:`model_config`): MLPClassifier, TransformerLM or ViTClassifier."""

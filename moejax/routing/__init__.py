@@ -22,7 +22,8 @@ from moejax.routing.schedules import (SCHEDULES, layer_budget, schedule_weights,
                                       smoe_dropout_k)
 from moejax.routing.threshold import threshold_routing
 from moejax.routing.topk import finish_token_choice, limit_to_top_groups, scores_from_logits, top_k_routing
-from moejax.routing.types import AnyRouting, AuxLosses, ExpertChoiceRouting, Routing, RoutingStats
+from moejax.routing.types import AnyRouting, ExpertChoiceRouting, Routing, RoutingStats
+from moejax.routing.loss import Loss, LossInputs, register_loss, weighted_losses
 
 __all__ = [
     "LayerFacts", "RouteCall", "RouterConfig", "RouterKind", "Transform", "register_router", "register_transform",
@@ -30,7 +31,7 @@ __all__ = [
     "SCHEDULES", "attention_router_logits", "balanced_assignment", "base_routing", "capped_transport_plan",
     "expert_slots", "layer_budget", "schedule_weights", "scheduled_moe_layers", "sinkhorn_plan", "sinkhorn_routing",
     "sparse_ot_routing", "threshold_routing",
-    "AnyRouting", "AuxLosses", "active_experts_histogram", "consistency_loss", "drop_gates", "gumbel_noise",
+    "AnyRouting", "Loss", "LossInputs", "register_loss", "weighted_losses", "active_experts_histogram", "consistency_loss", "drop_gates", "gumbel_noise",
     "hash_routing", "hash_scores", "random_routing", "routing_from_assignment", "smoe_dropout_k", "top_p_routing", "ExpertChoiceRouting", "Router", "Routing", "RoutingStats",
     "aux_free_bias_update", "expert_choice_routing", "expert_fraction", "finish_token_choice",
     "importance_loss", "limit_to_top_groups", "load_balance_loss", "mean_confidence", "mean_entropy",

@@ -29,6 +29,8 @@ from moejax.routing import plugin
 from moejax.routing.plugin import RouterKind, Transform, fail
 from moejax.routing.scorer import SCORERS, Scorer
 import moejax.routing.scorers  # noqa: F401  (registers the built-in scorers)
+import moejax.routing.aux_losses  # noqa: F401  (registers the built-in losses)
+from moejax.routing.loss import LOSSES, Loss, loss_of_field
 _CAPABILITY = {plugin.LEARNED: "routes on learned logits",
                plugin.TOKEN_CHOICE: "is token-choice",
                plugin.SELECTION_LOGITS: "orders experts by (noisy) logits",
@@ -48,6 +50,9 @@ class RouterConfig:
       scorer_options: the scorer's own config (an instance of its class).
       options: the kind's own config (an instance of the kind's class, e.g. ``TopK``).
       transforms: the transforms in the order they apply.
+      losses: one instance of every registered loss (:mod:`moejax.routing.loss`), each with its weight
+        (``load_balance_weight=0.01``, ``z_loss_weight=0.001``, ``importance_weight=0``, ``router_entropy_weight=0``
+        by default); those with weight 0 are not computed (:attr:`active_losses`).
     """
 
     kind: str
@@ -56,11 +61,13 @@ class RouterConfig:
     scorer_options: Scorer
     options: RouterKind
     transforms: tuple[Transform, ...]
+    losses: tuple[Loss, ...]
 
     def __init__(self, kind: str = "topk", k: int = 2, scorer: str = "linear", *,
                  scorer_options: Scorer | Mapping[str, Any] | None = None,
                  options: RouterKind | Mapping[str, Any] | None = None,
-                 transforms: Sequence[Transform | str | Mapping[str, Any]] | None = None, **fields: Any) -> None:
+                 transforms: Sequence[Transform | str | Mapping[str, Any]] | None = None,
+                 losses: Sequence[Loss | Mapping[str, Any]] | None = None, **fields: Any) -> None:
         kind_cls = plugin.router_kind(kind)
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             fail("k", k, "must be an integer >= 1")
@@ -75,7 +82,8 @@ class RouterConfig:
             fields = {**options, **fields}
             options = None
         explicit, listed = _listed_transforms(transforms, fields)
-        own, by_transform, scorer_own = _split_fields(kind_cls, scorer_cls, fields)
+        given_losses = _given_losses(losses, fields)
+        own, by_transform, scorer_own, by_loss = _split_fields(kind_cls, scorer_cls, fields)
         if scorer_options is None or type(scorer_options) is not scorer_cls:
             # a replaced scorer name starts from the new scorer's defaults
             scorer_options = scorer_cls(**scorer_own)
@@ -98,13 +106,21 @@ class RouterConfig:
                                              f"router.kind={kind!r} does not")
         if scorer_cls.name != "linear" and plugin.LEARNED not in kind_cls.offers:
             fail(scorer_field, scorer_cls.name, f"kind={kind!r} has no learned router")
+        loss_chain = []
+        for name, cls in LOSSES.items():
+            base = given_losses.get(name)
+            changes = by_loss.get(name, {})
+            loss_chain.append(cls(**changes) if base is None else dataclasses.replace(base, **changes))
         for name, value in (("kind", kind), ("k", k), ("scorer", scorer_cls.name), ("scorer_options", scorer_options),
-                            ("options", options), ("transforms", tuple(chain))):
+                            ("options", options), ("transforms", tuple(chain)), ("losses", tuple(loss_chain))):
             object.__setattr__(self, name, value)
 
     def __getattr__(self, name: str) -> Any:
-        if name.startswith("_") or name in ("options", "transforms", "scorer", "scorer_options"):
+        if name.startswith("_") or name in ("options", "transforms", "scorer", "scorer_options", "losses"):
             raise AttributeError(name)
+        for loss in self.__dict__.get("losses", ()):
+            if name in plugin.field_names(type(loss)):
+                return getattr(loss, name)
         if name == "logits":         # the old name of the scorer
             return self.__dict__["scorer"]
         for part in (self.__dict__.get("options"), self.__dict__.get("scorer_options")):
@@ -125,10 +141,17 @@ class RouterConfig:
         d.update(dataclasses.asdict(self.options))
         for t in self.transforms:
             d.update(dataclasses.asdict(t))
+        for loss in self.losses:
+            d.update(dataclasses.asdict(loss))
         names = [t.name for t in self.transforms]
         if names != [n for n in plugin.transforms() if n in names]:
             d["transforms"] = names
         return d
+
+    @property
+    def active_losses(self) -> tuple[Loss, ...]:
+        """The losses with a non-zero weight, in registration order."""
+        return tuple(loss for loss in self.losses if loss.weight != 0)
 
     def replace(self, **changes: Any) -> "RouterConfig":
         """A copy with flat fields changed (a new ``kind`` starts from that kind's default options)."""
@@ -186,13 +209,31 @@ def _scorer_class(scorer: Any, field: str) -> type[Scorer]:
         raise ValueError(str(e).replace("router.scorer=", f"router.{field}=", 1)) from None
 
 
+def _given_losses(losses: Sequence[Any] | None, fields: dict[str, Any]) -> dict[str, Loss]:
+    """Losses given explicitly (instances, by name); mappings contribute their fields to ``fields`` (in place)."""
+    if losses is None:
+        return {}
+    if isinstance(losses, (str, Mapping)) or not isinstance(losses, Sequence):
+        fail("losses", losses, "must be a sequence of Loss configs or mappings of their fields")
+    given: dict[str, Loss] = {}
+    for item in losses:
+        if isinstance(item, Loss):
+            given[item.name] = item
+        elif isinstance(item, Mapping):
+            fields.update(item)
+        else:
+            fail("losses", item, "must be a Loss config or a mapping of its fields")
+    return given
+
+
 def _split_fields(kind_cls: type[RouterKind], scorer_cls: type[Scorer], fields: dict[str, Any]
-                  ) -> tuple[dict[str, Any], dict[str, dict[str, Any]], dict[str, Any]]:
+                  ) -> tuple[dict[str, Any], dict[str, dict[str, Any]], dict[str, Any], dict[str, dict[str, Any]]]:
     own_names = plugin.field_names(kind_cls)
     scorer_names = plugin.field_names(scorer_cls)
     own: dict[str, Any] = {}
     scorer_own: dict[str, Any] = {}
     by_transform: dict[str, dict[str, Any]] = {}
+    by_loss: dict[str, dict[str, Any]] = {}
     for name, value in fields.items():
         if name in own_names:
             own[name] = value
@@ -204,10 +245,15 @@ def _split_fields(kind_cls: type[RouterKind], scorer_cls: type[Scorer], fields: 
         if owner is not None:
             by_transform.setdefault(owner.name, {})[name] = value
             continue
+        loss = loss_of_field(name)
+        if loss is not None:
+            by_loss.setdefault(loss.name, {})[name] = value
+            continue
         kinds = [n for n in plugin.router_kinds() if name in plugin.field_names(plugin.router_kind(n))]
         scorers = [n for n in SCORERS.names() if name in plugin.field_names(SCORERS.get(n))]
         known = sorted({*own_names, *scorer_names, *plugin.COMMON_FIELDS,
-                        *(f for t in plugin.transforms().values() for f in plugin.field_names(t))})
+                        *(f for t in plugin.transforms().values() for f in plugin.field_names(t)),
+                        *(f for c in LOSSES.values() for f in plugin.field_names(c))})
         if kinds:
             fail(name, value, f"not a field of router.kind={kind_cls.name!r} (it belongs to kind(s) {kinds}); "
                               f"this kind's own fields: {list(own_names)}")
@@ -215,7 +261,7 @@ def _split_fields(kind_cls: type[RouterKind], scorer_cls: type[Scorer], fields: 
             fail(name, value, f"not a field of router.scorer={scorer_cls.name!r} (it belongs to scorer(s) "
                               f"{scorers}); this scorer's own fields: {list(scorer_names)}")
         raise unknown_field(f"router.{name}", known, f"router.kind={kind_cls.name!r}")
-    return own, by_transform, scorer_own
+    return own, by_transform, scorer_own, by_loss
 
 
 def _build_transforms(explicit: dict[str, Transform], order: list[str],

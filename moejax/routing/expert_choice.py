@@ -7,8 +7,8 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
-from moejax.routing import losses, plugin
-from moejax.routing.types import AuxLosses, ExpertChoiceRouting
+from moejax.routing import plugin
+from moejax.routing.types import ExpertChoiceRouting
 
 
 def expert_choice_routing(logits: jax.Array, capacity: int) -> ExpertChoiceRouting:
@@ -24,8 +24,8 @@ def expert_choice_routing(logits: jax.Array, capacity: int) -> ExpertChoiceRouti
 
     Returns:
       ``ExpertChoiceRouting`` with token_index int32[E, C] (tokens in descending probability) and
-      weight float32[E, C]. The load-balancing loss is reported with ``f_e = 1/E`` (constant) and the
-      importance loss on the slot weights; only the z-loss is usually worth training on.
+      weight float32[E, C]. Every expert has ``C`` slots, so the load-balancing loss is exactly 1 (``f_e = 1/E``);
+      only the z-loss is usually worth training on.
     """
     t, e = logits.shape
     if not 1 <= capacity <= t:
@@ -34,17 +34,8 @@ def expert_choice_routing(logits: jax.Array, capacity: int) -> ExpertChoiceRouti
     probs = jax.nn.softmax(logits, axis=-1)
     weight, token_index = jax.lax.top_k(probs.T, capacity)          # [E, C]
     valid = jnp.ones((e, capacity), bool)
-    load = jnp.full((e,), 1.0 / e, jnp.float32)
-    importance = weight.sum(-1)
-    aux = AuxLosses(
-        load_balance=e * jnp.sum(load * probs.mean(0)),
-        z_loss=losses.router_z_loss(logits),
-        importance=importance.var() / (importance.mean() ** 2 + 1e-10),
-    )
-    return ExpertChoiceRouting(
-        token_index=token_index.astype(jnp.int32), weight=weight, valid=valid, probs=probs, aux=aux,
-        expert_load=load, entropy=losses.mean_entropy(probs), confidence=losses.mean_confidence(probs),
-        num_tokens=t)
+    return ExpertChoiceRouting(token_index=token_index.astype(jnp.int32), weight=weight, valid=valid, probs=probs,
+                               num_tokens=t)
 
 
 @plugin.register_router

@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 
 from moejax.hashing import fmix32 as _fmix32
-from moejax.routing import losses, plugin
-from moejax.routing.types import AuxLosses, Routing
+from moejax.routing import plugin
+from moejax.routing.types import Routing
 
 
 def hash_scores(token_ids: jax.Array, num_experts: int, seed: int = 0) -> jax.Array:
@@ -38,12 +38,7 @@ def routing_from_assignment(expert_index: jax.Array, num_experts: int) -> Routin
     valid = jnp.ones((t, k), bool)
     weight = jnp.full((t, k), 1.0 / k, jnp.float32)
     probs = jnp.einsum("tk,tke->te", weight, jax.nn.one_hot(expert_index, num_experts, dtype=jnp.float32))
-    aux = AuxLosses(load_balance=losses.load_balance_loss(probs, expert_index, valid),
-                    z_loss=jnp.zeros((), jnp.float32),
-                    importance=losses.importance_loss(weight, expert_index, valid, num_experts))
-    return Routing(expert_index=expert_index.astype(jnp.int32), weight=weight, valid=valid, probs=probs, aux=aux,
-                   expert_load=losses.expert_fraction(expert_index, valid, num_experts),
-                   entropy=losses.mean_entropy(probs), confidence=losses.mean_confidence(probs),
+    return Routing(expert_index=expert_index.astype(jnp.int32), weight=weight, valid=valid, probs=probs,
                    num_experts=num_experts)
 
 

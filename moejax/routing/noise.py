@@ -9,7 +9,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from moejax.routing import losses
 from moejax.routing.types import Routing
 
 
@@ -33,8 +32,7 @@ def drop_gates(routing: Routing, key: jax.Array, rate: float) -> Routing:
     slot by marking it invalid (the expert is then not computed for that token, which dispatch honours)
     and scale the kept weights by ``1 / (1 - rate)`` (inverted dropout, so the expected combine weight
     is unchanged; our choice, the paper's text does not settle it). A token may lose all its experts.
-    The load statistics and the load-balance and importance losses are recomputed on the kept slots;
-    the z-loss is unchanged.
+    The losses and statistics, computed downstream from the routing, see the kept slots.
 
     Args:
       routing: a token-choice routing with [T, K] slots; key: PRNG key; rate: ``0 <= rate < 1``.
@@ -44,8 +42,4 @@ def drop_gates(routing: Routing, key: jax.Array, rate: float) -> Routing:
     keep = jax.random.bernoulli(key, 1.0 - rate, routing.valid.shape)
     valid = routing.valid & keep
     weight = jnp.where(valid, routing.weight / (1.0 - rate), 0.0)
-    e = routing.num_experts
-    aux = routing.aux.replace(load_balance=losses.load_balance_loss(routing.probs, routing.expert_index, valid),
-                              importance=losses.importance_loss(weight, routing.expert_index, valid, e))
-    return routing.replace(valid=valid, weight=weight, aux=aux,
-                           expert_load=losses.expert_fraction(routing.expert_index, valid, e))
+    return routing.replace(valid=valid, weight=weight)

@@ -172,7 +172,7 @@ class Transform:
 KINDS: Registry[type[RouterKind]] = Registry("router kind", "router.kind")
 TRANSFORMS: Registry[type[Transform]] = Registry("transform", "router.transforms")
 # ``logits`` is the old name of ``scorer`` (configs and workdirs written before scorers were plug-ins).
-COMMON_FIELDS = ("kind", "k", "scorer", "logits", "transforms")
+COMMON_FIELDS = ("kind", "k", "scorer", "logits", "transforms", "losses")
 
 
 def expert_state(call: RouteCall, name: str, field: str, what: str) -> Any:
@@ -193,14 +193,15 @@ def field_names(cls: type) -> tuple[str, ...]:
 
 def check_new_fields(cls: type, owner: str, replacing: str) -> None:
     """Refuses a plug-in whose field names are taken, so that every flat router field has one owner: the router's
-    common fields, any transform, and the kinds or scorers (one of each is chosen per router, so two kinds, or two
-    scorers, may share a field name; a kind and a scorer may not). ``replacing``: the name being (re-)registered,
-    whose own earlier definition does not count."""
+    common fields, any transform or loss, and the kinds or scorers (one of each is chosen per router, so two
+    kinds, or two scorers, may share a field name; a kind and a scorer may not). ``replacing``: the name being
+    (re-)registered, whose own earlier definition does not count."""
+    from moejax.routing.loss import LOSSES
     from moejax.routing.scorer import SCORERS
     mine = _registry_of(cls)
     taken = {n: "the router itself" for n in COMMON_FIELDS}
-    for registry in (KINDS, TRANSFORMS, SCORERS):
-        if registry is mine and registry is not TRANSFORMS:
+    for registry in (KINDS, TRANSFORMS, SCORERS, LOSSES):
+        if registry is mine and registry in (KINDS, SCORERS):
             continue
         for name, other in registry.items():
             if registry is mine and name == replacing:
@@ -213,7 +214,10 @@ def check_new_fields(cls: type, owner: str, replacing: str) -> None:
 
 
 def _registry_of(cls: type) -> Registry:
+    from moejax.routing.loss import LOSSES, Loss
     from moejax.routing.scorer import SCORERS
+    if issubclass(cls, Loss):
+        return LOSSES
     return KINDS if issubclass(cls, RouterKind) else TRANSFORMS if issubclass(cls, Transform) else SCORERS
 
 

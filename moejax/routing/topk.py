@@ -8,8 +8,8 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
-from moejax.routing import losses, plugin
-from moejax.routing.types import AuxLosses, Routing
+from moejax.routing import plugin
+from moejax.routing.types import Routing
 
 SCORES = ("softmax", "sigmoid")
 
@@ -111,22 +111,15 @@ def top_k_of_selection(logits: jax.Array, scores: jax.Array, select: jax.Array, 
 
 def finish_token_choice(logits: jax.Array, probs: jax.Array, expert_index: jax.Array, weight: jax.Array,
                         valid: jax.Array) -> Routing:
-    """Assembles a ``Routing`` with its losses and statistics from a routing decision.
+    """Assembles a ``Routing`` from a routing decision (the weights of empty slots zeroed).
 
-    Routers other than top-k (dynamic-k, hash, ...) call this so that every token-choice router reports
-    the same losses and statistics. Shapes: logits, probs float32[T, E]; the rest [T, K].
+    Routers other than top-k (dynamic-k, hash, ...) call this so that every token-choice router builds its value
+    the same way; losses and statistics are computed downstream from it. Shapes: logits, probs float32[T, E]; the
+    rest [T, K]. ``logits`` is unused (the layer's losses read the router's own logits).
     """
-    e = probs.shape[-1]
+    del logits
     weight = jnp.where(valid, weight, 0.0)
-    aux = AuxLosses(
-        load_balance=losses.load_balance_loss(probs, expert_index, valid),
-        z_loss=losses.router_z_loss(logits),
-        importance=losses.importance_loss(weight, expert_index, valid, e),
-    )
-    return Routing(
-        expert_index=expert_index, weight=weight, valid=valid, probs=probs, aux=aux,
-        expert_load=losses.expert_fraction(expert_index, valid, e),
-        entropy=losses.mean_entropy(probs), confidence=losses.mean_confidence(probs), num_experts=e)
+    return Routing(expert_index=expert_index, weight=weight, valid=valid, probs=probs, num_experts=probs.shape[-1])
 
 
 def check_weights(score: str, renormalize: bool, routed_scaling: float) -> None:

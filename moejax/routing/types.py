@@ -1,47 +1,57 @@
 """The typed values that routers produce and the layer reports.
 
-``Routing`` (token choice) and ``ExpertChoiceRouting`` are what dispatch consumes; ``RoutingStats`` is
-what the MoE layer returns next to its output so that the trainer can add auxiliary losses and log
-statistics without global state. All three are ``flax.struct`` dataclasses, i.e. pytrees.
+``Routing`` (token choice) and ``ExpertChoiceRouting`` are the decision only (choices, combine weights, which
+slots are used, and the router's probabilities), what dispatch consumes; their per-expert counts, load, entropy
+and confidence are computed from those on demand. ``RoutingStats`` is what the MoE layer returns next to its output
+(its weighted losses by name and its statistics, built once by :func:`routing_stats` from the routing and the
+dispatch's counts), so that the trainer adds the losses and logs the statistics without global state. All three
+are ``flax.struct`` dataclasses, i.e. pytrees.
 """
 from __future__ import annotations
 
+from typing import Any
+
+import jax
 import jax.numpy as jnp
 from flax import struct
 
+from moejax.routing.losses import mean_confidence, mean_entropy
+
+
+class _FromDecision:
+    """What both routing values derive from their decision: per-expert load, entropy and confidence."""
+
+    probs: jnp.ndarray
+
+    def expert_counts(self) -> jnp.ndarray:
+        raise NotImplementedError
+
+    @property
+    def expert_load(self) -> jnp.ndarray:
+        """float32[E]: fraction of valid token copies sent to each expert (before any drop; 0 if none)."""
+        counts = self.expert_counts()
+        return counts / jnp.maximum(counts.sum(), 1.0)
+
+    @property
+    def entropy(self) -> jnp.ndarray:
+        """float32[]: mean entropy of ``probs`` per token (nats)."""
+        return mean_entropy(self.probs)
+
+    @property
+    def confidence(self) -> jnp.ndarray:
+        """float32[]: mean of the largest probability per token."""
+        return mean_confidence(self.probs)
+
 
 @struct.dataclass
-class AuxLosses:
-    """Auxiliary losses of one routing decision (scalars, not yet weighted).
-
-    load_balance: Switch/GShard loss ``E * sum_e f_e * P_e``; 1.0 when perfectly balanced.
-    z_loss: ST-MoE router z-loss ``mean_t logsumexp(logits_t)^2``.
-    importance: Shazeer et al. (2017) ``CV(importance)^2`` of the per-expert sum of combine weights.
-    """
-
-    load_balance: jnp.ndarray
-    z_loss: jnp.ndarray
-    importance: jnp.ndarray
-
-    @classmethod
-    def zeros(cls) -> "AuxLosses":
-        z = jnp.zeros((), jnp.float32)
-        return cls(load_balance=z, z_loss=z, importance=z)
-
-
-@struct.dataclass
-class Routing:
+class Routing(_FromDecision):
     """Token-choice routing of ``T`` tokens to ``K`` of ``E`` experts.
 
     Attributes:
       expert_index: int32[T, K], the chosen expert of each slot.
       weight: float32[T, K], the combine weight of each slot (zero where not valid).
       valid: bool[T, K], whether the slot is used at all (dynamic-k routers leave slots empty).
-      probs: float32[T, E], router probabilities used by the auxiliary losses.
-      aux: the auxiliary losses of this decision.
-      expert_load: float32[E], fraction of valid token copies sent to each expert (before any drop).
-      entropy: float32[], mean entropy of ``probs`` per token (nats).
-      confidence: float32[], mean of the largest probability per token.
+      probs: float32[T, E], the router's probabilities (used by the auxiliary losses and the statistics).
       num_experts: ``E`` (static).
     """
 
@@ -49,11 +59,18 @@ class Routing:
     weight: jnp.ndarray
     valid: jnp.ndarray
     probs: jnp.ndarray
-    aux: AuxLosses
-    expert_load: jnp.ndarray
-    entropy: jnp.ndarray
-    confidence: jnp.ndarray
     num_experts: int = struct.field(pytree_node=False)
+
+    def expert_counts(self) -> jnp.ndarray:
+        """float32[E]: valid token copies sent to each expert (before any capacity drop)."""
+        onehot = jax.nn.one_hot(self.expert_index, self.num_experts, dtype=jnp.float32) * self.valid[..., None]
+        return onehot.reshape(-1, self.num_experts).sum(0)
+
+    def expert_weight_sums(self) -> jnp.ndarray:
+        """float32[E]: the combine weight each expert receives, summed over the tokens' valid slots."""
+        w = jnp.where(self.valid, self.weight, 0.0).astype(jnp.float32)
+        return jnp.einsum("tk,tke->e", w, jax.nn.one_hot(self.expert_index, self.num_experts, dtype=jnp.float32))
+
 
     @property
     def num_tokens(self) -> int:
@@ -70,7 +87,7 @@ class Routing:
 
 
 @struct.dataclass
-class ExpertChoiceRouting:
+class ExpertChoiceRouting(_FromDecision):
     """Expert-choice routing (Zhou et al. 2022): each of ``E`` experts takes ``C`` tokens.
 
     Attributes:
@@ -78,9 +95,6 @@ class ExpertChoiceRouting:
       weight: float32[E, C], the combine weight of each slot.
       valid: bool[E, C], whether the slot is used; used slots come first in each row.
       probs: float32[T, E], token-to-expert probabilities (softmax over experts).
-      aux: the auxiliary losses (only the z-loss is meaningful: the load is balanced by construction).
-      expert_load: float32[E], fraction of used slots per expert.
-      entropy, confidence: as in :class:`Routing`.
       num_tokens: ``T`` (static).
     """
 
@@ -88,11 +102,16 @@ class ExpertChoiceRouting:
     weight: jnp.ndarray
     valid: jnp.ndarray
     probs: jnp.ndarray
-    aux: AuxLosses
-    expert_load: jnp.ndarray
-    entropy: jnp.ndarray
-    confidence: jnp.ndarray
     num_tokens: int = struct.field(pytree_node=False)
+
+    def expert_counts(self) -> jnp.ndarray:
+        """float32[E]: used slots per expert."""
+        return self.valid.sum(-1).astype(jnp.float32)
+
+    def expert_weight_sums(self) -> jnp.ndarray:
+        """float32[E]: each expert's summed slot weights."""
+        return jnp.where(self.valid, self.weight, 0.0).astype(jnp.float32).sum(-1)
+
 
     @property
     def num_experts(self) -> int:
@@ -111,7 +130,8 @@ class RoutingStats:
     """What an MoE (or dense baseline) layer reports besides its output.
 
     Attributes:
-      aux: the unweighted auxiliary losses.
+      losses: ``{name: float32[]}`` the layer's auxiliary losses, already weighted by the plug-ins that own them
+        (:mod:`moejax.routing.loss`); the trainer adds each to the objective. Empty for layers without a router.
       dropped_fraction: float32[], fraction of valid token copies that found no expert slot
         (capacity overflow); for expert choice, the fraction of tokens no expert took.
       expert_load: float32[E], fraction of processed token copies per expert (after drops).
@@ -121,7 +141,7 @@ class RoutingStats:
       capacity: float32[], the expert capacity ``C`` used (equal to ``T`` when unlimited or dropless).
     """
 
-    aux: AuxLosses
+    losses: dict[str, Any]
     dropped_fraction: jnp.ndarray
     expert_load: jnp.ndarray
     router_entropy: jnp.ndarray
@@ -133,5 +153,5 @@ class RoutingStats:
     def dense(cls) -> "RoutingStats":
         """The statistics of a dense FFN: one expert that takes every token."""
         one, zero = jnp.ones((), jnp.float32), jnp.zeros((), jnp.float32)
-        return cls(aux=AuxLosses.zeros(), dropped_fraction=zero, expert_load=jnp.ones((1,), jnp.float32),
+        return cls(losses={}, dropped_fraction=zero, expert_load=jnp.ones((1,), jnp.float32),
                    router_entropy=zero, router_confidence=one, experts_per_token=one, capacity=zero)

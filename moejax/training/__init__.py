@@ -2,7 +2,7 @@
 from moejax.training.checkpoint import Checkpointer
 from moejax.training.loop import NonFiniteError, evaluate, train_and_evaluate
 from moejax.training.optim import make_optimizer
-from moejax.training.steps import AuxWeights, TrainState, make_eval_step, make_train_step
+from moejax.training.steps import TrainState, make_eval_step, make_train_step
 
-__all__ = ["AuxWeights", "Checkpointer", "NonFiniteError", "TrainState", "evaluate", "make_eval_step",
+__all__ = ["Checkpointer", "NonFiniteError", "TrainState", "evaluate", "make_eval_step",
            "make_optimizer", "make_train_step", "train_and_evaluate"]

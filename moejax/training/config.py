@@ -15,19 +15,19 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "checkpoint_every": 500,
     "keep_checkpoints": 3,
     "async_checkpoints": True,
-    "load_balance_weight": 0.01,
-    "z_loss_weight": 0.001,
-    "importance_weight": 0.0,
     "tensorboard": True,
     # Routing mechanisms that live in the trainer (docs/routing_mechanisms.md):
     "moe_k_start": None,           # SMoE-Dropout k schedule (with moe_k_end): routed layers' k grows over training
     "moe_k_end": None,
     "eval_moe_k": None,            # k of every routed layer in evaluation (None: each layer's router.k)
     "consistency_weight": 0.0,     # THOR: two stochastic passes + weight * symmetric KL between their outputs
-    "router_entropy_weight": 0.0,  # Huang et al. 2024's dynamic loss: weight * sum over layers of router entropy
     "profile_steps": None,         # (start, stop): a jax.profiler trace of those steps in workdir/profile
     "peak_tflops": None,           # per-device peak TFLOP/s for MFU where the built-in table has none (e.g. CPU)
 }
+# The auxiliary-loss weights moved onto the loss plug-ins of each router (``model...router.load_balance_weight``,
+# moejax.routing.loss). A config (or an old workdir's config.json) that still sets them in ``train`` gets them applied
+# to every router of its model (:func:`legacy_router_fields`), as the trainer used them before.
+LEGACY_LOSS_WEIGHTS = ("load_balance_weight", "z_loss_weight", "importance_weight", "router_entropy_weight")
 # Fields whose default None is an "unset" integer (ml_collections placeholders, overridable on the command line).
 _OPTIONAL_INTS = ("eval_steps", "moe_k_start", "moe_k_end", "eval_moe_k")
 
@@ -83,7 +83,7 @@ def digits_mlp_config(layers: list, *, steps: int = 200):
     config.optimizer = optimizer_config(name="adamw", learning_rate=3e-3, schedule="warmup_cosine", warmup_steps=20,
                                         weight_decay=1e-4, grad_clip_norm=1.0)
     config.train = train_config(steps=steps, log_every=50, eval_every=steps // 2, checkpoint_every=steps // 2,
-                                keep_checkpoints=1, load_balance_weight=0.01, z_loss_weight=0.001)
+                                keep_checkpoints=1)
     config.mesh = mesh_config()
     return config
 
@@ -103,10 +103,10 @@ def train_settings(config: Mapping[str, Any]) -> dict[str, Any]:
             raise ValueError(f"{section}: missing config section")
     _int_at_least("seed", config.get("seed", 0), 0)
     train = dict(config.get("train", {}).items()) if "train" in config else {}
-    unknown = sorted(set(train) - set(TRAIN_DEFAULTS))
+    unknown = sorted(set(train) - set(TRAIN_DEFAULTS) - set(LEGACY_LOSS_WEIGHTS))
     if unknown:
         raise unknown_field(f"train.{unknown[0]}", TRAIN_DEFAULTS)
-    s = {**TRAIN_DEFAULTS, **train}
+    s = {**TRAIN_DEFAULTS, **{name: None for name in LEGACY_LOSS_WEIGHTS}, **train}
     for name in ("steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
         _int_at_least(f"train.{name}", s[name], 1)
     for name in _OPTIONAL_INTS:
@@ -118,9 +118,10 @@ def train_settings(config: Mapping[str, Any]) -> dict[str, Any]:
                          f"(got moe_k_start={s['moe_k_start']!r}, moe_k_end={s['moe_k_end']!r})")
     if s["moe_k_start"] is not None and s["moe_k_start"] > s["moe_k_end"]:
         raise ValueError(f"train.moe_k_end={s['moe_k_end']!r}: must be >= train.moe_k_start={s['moe_k_start']!r}")
-    for name in ("load_balance_weight", "z_loss_weight", "importance_weight", "consistency_weight",
-                 "router_entropy_weight"):
+    for name in ("consistency_weight", *LEGACY_LOSS_WEIGHTS):
         v = s[name]
+        if v is None and name in LEGACY_LOSS_WEIGHTS:
+            continue
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf:
             raise ValueError(f"train.{name}={v!r}: must be a finite number >= 0")
     for name in ("async_checkpoints", "tensorboard"):
@@ -132,6 +133,13 @@ def train_settings(config: Mapping[str, Any]) -> dict[str, Any]:
     if peak is not None and (isinstance(peak, bool) or not isinstance(peak, (int, float)) or not 0 < peak < 1e6):
         raise ValueError(f"train.peak_tflops={peak!r}: must be None or a positive number of TFLOP/s per device")
     return s
+
+
+def legacy_router_fields(settings: Mapping[str, Any]) -> dict[str, float]:
+    """The loss weights a config still sets in ``train`` (``train.load_balance_weight``, ...), to be set on every
+    router of its model (:func:`moejax.models.build.with_router_fields`); empty for a config that sets them on the
+    routers."""
+    return {name: settings[name] for name in LEGACY_LOSS_WEIGHTS if settings.get(name) is not None}
 
 
 def scheduled_moe_k(settings: Mapping[str, Any], step: int) -> int | None:

@@ -4,7 +4,7 @@ The gradients come from :func:`moejax.training.steps.make_train_step` itself, no
 of its loss: the step is built with :func:`capture_gradients` as its optimiser, a gradient transformation
 whose updates are zero and whose new state *is* the gradient it was given. One such step at fixed
 parameters therefore returns, in ``new_state.opt_state``, exactly ``jax.grad`` of the training objective
-(cross-entropy plus the weighted auxiliary losses of :class:`AuxWeights`, THOR's second pass when
+(cross-entropy plus the layers' weighted auxiliary losses, THOR's second pass when
 configured) on that batch, before any clipping (clipping lives in the optimiser chain), with the step's own
 RNG (``fold_in(rng, step)``) and the step's routing statistics as its metrics.
 
@@ -27,7 +27,7 @@ import numpy as np
 import optax
 
 from moejax.parallel.sharding import path_name
-from moejax.training.steps import AuxWeights, TrainState, make_train_step
+from moejax.training.steps import TrainState, make_train_step
 
 
 def capture_gradients() -> optax.GradientTransformation:
@@ -42,7 +42,7 @@ def capture_gradients() -> optax.GradientTransformation:
     return optax.GradientTransformation(init, update)
 
 
-def gradient_fn(model: Any, task: str, weights: AuxWeights, *, moe_k: int | None = None,
+def gradient_fn(model: Any, task: str, *, moe_k: int | None = None,
                 consistency_weight: float = 0.0) -> Callable[[TrainState, Mapping[str, Any]], tuple[Any, dict]]:
     """A jitted ``(state, batch) -> (gradient pytree, step metrics)`` of the trainer's train step.
 
@@ -51,7 +51,7 @@ def gradient_fn(model: Any, task: str, weights: AuxWeights, *, moe_k: int | None
     ``grad_norm``, per-layer ``experts_per_token``, ...).
     """
     tx = capture_gradients()
-    step = make_train_step(model, tx, task, weights, moe_k=moe_k, consistency_weight=consistency_weight)
+    step = make_train_step(model, tx, task, moe_k=moe_k, consistency_weight=consistency_weight)
 
     @jax.jit
     def fn(state: TrainState, batch):
@@ -62,7 +62,7 @@ def gradient_fn(model: Any, task: str, weights: AuxWeights, *, moe_k: int | None
     return fn
 
 
-def minibatch_gradients(model: Any, task: str, weights: AuxWeights, state: TrainState,
+def minibatch_gradients(model: Any, task: str, state: TrainState,
                         batches: Sequence[Mapping[str, Any]], **kwargs: Any) -> tuple[list[Any], list[dict]]:
     """Gradients (and train-step metrics) of the training objective on each batch, all at ``state``'s parameters.
 
@@ -70,7 +70,7 @@ def minibatch_gradients(model: Any, task: str, weights: AuxWeights, state: Train
     compiles) a new one, so code that measures at many points should keep one :func:`gradient_fn`. Raises
     ``FloatingPointError`` when a gradient is non-finite (the train step then reports ``finite=0``).
     """
-    fn = gradient_fn(model, task, weights, **kwargs)
+    fn = gradient_fn(model, task, **kwargs)
     grads, metrics = [], []
     for i, batch in enumerate(batches):
         g, m = fn(state, {k: jnp.asarray(v) for k, v in batch.items()})

@@ -20,12 +20,12 @@ from moejax import parallel
 from moejax.config import MoEConfig
 from moejax.training import optim
 from moejax.training.checkpoint import Checkpointer, prove_writable
-from moejax.training.config import scheduled_moe_k, train_settings
+from moejax.training.config import legacy_router_fields, scheduled_moe_k, train_settings
 from moejax.training import report
 from moejax.training.metrics import MetricWriter, progress_bar
 from moejax.training.profiling import ProfileWindow
 from moejax.training.throughput import Throughput, Window
-from moejax.training.steps import (AuxWeights, NonFiniteError, TrainState, first_nonfinite, make_eval_step,
+from moejax.training.steps import (NonFiniteError, TrainState, first_nonfinite, make_eval_step,
                                    make_train_step, split_batch)
 
 log = logging.getLogger("moejax")
@@ -94,12 +94,19 @@ def check_workdir(workdir: pathlib.Path) -> None:
 def build(config: Mapping[str, Any]):
     """(model, train batches, eval batches, data metadata), all validated before anything compiles."""
     from moejax import data as data_lib
-    from moejax import models as models_lib
     pipeline = data_lib.from_config(config["data"], jax.process_index(), jax.process_count())
     train_data, eval_data, meta = pipeline.train, pipeline.eval, pipeline.meta
-    model = models_lib.build_model(config["model"], num_classes=meta.num_classes, vocab_size=meta.vocab_size,
-                                   input_shape=meta.input_shape)
-    return model, train_data, eval_data, meta
+    return experiment_model(config, meta), train_data, eval_data, meta
+
+
+def experiment_model(config: Mapping[str, Any], meta: Any) -> nn.Module:
+    """The model of an experiment config for data ``meta`` (a :class:`~moejax.data.DatasetMeta`), with the loss
+    weights an older config still sets in ``train`` applied to every router (:func:`legacy_router_fields`)."""
+    from moejax import models as models_lib
+    cfg = models_lib.model_config(config["model"], num_classes=meta.num_classes, vocab_size=meta.vocab_size,
+                                  input_shape=meta.input_shape)
+    cfg = models_lib.with_router_fields(cfg, legacy_router_fields(train_settings(config)))
+    return models_lib.build_model(cfg)
 
 
 def init_fn(model: nn.Module, tx, example_inputs: jax.Array, boxed: bool):
@@ -140,9 +147,7 @@ def jit_train_step(model: nn.Module, tx, task: str, settings: Mapping[str, Any],
     """The trainer's jitted train step ``(state, batch) -> (state, metrics)`` at experts-per-token ``moe_k``: the
     state sharded as ``state_sharding``, the batch along the mesh's token axes, metrics replicated. The one place it
     is built, so that :mod:`moejax.aot` compiles exactly what the trainer runs."""
-    weights = AuxWeights(settings["load_balance_weight"], settings["z_loss_weight"], settings["importance_weight"],
-                         settings["router_entropy_weight"])
-    return jax.jit(make_train_step(model, tx, task, weights, moe_k=moe_k,
+    return jax.jit(make_train_step(model, tx, task, moe_k=moe_k,
                                    consistency_weight=settings["consistency_weight"]),
                    in_shardings=(state_sharding, parallel.batch_sharding(mesh)),
                    out_shardings=(state_sharding, NamedSharding(mesh, PartitionSpec())))

@@ -2,14 +2,15 @@
 
 Training objective of one step (all terms averaged over the batch's targets):
 
-    L = CE + sum_layers (w_lb * load_balance + w_z * z_loss + w_imp * importance + w_ent * router_entropy)
+    L = CE + sum over layers and names of RoutingStats.losses[name]
 
+each loss already weighted by the plug-in that owns it (:mod:`moejax.routing.loss`: ``router.load_balance_weight``,
+...); the trainer knows none of them by name and logs each sum as ``loss/<name>``,
 and with THOR's consistency regulariser (``consistency_weight = alpha > 0``) two forward passes ``a``, ``b``
 under different RNG keys, ``L = L_a + L_b + alpha * consistency_loss(logits_a, logits_b)``.
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -21,6 +22,7 @@ from flax import struct
 
 from moejax.parallel.sharding import path_name
 from moejax.routing.fixed import consistency_loss
+from moejax.routing.loss import sum_losses
 from moejax.routing.types import RoutingStats
 
 
@@ -73,23 +75,6 @@ def first_nonfinite(state: TrainState, flags: Any) -> str | None:
     return checked_leaf_paths(state)[int(bad[0])]
 
 
-@dataclasses.dataclass(frozen=True)
-class AuxWeights:
-    """Weights of the per-layer auxiliary losses in the training objective (summed over MoE layers).
-
-    ``router_entropy`` weighs ``RoutingStats.router_entropy`` (the mean entropy of each layer's router
-    distribution): Huang et al. 2024's "dynamic loss" for top-p routing, which pushes the router to concentrate
-    its mass so that fewer experts reach the threshold ``p`` (the paper adds it as ``beta * L_d`` to the objective;
-    we leave ``beta`` to the config). It is differentiable through the router probabilities; for layers without
-    a learned router (hash, random, dense) the term is a constant and adds no gradient.
-    """
-
-    load_balance: float = 0.01
-    z_loss: float = 0.001
-    importance: float = 0.0
-    router_entropy: float = 0.0
-
-
 def split_batch(batch: dict[str, jax.Array], task: str) -> tuple[jax.Array, jax.Array]:
     """(model inputs, targets): ``inputs``/``labels`` for classification; shifted ``tokens`` [B, L+1] for LM."""
     if task == "lm":
@@ -106,17 +91,10 @@ def token_losses(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.
     return ce, correct
 
 
-def aux_loss(stats: Sequence[RoutingStats], w: AuxWeights) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Weighted sum over layers of the auxiliary losses, and each term's unweighted sum for logging."""
-    terms = {
-        "load_balance": sum((s.aux.load_balance for s in stats), jnp.zeros(())),
-        "z_loss": sum((s.aux.z_loss for s in stats), jnp.zeros(())),
-        "importance": sum((s.aux.importance for s in stats), jnp.zeros(())),
-        "router_entropy": sum((s.router_entropy for s in stats), jnp.zeros(())),
-    }
-    total = (w.load_balance * terms["load_balance"] + w.z_loss * terms["z_loss"] + w.importance * terms["importance"]
-             + w.router_entropy * terms["router_entropy"])
-    return total, terms
+def aux_loss(stats: Sequence[RoutingStats]) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The sum over layers of every layer's (already weighted) losses, and each loss's sum over layers by name."""
+    terms = sum_losses(s.losses for s in stats)
+    return sum(terms.values(), jnp.zeros((), jnp.float32)), terms
 
 
 def layer_metrics(stats: Sequence[RoutingStats]) -> dict[str, Any]:
@@ -124,7 +102,6 @@ def layer_metrics(stats: Sequence[RoutingStats]) -> dict[str, Any]:
     return {
         "expert_load": [s.expert_load for s in stats],
         "dropped_fraction": [s.dropped_fraction for s in stats],
-        "router_z_loss": [s.aux.z_loss for s in stats],
         "router_entropy": [s.router_entropy for s in stats],
         "experts_per_token": [s.experts_per_token for s in stats],
     }
@@ -153,8 +130,7 @@ def _apply(model: nn.Module, params: Any, moe_state: Any, inputs: jax.Array, *, 
     return logits, stats, moe_state
 
 
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation, task: str, weights: AuxWeights, *,
-                    moe_k: int | None = None, consistency_weight: float = 0.0
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, task: str, *, moe_k: int | None = None, consistency_weight: float = 0.0
                     ) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, Any]]]:
     """A pure train step. A non-finite loss, gradient or updated state leaves the state unchanged and reports
     ``finite=0``; metric ``state_finite`` (bool[n]) flags each floating leaf of the updated state (in the order of
@@ -166,7 +142,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, task: st
       consistency_weight: ``alpha`` of THOR (Zuo et al. 2022). When > 0 the model runs twice on the batch with
         the RNGs of :func:`pass_rngs` (``0`` and ``1``) and the objective is
         ``L_a + L_b + alpha * consistency_loss(logits_a, logits_b)``, each ``L`` the single-pass objective
-        (mean CE plus the weighted auxiliary losses of that pass). The two cross-entropies are *summed*, not
+        (mean CE plus the layers' weighted losses of that pass). The two cross-entropies are *summed*, not
         averaged, as in the paper's objective ``CE(p1) + CE(p2) + alpha CR(p1, p2)`` and the authors' code
         (``loss1 + loss2 + alpha * consistency``; their CE and CR are both summed over tokens, ours both
         averaged, so ``alpha`` has the same meaning). Gradient flows through both passes and both directions
@@ -186,7 +162,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, task: st
             logits, stats, new_moe_state = _apply(model, params, state.moe_state, inputs, train=True,
                                                   rngs=pass_rngs(rng, index), moe_k=moe_k)
             ce, correct = token_losses(logits, targets)
-            aux, terms = aux_loss(stats, weights)
+            aux, terms = aux_loss(stats)
             return logits, ce.mean() + aux, ce.mean(), correct.mean(), terms, stats, new_moe_state
 
         def loss_fn(params):
@@ -217,7 +193,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, task: st
         new = jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, state)
         metrics = {"loss": loss, "ce": ce, "accuracy": acc, "grad_norm": grad_norm,
                    "finite": finite.astype(jnp.int32), "state_finite": state_finite,
-                   **{f"aux/{k}": v for k, v in terms.items()},
+                   **{f"loss/{k}": v for k, v in terms.items()},
                    **extra, **layer_metrics(stats)}
         if moe_k is not None:
             metrics["moe_k"] = jnp.asarray(moe_k, jnp.int32)

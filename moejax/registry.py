@@ -77,6 +77,9 @@ class Registry(Generic[T]):
     def values(self) -> list[T]:
         return list(self._entries.values())
 
+    def __getitem__(self, name: str) -> T:
+        return self.get(name)
+
     def __contains__(self, name: object) -> bool:
         return name in self._entries
 

@@ -24,6 +24,7 @@ from moejax.dispatch import dropless
 from moejax.dispatch.gmm import GroupedMatmul, get_fused_ffn, get_gmm
 from moejax.dispatch.info import DispatchInfo, expert_choice_info, token_choice_info
 from moejax.experts.ffn import Padded, Ragged
+from moejax.registry import Registry
 from moejax.routing.types import AnyRouting, ExpertChoiceRouting, Routing
 
 ExpertFn = Callable[[jax.Array, Any], jax.Array]
@@ -137,14 +138,15 @@ class Dropless:
                    fused_ffn=get_fused_ffn(dispatch.gmm, tile=dispatch.gmm_tile, slab=dispatch.bulk_slab))
 
 
-MODES: dict[str, Any] = {Capacity.mode: Capacity, Dropless.mode: Dropless}
+MODES: Registry[Any] = Registry("dispatch mode", "dispatch.mode", name_of=lambda cls: cls.mode)
+MODES.add(Capacity)
+MODES.add(Dropless)
 
 
 def register_mode(cls: Any) -> Any:
     """Makes a dispatcher class (``mode``, ``__call__``, ``sharded``, ``from_config``) selectable as
     ``dispatch.mode``."""
-    MODES[cls.mode] = cls
-    return cls
+    return MODES.add(cls)
 
 
 def from_config(dispatch: Any, capacity: int, groups: int = 1) -> Dispatcher:
@@ -153,7 +155,7 @@ def from_config(dispatch: Any, capacity: int, groups: int = 1) -> Dispatcher:
     mesh has an ``expert`` axis larger than 1, else in :class:`~moejax.parallel.expert_parallel.TokenParallel` when
     it splits the tokens over several devices."""
     from moejax.parallel import expert_parallel
-    local = MODES[dispatch.mode].from_config(dispatch, capacity, groups)    # the mode: checked by DispatchConfig
+    local = MODES.get(dispatch.mode).from_config(dispatch, capacity, groups)    # the mode: checked by DispatchConfig
     mesh = expert_parallel.expert_mesh()
     if mesh is not None:
         return expert_parallel.ExpertParallel(local, mesh)

@@ -20,8 +20,9 @@ from moejax.config import MoEConfig
 from moejax.hf.config_keys import HFConfig
 from moejax.hf.layout import TensorMap
 from moejax.models.config import LMConfig
+from moejax.registry import Registry
 
-FAMILIES: dict[str, "Family"] = {}
+FAMILIES: Registry["Family"] = Registry("HF family", "config.json: model_type", name_of=lambda f: f.model_type)
 # Router settings that act only in training (deterministic=False): an exported model computes the same without them.
 TRAINING_ONLY_ROUTER_FIELDS = ("bias_update_rate", "jitter_noise", "gumbel_noise", "gate_dropout")
 
@@ -57,10 +58,7 @@ class Family:
 
 def register_family(cls: type[Family]) -> type[Family]:
     """Class decorator: registers ``cls()`` under ``cls.model_type`` (a second class for one name is an error)."""
-    name = cls.model_type
-    if name in FAMILIES and type(FAMILIES[name]) is not cls:
-        raise ValueError(f"HF family {name!r} is already registered by {type(FAMILIES[name]).__module__}")
-    FAMILIES[name] = cls()
+    FAMILIES.add(cls())
     return cls
 
 

@@ -26,8 +26,10 @@ import jax.numpy as jnp
 from flax import struct
 
 from moejax.errors import unknown_field
+from moejax.registry import Registry
 
-ATTENTION_KINDS: dict[str, type["AttentionConfig"]] = {}
+ATTENTION_KINDS: Registry[type["AttentionConfig"]] = Registry("attention kind", "attention.kind",
+                                                              name_of=lambda cls: cls.KIND)
 
 
 def fail(field: str, value: Any, why: str) -> None:
@@ -45,11 +47,7 @@ def check_int(field: str, value: Any, minimum: int = 1, allow_none: bool = False
 def register_attention(cls: type["AttentionConfig"]) -> type["AttentionConfig"]:
     """Class decorator: registers an attention kind under ``cls.KIND`` (a second class with the same name is an
     error, so two experiments cannot silently replace each other's kind)."""
-    kind = cls.KIND
-    if kind in ATTENTION_KINDS and ATTENTION_KINDS[kind] is not cls:
-        raise ValueError(f"attention kind {kind!r} is already registered by {ATTENTION_KINDS[kind].__module__}")
-    ATTENTION_KINDS[kind] = cls
-    return cls
+    return ATTENTION_KINDS.add(cls)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -94,9 +92,7 @@ def attention_from_any(value: Any) -> AttentionConfig:
         fail("", value, "must be an attention config or a mapping with 'kind' and its fields")
     d = dict(value.items())
     kind = d.pop("kind", "mha")
-    if kind not in ATTENTION_KINDS:
-        fail("kind", kind, f"unknown attention kind; registered: {sorted(ATTENTION_KINDS)}")
-    cls = ATTENTION_KINDS[kind]
+    cls = ATTENTION_KINDS.get(kind)
     names = {f.name for f in dataclasses.fields(cls)}
     for key in d:
         if key not in names:

@@ -71,7 +71,9 @@ class RouteCall:
       token_ids: int[T] or None (hash routers).
       prev_logits: float32[T, E] the previous MoE layer's router logits or None (gating residual).
       transforms: the router's transforms, in order.
-      state: scratch space for transforms within the call (e.g. a variable declared in one hook, updated in another).
+
+    A transform that keeps state between its hooks keeps it in the module's variables (:func:`expert_state`,
+    ``call.module.get_variable``), not in the call.
     """
 
     module: Any
@@ -83,7 +85,6 @@ class RouteCall:
     token_ids: jax.Array | None
     prev_logits: jax.Array | None
     transforms: tuple["Transform", ...]
-    state: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def selection_logits(self, logits: jax.Array) -> jax.Array:
         """float32[T, E]: the logits that order the experts after every transform's selection-logit hook."""

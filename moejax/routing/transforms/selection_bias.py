@@ -40,13 +40,14 @@ class SelectionBias(plugin.Transform):
 
     def on_selection_scores(self, scores: jax.Array, call: plugin.RouteCall) -> jax.Array:
         bias = plugin.expert_state(call, "selection_bias", "selection_bias", "bias")
-        call.state["selection_bias"] = bias
         return scores + jax.lax.stop_gradient(bias.value.astype(jnp.float32))
 
     def on_routing(self, routing: Routing, call: plugin.RouteCall) -> Routing:
-        bias = call.state.get("selection_bias")
         module = call.module
-        if (bias is not None and call.train and self.bias_update_rate > 0
-                and module.is_mutable_collection("moe_state") and not module.is_initializing()):
-            bias.value = aux_free_bias_update(bias.value, routing.expert_load, self.bias_update_rate)
+        # The bias declared by on_selection_scores in this call (absent if the kind did not select by scores).
+        if (call.train and self.bias_update_rate > 0 and module.is_mutable_collection("moe_state")
+                and not module.is_initializing() and module.has_variable("moe_state", "selection_bias")):
+            bias = module.get_variable("moe_state", "selection_bias")
+            module.put_variable("moe_state", "selection_bias",
+                                aux_free_bias_update(bias, routing.expert_load, self.bias_update_rate))
         return routing

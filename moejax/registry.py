@@ -56,6 +56,10 @@ class Registry(Generic[T]):
         self._entries[name] = entry
         return entry
 
+    def remove(self, name: str) -> None:
+        """Unregisters ``name`` (a plug-in defined inside a test or a notebook cell, after use)."""
+        self._entries.pop(name, None)
+
     def get(self, name: object) -> T:
         """The entry ``name``; else ``<field>=<name>: unknown <what> (did you mean ...?); registered: [...]``."""
         if not isinstance(name, str) or name not in self._entries:

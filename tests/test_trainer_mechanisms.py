@@ -2,6 +2,7 @@
 (SMoE-Dropout's inference-time k), the trainer's k schedule with one jitted step per k, ``eval_moe_k`` and
 ``evaluate_at_k``, THOR's two-pass consistency objective and the router-entropy ("dynamic") loss of top-p."""
 import dataclasses
+from typing import ClassVar
 import json
 import shutil
 
@@ -19,6 +20,7 @@ from moejax.models.config import LMConfig, MLPConfig, ViTConfig
 from moejax.routing import consistency_loss, smoe_dropout_k
 from moejax.training import Checkpointer, loop, train_and_evaluate
 from moejax.training.config import digits_mlp_config, train_settings
+from moejax.training.objectives.consistency import Consistency
 from moejax.training.steps import TrainState, make_train_step, pass_rngs, token_losses
 
 pytestmark = pytest.mark.usefixtures("quick_compiles")   # conftest: tiny models compile faster unoptimised
@@ -122,7 +124,7 @@ def test_thor_objective_is_both_cross_entropies_plus_weighted_consistency():
     batch = _batch()
     state = _state(model, tx, batch["inputs"])
     alpha = 0.7
-    _, metrics = jax.jit(make_train_step(model, tx, "classification", consistency_weight=alpha))(state, batch)
+    _, metrics = jax.jit(make_train_step(model, tx, "classification", objective=Consistency(alpha)))(state, batch)
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     run = jax.jit(lambda params, rngs: model.apply({"params": params}, batch["inputs"], deterministic=False,
                                                    rngs=rngs)[0])
@@ -137,8 +139,8 @@ def test_thor_objective_is_both_cross_entropies_plus_weighted_consistency():
     _, single = jax.jit(make_train_step(model, tx, "classification"))(state, batch)
     assert "consistency" not in single
     np.testing.assert_allclose(single["loss"], ces[0], rtol=1e-5)
-    with pytest.raises(ValueError, match=r"^train\.consistency_weight"):
-        make_train_step(model, tx, "classification", consistency_weight=-1.0)
+    with pytest.raises(ValueError, match=r"^train\.consistency_weight=-1\.0: must be a finite number >= 0"):
+        Consistency(-1.0)
 
 
 def test_router_entropy_loss_adds_weight_times_the_summed_entropy_and_changes_the_update():
@@ -243,3 +245,44 @@ def test_k_schedule_jits_once_per_k_resumes_exactly_and_evaluates_at_any_k(tmp_p
         loop.evaluate_at_k(smoe_config(data_dir), tmp_path / "straight", [0])
     with pytest.raises(FileNotFoundError, match="^workdir: no checkpoint"):
         loop.evaluate_at_k(smoe_config(data_dir), tmp_path / "empty", [1])
+
+
+def test_objectives_and_k_schedules_are_plugins_chosen_by_their_fields():
+    from moejax.training.plugin import OBJECTIVES, Objective, register_objective
+
+    @register_objective
+    @dataclasses.dataclass(frozen=True)
+    class Scaled(Objective):          # a paper's objective, from outside the library: a scaled single-pass loss
+        name: ClassVar[str] = "scaled_test_objective"
+        scaled_factor: float = 1.0
+
+        def is_identity(self) -> bool:
+            return self.scaled_factor == 1.0
+
+        def combine(self, runs):
+            return self.scaled_factor * runs[0].loss, {"scaled_factor": jnp.float32(self.scaled_factor)}
+
+    try:
+        _check_scaled_objective(Scaled)
+    finally:
+        OBJECTIVES.remove(Scaled.name)        # other tests' train sections must not grow its field
+
+
+def _check_scaled_objective(Scaled) -> None:
+    cfg = digits_mlp_config([{"num_experts": E, "hidden_dim": 8}], steps=4)
+    s = train_settings(cfg)
+    assert s["objective"].name == "standard" and s["k_schedule"] is None
+    cfg.train.update({"scaled_factor": 3.0, "moe_k_start": 1, "moe_k_end": 2})
+    s = train_settings(cfg)
+    assert s["objective"] == Scaled(3.0) and s["k_schedule"].name == "smoe_dropout"
+    cfg.train.consistency_weight = 0.5
+    with pytest.raises(ValueError, match=r"^train: the fields of training objectives \['consistency', "
+                                         r"'scaled_test_objective'\] are all set; choose one"):
+        train_settings(cfg)
+    model = build_model(MLPConfig(num_classes=3, d_model=D, layers=(spec(),)))
+    tx = optax.sgd(0.1)
+    batch = _batch()
+    state = _state(model, tx, batch["inputs"])
+    _, plain = jax.jit(make_train_step(model, tx, "classification"))(state, batch)
+    _, scaled = jax.jit(make_train_step(model, tx, "classification", objective=Scaled(3.0)))(state, batch)
+    np.testing.assert_allclose(scaled["loss"], 3.0 * plain["loss"], rtol=1e-6)

@@ -169,7 +169,7 @@ def measure_run(config_lib, config, workdir, final: dict, state: dict) -> dict:
 
     model, train_data, eval_data, meta = build(config)
     s = train_settings(config)
-    grad = gradient_fn(model, meta.task, consistency_weight=s["consistency_weight"])
+    grad = gradient_fn(model, meta.task, objective=s["objective"])
     ckpt = Checkpointer(workdir, keep=s["keep_checkpoints"], async_save=False)
     points = []
     try:

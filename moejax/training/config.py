@@ -1,4 +1,8 @@
-"""Validation of the trainer's part of an experiment config (``train`` and the top level)."""
+"""Validation of the trainer's part of an experiment config (``train`` and the top level).
+
+The ``train`` section holds the trainer's own fields (:data:`TRAIN_DEFAULTS`) and, flat, the fields of the registered
+training objectives and k schedules (:mod:`moejax.training.plugin`: THOR's ``consistency_weight``, SMoE-Dropout's
+``moe_k_start``/``moe_k_end``); :func:`train_settings` validates them once and resolves the chosen plug-ins."""
 from __future__ import annotations
 
 import math
@@ -16,11 +20,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "keep_checkpoints": 3,
     "async_checkpoints": True,
     "tensorboard": True,
-    # Routing mechanisms that live in the trainer (docs/routing_mechanisms.md):
-    "moe_k_start": None,           # SMoE-Dropout k schedule (with moe_k_end): routed layers' k grows over training
-    "moe_k_end": None,
     "eval_moe_k": None,            # k of every routed layer in evaluation (None: each layer's router.k)
-    "consistency_weight": 0.0,     # THOR: two stochastic passes + weight * symmetric KL between their outputs
     "profile_steps": None,         # (start, stop): a jax.profiler trace of those steps in workdir/profile
     "peak_tflops": None,           # per-device peak TFLOP/s for MFU where the built-in table has none (e.g. CPU)
 }
@@ -29,15 +29,21 @@ TRAIN_DEFAULTS: dict[str, Any] = {
 # to every router of its model (:func:`legacy_router_fields`), as the trainer used them before.
 LEGACY_LOSS_WEIGHTS = ("load_balance_weight", "z_loss_weight", "importance_weight", "router_entropy_weight")
 # Fields whose default None is an "unset" integer (ml_collections placeholders, overridable on the command line).
-_OPTIONAL_INTS = ("eval_steps", "moe_k_start", "moe_k_end", "eval_moe_k")
+_OPTIONAL_INTS = ("eval_steps", "eval_moe_k")
 
 
 def train_config(**overrides: Any):
     """The ``train`` section with every field present, so that each can be overridden on the command line."""
     from ml_collections import config_dict
+    from moejax.training.plugin import plugin_fields
     cfg = config_dict.ConfigDict({k: v for k, v in TRAIN_DEFAULTS.items() if v is not None})
     for name in _OPTIONAL_INTS:
         cfg[name] = config_dict.placeholder(int)
+    for name, f in plugin_fields().items():       # the objectives' and schedules' own fields
+        if f.default is None:
+            cfg[name] = config_dict.placeholder(float if "float" in str(f.type) else int)
+        else:
+            cfg[name] = f.default
     cfg.profile_steps = config_dict.placeholder(tuple)      # --config.train.profile_steps=10,15
     cfg.peak_tflops = config_dict.placeholder(float)
     cfg.update(overrides)
@@ -103,24 +109,21 @@ def train_settings(config: Mapping[str, Any]) -> dict[str, Any]:
             raise ValueError(f"{section}: missing config section")
     _int_at_least("seed", config.get("seed", 0), 0)
     train = dict(config.get("train", {}).items()) if "train" in config else {}
-    unknown = sorted(set(train) - set(TRAIN_DEFAULTS) - set(LEGACY_LOSS_WEIGHTS))
+    from moejax.training.plugin import choose, plugin_fields
+    plugin = plugin_fields()
+    unknown = sorted(set(train) - set(TRAIN_DEFAULTS) - set(LEGACY_LOSS_WEIGHTS) - set(plugin))
     if unknown:
-        raise unknown_field(f"train.{unknown[0]}", TRAIN_DEFAULTS)
+        raise unknown_field(f"train.{unknown[0]}", {*TRAIN_DEFAULTS, *plugin})
     s = {**TRAIN_DEFAULTS, **{name: None for name in LEGACY_LOSS_WEIGHTS}, **train}
     for name in ("steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
         _int_at_least(f"train.{name}", s[name], 1)
     for name in _OPTIONAL_INTS:
         if s[name] is not None:
             _int_at_least(f"train.{name}", s[name], 1)
-    if (s["moe_k_start"] is None) != (s["moe_k_end"] is None):
-        unset = "moe_k_end" if s["moe_k_end"] is None else "moe_k_start"
-        raise ValueError(f"train.{unset}: the k schedule needs both train.moe_k_start and train.moe_k_end "
-                         f"(got moe_k_start={s['moe_k_start']!r}, moe_k_end={s['moe_k_end']!r})")
-    if s["moe_k_start"] is not None and s["moe_k_start"] > s["moe_k_end"]:
-        raise ValueError(f"train.moe_k_end={s['moe_k_end']!r}: must be >= train.moe_k_start={s['moe_k_start']!r}")
-    for name in ("consistency_weight", *LEGACY_LOSS_WEIGHTS):
+    s["objective"], s["k_schedule"] = choose(train)
+    for name in LEGACY_LOSS_WEIGHTS:
         v = s[name]
-        if v is None and name in LEGACY_LOSS_WEIGHTS:
+        if v is None:
             continue
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf:
             raise ValueError(f"train.{name}={v!r}: must be a finite number >= 0")
@@ -143,13 +146,10 @@ def legacy_router_fields(settings: Mapping[str, Any]) -> dict[str, float]:
 
 
 def scheduled_moe_k(settings: Mapping[str, Any], step: int) -> int | None:
-    """The ``k`` of every routed MoE layer for train step ``step`` (0-based): None without a schedule, else
-    :func:`moejax.routing.smoe_dropout_k` ``(step, train.steps, train.moe_k_start, train.moe_k_end)``.
+    """The ``k`` of every routed MoE layer for train step ``step`` (0-based): None without a k schedule, else the
+    chosen schedule's (:mod:`moejax.training.plugin`; e.g. SMoE-Dropout's ``moe_k_start`` -> ``moe_k_end``).
 
-    A function of the step alone, so a resumed run continues with the k of a run that was never interrupted.
     Each routed layer clips it to its number of router outputs (``moejax.layers.MoELayer``, ``LayerContext.k``).
     """
-    if settings["moe_k_start"] is None:
-        return None
-    from moejax.routing.schedules import smoe_dropout_k
-    return smoe_dropout_k(step, settings["steps"], settings["moe_k_start"], settings["moe_k_end"])
+    schedule = settings["k_schedule"]
+    return None if schedule is None else schedule.k(step, settings["steps"])

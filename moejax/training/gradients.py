@@ -43,7 +43,7 @@ def capture_gradients() -> optax.GradientTransformation:
 
 
 def gradient_fn(model: Any, task: str, *, moe_k: int | None = None,
-                consistency_weight: float = 0.0) -> Callable[[TrainState, Mapping[str, Any]], tuple[Any, dict]]:
+                objective: Any = None) -> Callable[[TrainState, Mapping[str, Any]], tuple[Any, dict]]:
     """A jitted ``(state, batch) -> (gradient pytree, step metrics)`` of the trainer's train step.
 
     ``state`` is any :class:`TrainState` (its ``opt_state`` is ignored and replaced); the gradient is with
@@ -51,7 +51,7 @@ def gradient_fn(model: Any, task: str, *, moe_k: int | None = None,
     ``grad_norm``, per-layer ``experts_per_token``, ...).
     """
     tx = capture_gradients()
-    step = make_train_step(model, tx, task, moe_k=moe_k, consistency_weight=consistency_weight)
+    step = make_train_step(model, tx, task, moe_k=moe_k, objective=objective)
 
     @jax.jit
     def fn(state: TrainState, batch):
@@ -66,7 +66,7 @@ def minibatch_gradients(model: Any, task: str, state: TrainState,
                         batches: Sequence[Mapping[str, Any]], **kwargs: Any) -> tuple[list[Any], list[dict]]:
     """Gradients (and train-step metrics) of the training objective on each batch, all at ``state``'s parameters.
 
-    ``kwargs`` (``moe_k``, ``consistency_weight``) are passed to :func:`gradient_fn`; each call builds (and
+    ``kwargs`` (``moe_k``, ``objective``) are passed to :func:`gradient_fn`; each call builds (and
     compiles) a new one, so code that measures at many points should keep one :func:`gradient_fn`. Raises
     ``FloatingPointError`` when a gradient is non-finite (the train step then reports ``finite=0``).
     """

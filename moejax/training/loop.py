@@ -147,8 +147,7 @@ def jit_train_step(model: nn.Module, tx, task: str, settings: Mapping[str, Any],
     """The trainer's jitted train step ``(state, batch) -> (state, metrics)`` at experts-per-token ``moe_k``: the
     state sharded as ``state_sharding``, the batch along the mesh's token axes, metrics replicated. The one place it
     is built, so that :mod:`moejax.aot` compiles exactly what the trainer runs."""
-    return jax.jit(make_train_step(model, tx, task, moe_k=moe_k,
-                                   consistency_weight=settings["consistency_weight"]),
+    return jax.jit(make_train_step(model, tx, task, moe_k=moe_k, objective=settings["objective"]),
                    in_shardings=(state_sharding, parallel.batch_sharding(mesh)),
                    out_shardings=(state_sharding, NamedSharding(mesh, PartitionSpec())))
 

@@ -5,9 +5,9 @@ Training objective of one step (all terms averaged over the batch's targets):
     L = CE + sum over layers and names of RoutingStats.losses[name]
 
 each loss already weighted by the plug-in that owns it (:mod:`moejax.routing.loss`: ``router.load_balance_weight``,
-...); the trainer knows none of them by name and logs each sum as ``loss/<name>``,
-and with THOR's consistency regulariser (``consistency_weight = alpha > 0``) two forward passes ``a``, ``b``
-under different RNG keys, ``L = L_a + L_b + alpha * consistency_loss(logits_a, logits_b)``.
+...); the trainer knows none of them by name and logs each sum as ``loss/<name>``. A training objective plug-in
+(:mod:`moejax.training.plugin`) may run several forward passes and combine them (THOR's consistency objective:
+``L = L_a + L_b + alpha * consistency_loss(logits_a, logits_b)``).
 """
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ import optax
 from flax import struct
 
 from moejax.parallel.sharding import path_name
-from moejax.routing.fixed import consistency_loss
 from moejax.routing.loss import sum_losses
 from moejax.routing.types import RoutingStats
+from moejax.training.plugin import OBJECTIVES, Objective, PassOutput
 
 
 @struct.dataclass
@@ -130,8 +130,8 @@ def _apply(model: nn.Module, params: Any, moe_state: Any, inputs: jax.Array, *, 
     return logits, stats, moe_state
 
 
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation, task: str, *, moe_k: int | None = None, consistency_weight: float = 0.0
-                    ) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, Any]]]:
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, task: str, *, moe_k: int | None = None,
+                    objective: Objective | None = None) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, Any]]]:
     """A pure train step. A non-finite loss, gradient or updated state leaves the state unchanged and reports
     ``finite=0``; metric ``state_finite`` (bool[n]) flags each floating leaf of the updated state (in the order of
     :func:`checked_leaf_paths`) so that the caller can name the first non-finite one without another pass.
@@ -139,20 +139,17 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, task: st
     Args:
       moe_k: a static ``k`` for every routed MoE layer (the model's ``moe_k``; None: each ``router.k``), e.g.
         SMoE-Dropout's scheduled k. One step function per value; it is reported as metric ``moe_k``.
-      consistency_weight: ``alpha`` of THOR (Zuo et al. 2022). When > 0 the model runs twice on the batch with
-        the RNGs of :func:`pass_rngs` (``0`` and ``1``) and the objective is
-        ``L_a + L_b + alpha * consistency_loss(logits_a, logits_b)``, each ``L`` the single-pass objective
-        (mean CE plus the layers' weighted losses of that pass). The two cross-entropies are *summed*, not
-        averaged, as in the paper's objective ``CE(p1) + CE(p2) + alpha CR(p1, p2)`` and the authors' code
-        (``loss1 + loss2 + alpha * consistency``; their CE and CR are both summed over tokens, ours both
-        averaged, so ``alpha`` has the same meaning). Gradient flows through both passes and both directions
-        of the KL. Metrics: ``ce`` and ``accuracy`` are the means over the two passes (comparable with a
-        single-pass run), ``consistency`` the unweighted regulariser; the non-gradient state (e.g. selection
-        biases) is taken from pass ``a``.
+      objective: the training objective plug-in (:mod:`moejax.training.plugin`; default ``standard``, one pass).
+        With ``objective.passes`` > 1 the model runs once per pass with the RNGs of :func:`pass_rngs` (``0``,
+        ``1``, ...), and the objective combines the passes (e.g. THOR's
+        :class:`~moejax.training.objectives.consistency.Consistency`). Metrics: ``ce`` and ``accuracy`` are the
+        means over the passes (comparable with a single-pass run), plus the objective's own; the layers' losses,
+        statistics and the non-gradient state (e.g. selection biases) are those of pass 0.
     """
-    if consistency_weight < 0:
-        raise ValueError(f"train.consistency_weight={consistency_weight!r}: must be >= 0")
-    passes = 2 if consistency_weight > 0 else 1
+    if objective is None:
+        import moejax.training.objectives  # noqa: F401  (registers the built-in objectives)
+        objective = OBJECTIVES.get("standard")()
+    passes = objective.passes
 
     def step_fn(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, Any]]:
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
@@ -163,19 +160,15 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, task: st
                                                   rngs=pass_rngs(rng, index), moe_k=moe_k)
             ce, correct = token_losses(logits, targets)
             aux, terms = aux_loss(stats)
-            return logits, ce.mean() + aux, ce.mean(), correct.mean(), terms, stats, new_moe_state
+            return PassOutput(logits=logits, loss=ce.mean() + aux, ce=ce.mean(), accuracy=correct.mean(),
+                              terms=terms, stats=stats, moe_state=new_moe_state)
 
         def loss_fn(params):
             runs = [one_pass(params, i) for i in range(passes)]
-            logits, _, _, _, terms, stats, new_moe_state = runs[0]
-            loss = sum(r[1] for r in runs)
-            ce = sum(r[2] for r in runs) / passes
-            acc = sum(r[3] for r in runs) / passes
-            extra = {}
-            if passes == 2:
-                extra["consistency"] = consistency_loss(logits, runs[1][0])
-                loss = loss + consistency_weight * extra["consistency"]
-            return loss, (ce, acc, terms, stats, new_moe_state, extra)
+            loss, extra = objective.combine(runs)
+            ce = sum(r.ce for r in runs) / passes
+            acc = sum(r.accuracy for r in runs) / passes
+            return loss, (ce, acc, runs[0].terms, runs[0].stats, runs[0].moe_state, extra)
 
         (loss, (ce, acc, terms, stats, new_moe_state, extra)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.params)

@@ -27,15 +27,14 @@ class SMoEDropoutK(KSchedule):
 
     def __post_init__(self) -> None:
         start, end = self.moe_k_start, self.moe_k_end
+        for name, value in (("moe_k_start", start), ("moe_k_end", end)):
+            if value is not None:
+                _int_at_least_one(name, value)
         if (start is None) != (end is None):
             unset = "moe_k_end" if end is None else "moe_k_start"
             raise ValueError(f"train.{unset}: the k schedule needs both train.moe_k_start and train.moe_k_end "
                              f"(got moe_k_start={start!r}, moe_k_end={end!r})")
-        if start is None:
-            return
-        _int_at_least_one("moe_k_start", start)
-        _int_at_least_one("moe_k_end", end)
-        if start > end:
+        if start is not None and start > end:
             raise ValueError(f"train.moe_k_end={end!r}: must be >= train.moe_k_start={start!r}")
 
     def is_identity(self) -> bool:

@@ -14,6 +14,7 @@ from moejax.models.attention import MHA, MLA
 from moejax.models.config import LMConfig, MLPConfig, ViTConfig
 from moejax.models.transformer import TransformerLM
 from moejax.routing.config import RouterConfig
+from moejax.routing.scorer import SCORERS
 from moejax.training import flops, throughput
 from moejax.training.config import train_config, train_settings
 
@@ -71,6 +72,18 @@ def _xla_flops(fn, *args) -> float:
     cost = jax.jit(fn).lower(*args).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return float(cost["flops"])
+
+
+@pytest.mark.parametrize("name", ["linear", "attention"])
+@pytest.mark.parametrize("d, e", [(64, 8), (32, 16)])
+def test_each_builtin_scorer_states_the_flops_xla_counts(name, d, e):
+    scorer = SCORERS.get(name)()
+    specs = scorer.params(d, e)
+    t = 256
+    args = [jax.ShapeDtypeStruct((t, d), jnp.float32)] + [jax.ShapeDtypeStruct(s.shape, jnp.float32)
+                                                           for s in specs.values()]
+    got = _xla_flops(lambda x, *p: scorer.logits(x, dict(zip(specs, p))), *args)
+    assert got == pytest.approx(t * scorer.flops_per_token(d, e), rel=0.01)
 
 
 ATTENTION = {"mha": MHA(), "gqa": MHA(num_kv_heads=2, head_dim=48),

@@ -7,8 +7,8 @@ Two ways to write one, equivalent:
   ``scorer``), a field of the chosen kind's options class, of the chosen scorer, or of a registered transform; the
   transforms whose fields are given (and do something) are applied in registration order unless
   ``transforms=("group_limit", "selection_bias", ...)`` names an order;
-* typed: ``RouterConfig(kind="topk", options=TopK(renormalize=True), scorer="cosine",
-  scorer_options=Cosine(temperature=0.1), transforms=(Jitter(0.01),))``.
+* typed: ``RouterConfig(kind="topk", options=TopK(renormalize=True), scorer="attention",
+  scorer_options=Attention(), transforms=(Jitter(0.01),))``.
 
 ``logits`` is the old name of ``scorer`` (``logits='attention'``): configs and workdirs that use it keep working,
 and ``config.logits`` reads the scorer's name.

@@ -161,7 +161,7 @@ def compile_train(config: Mapping[str, Any], target: Target, model: nn.Module | 
     on the target's devices (mesh axes, divisibility), before compiling.
     """
     settings = train_settings(config)
-    optim.validate(config.get("optimizer", {}), settings["steps"])
+    optim.validate(config.get("optimizer", {}), settings.steps)
     layout = Layout.of(config, target)
     mesh = layout.mesh
     loop._check_divisible(config, mesh)
@@ -169,7 +169,7 @@ def compile_train(config: Mapping[str, Any], target: Target, model: nn.Module | 
     if model is None:
         model = loop.experiment_model(config, meta)
     loop.check_model_on_mesh(model, mesh)
-    tx = optim.make_optimizer(config.get("optimizer", {}), settings["steps"])
+    tx = optim.make_optimizer(config.get("optimizer", {}), settings.steps)
     key = jax.eval_shape(lambda: jax.random.key(0))
     with jax.set_mesh(mesh), nn.logical_axis_rules(layout.rules):
         boxed = jax.eval_shape(lambda k, x: loop.init_fn(model, tx, x, boxed=True)(k), key, example)

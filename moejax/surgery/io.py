@@ -260,7 +260,7 @@ def train_state(model: SurgeryModel, experiment: Mapping[str, Any], step: int) -
     from moejax.training.checkpoint import first_difference, tree_layout
     from moejax.training.config import train_settings
     settings = train_settings(experiment)
-    tx = optim.make_optimizer(experiment.get("optimizer", {}), settings["steps"])
+    tx = optim.make_optimizer(experiment.get("optimizer", {}), settings.steps)
     params = jax.tree_util.tree_map(jnp.asarray, model.params)
     rng = model.origin.rng
     state = {"step": jnp.asarray(step, jnp.int32), "params": params, "opt_state": tx.init(params),

@@ -5,8 +5,9 @@ training objectives and k schedules (:mod:`moejax.training.plugin`: THOR's ``con
 ``moe_k_start``/``moe_k_end``); :func:`train_settings` validates them once and resolves the chosen plug-ins."""
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 from moejax.errors import unknown_field
 
@@ -99,8 +100,50 @@ def _int_at_least(name: str, value: Any, low: int) -> None:
         raise ValueError(f"{name}={value!r}: must be an integer >= {low}")
 
 
-def train_settings(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The ``train`` section merged over the defaults, validated; errors name the field (``train.steps``)."""
+@dataclasses.dataclass(frozen=True)
+class TrainConfig(Mapping[str, Any]):
+    """The validated ``train`` section (:func:`train_settings`): the trainer's own fields (:data:`TRAIN_DEFAULTS`),
+    the chosen training objective and k schedule (:mod:`moejax.training.plugin`), and the flat fields the config gave
+    for plug-ins and legacy loss weights (``extra``: ``moe_k_start``, ``load_balance_weight``, ...; None when unset).
+
+    Read it by attribute (``settings.steps``, ``settings.objective``) or, as older code does, by key
+    (``settings["steps"]``, ``settings["moe_k_start"]``)."""
+
+    steps: int
+    log_every: int
+    eval_every: int
+    eval_steps: int | None
+    checkpoint_every: int
+    keep_checkpoints: int
+    async_checkpoints: bool
+    tensorboard: bool
+    eval_moe_k: int | None
+    profile_steps: tuple[int, int] | None
+    peak_tflops: float | None
+    objective: Any
+    k_schedule: Any
+    extra: Mapping[str, Any]
+
+    def __getitem__(self, name: str) -> Any:
+        if name in self.extra:
+            return self.extra[name]
+        if name == "extra" or name not in self._names():
+            raise KeyError(name)
+        return getattr(self, name)
+
+    def _names(self) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(self) if f.name != "extra")
+
+    def __iter__(self) -> Iterator[str]:
+        return iter((*self._names(), *self.extra))
+
+    def __len__(self) -> int:
+        return len(self._names()) + len(self.extra)
+
+
+def train_settings(config: Mapping[str, Any]) -> TrainConfig:
+    """The ``train`` section merged over the defaults, validated once into a :class:`TrainConfig`; errors name the
+    field (``train.steps``)."""
     unknown = sorted(set(config.keys()) - set(TOP_LEVEL))
     if unknown:
         raise ValueError(f"{unknown[0]}: unknown top-level config field; known: {list(TOP_LEVEL)}")
@@ -135,7 +178,9 @@ def train_settings(config: Mapping[str, Any]) -> dict[str, Any]:
     peak = s["peak_tflops"]
     if peak is not None and (isinstance(peak, bool) or not isinstance(peak, (int, float)) or not 0 < peak < 1e6):
         raise ValueError(f"train.peak_tflops={peak!r}: must be None or a positive number of TFLOP/s per device")
-    return s
+    own = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in s.items() if k in own},
+                       extra={k: v for k, v in s.items() if k not in own})
 
 
 def legacy_router_fields(settings: Mapping[str, Any]) -> dict[str, float]:
@@ -145,11 +190,11 @@ def legacy_router_fields(settings: Mapping[str, Any]) -> dict[str, float]:
     return {name: settings[name] for name in LEGACY_LOSS_WEIGHTS if settings.get(name) is not None}
 
 
-def scheduled_moe_k(settings: Mapping[str, Any], step: int) -> int | None:
+def scheduled_moe_k(settings: TrainConfig, step: int) -> int | None:
     """The ``k`` of every routed MoE layer for train step ``step`` (0-based): None without a k schedule, else the
     chosen schedule's (:mod:`moejax.training.plugin`; e.g. SMoE-Dropout's ``moe_k_start`` -> ``moe_k_end``).
 
     Each routed layer clips it to its number of router outputs (``moejax.layers.MoELayer``, ``LayerContext.k``).
     """
-    schedule = settings["k_schedule"]
-    return None if schedule is None else schedule.k(step, settings["steps"])
+    schedule = settings.k_schedule
+    return None if schedule is None else schedule.k(step, settings.steps)

@@ -20,7 +20,7 @@ from moejax import parallel
 from moejax.config import MoEConfig
 from moejax.training import optim
 from moejax.training.checkpoint import Checkpointer, prove_writable
-from moejax.training.config import legacy_router_fields, scheduled_moe_k, train_settings
+from moejax.training.config import TrainConfig, legacy_router_fields, scheduled_moe_k, train_settings
 from moejax.training import report
 from moejax.training.metrics import MetricWriter, progress_bar
 from moejax.training.profiling import ProfileWindow
@@ -142,12 +142,12 @@ def init_state(model: nn.Module, tx, example_inputs: jax.Array, seed: int, mesh:
     return jax.jit(init_fn(model, tx, example_inputs, boxed=False), out_shardings=shardings)(key), shardings
 
 
-def jit_train_step(model: nn.Module, tx, task: str, settings: Mapping[str, Any], moe_k: int | None,
+def jit_train_step(model: nn.Module, tx, task: str, settings: TrainConfig, moe_k: int | None,
                    state_sharding: Any, mesh: Mesh):
     """The trainer's jitted train step ``(state, batch) -> (state, metrics)`` at experts-per-token ``moe_k``: the
     state sharded as ``state_sharding``, the batch along the mesh's token axes, metrics replicated. The one place it
     is built, so that :mod:`moejax.aot` compiles exactly what the trainer runs."""
-    return jax.jit(make_train_step(model, tx, task, moe_k=moe_k, objective=settings["objective"]),
+    return jax.jit(make_train_step(model, tx, task, moe_k=moe_k, objective=settings.objective),
                    in_shardings=(state_sharding, parallel.batch_sharding(mesh)),
                    out_shardings=(state_sharding, NamedSharding(mesh, PartitionSpec())))
 
@@ -265,7 +265,7 @@ def train_and_evaluate(config: Mapping[str, Any], workdir: str | pathlib.Path) -
     """
     with _sigterm_flag() as sigterm:     # first: a SIGTERM during start-up is not lost
         settings = train_settings(config)
-        total = settings["steps"]
+        total = settings.steps
         optim.validate(config.get("optimizer", {}), total)
         from moejax.data import DataConfig
         DataConfig.from_dict(config["data"])       # data fields, before any data is read
@@ -321,7 +321,7 @@ def initial_state(config: Mapping[str, Any]) -> TrainState:
     need a config's state without training it."""
     settings = train_settings(config)
     with _mesh_context(config) as (mesh, rules):
-        return jax.device_get(_model_and_state(config, settings["steps"], mesh, rules).state)
+        return jax.device_get(_model_and_state(config, settings.steps, mesh, rules).state)
 
 
 def _nonfinite_message(step: int, metrics: Mapping[str, Any], state: TrainState, ckpt: Checkpointer) -> str:
@@ -339,9 +339,9 @@ def _nonfinite_message(step: int, metrics: Mapping[str, Any], state: TrainState,
             f"Last good checkpoint: {good[-1] if good else 'none'} in {ckpt.directory}")
 
 
-def _train(config: Mapping[str, Any], workdir: pathlib.Path, settings: dict[str, Any], mesh: Mesh,
+def _train(config: Mapping[str, Any], workdir: pathlib.Path, settings: TrainConfig, mesh: Mesh,
            rules: Any, sigterm: _SigtermFlag) -> dict[str, Any]:
-    total = settings["steps"]
+    total = settings.steps
     replicated = NamedSharding(mesh, PartitionSpec())
     batch_sharding = parallel.batch_sharding(mesh)
     model, train_data, eval_data, meta, tx, state, state_sharding, example = _model_and_state(
@@ -349,10 +349,10 @@ def _train(config: Mapping[str, Any], workdir: pathlib.Path, settings: dict[str,
     task = meta.task
     lead = jax.process_index() == 0
 
-    ckpt = Checkpointer(workdir, keep=settings["keep_checkpoints"], async_save=settings["async_checkpoints"])
+    ckpt = Checkpointer(workdir, keep=settings.keep_checkpoints, async_save=settings.async_checkpoints)
     writer = bar = None
-    profile = ProfileWindow(workdir, settings["profile_steps"])
-    throughput = Throughput(getattr(model, "config", None), example.shape, peak_tflops=settings["peak_tflops"])
+    profile = ProfileWindow(workdir, settings.profile_steps)
+    throughput = Throughput(getattr(model, "config", None), example.shape, peak_tflops=settings.peak_tflops)
     try:
         # Raises, moving nothing, for a checkpoint of another model; never starts over when checkpoints were
         # found but none could be used.
@@ -367,7 +367,7 @@ def _train(config: Mapping[str, Any], workdir: pathlib.Path, settings: dict[str,
                                             mesh, start, total):
                 print(line, flush=True)
             print(throughput.describe(), flush=True)
-        writer = MetricWriter(workdir, tensorboard=settings["tensorboard"], enabled=lead)
+        writer = MetricWriter(workdir, tensorboard=settings.tensorboard, enabled=lead)
         writer.truncate_after(start)        # records of steps past the restored one would appear twice
         if sigterm.set:
             # SIGTERM during start-up: nothing is compiled for training; checkpoint the state we have.
@@ -385,7 +385,7 @@ def _train(config: Mapping[str, Any], workdir: pathlib.Path, settings: dict[str,
                 train_steps[k] = jit_train_step(model, tx, task, settings, k, state_sharding, mesh)
             return train_steps[k]
 
-        eval_step = jax.jit(make_eval_step(model, task, moe_k=settings["eval_moe_k"]),
+        eval_step = jax.jit(make_eval_step(model, task, moe_k=settings.eval_moe_k),
                             in_shardings=(state_sharding, batch_sharding), out_shardings=replicated)
         bar = progress_bar(total, start)
         emit = report.printer(bar, lead)
@@ -406,16 +406,16 @@ def _train(config: Mapping[str, Any], workdir: pathlib.Path, settings: dict[str,
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{float(metrics['loss']):.4f}")
-            if done % settings["log_every"] == 0 or done == total:
+            if done % settings.log_every == 0 or done == total:
                 record = {k: v for k, v in metrics.items() if k not in ("finite", "state_finite")}
                 record.update(throughput.record(window, metrics.get("experts_per_token")))
                 emit(report.train_line(done, total, writer.write(done, "train", record), task))
                 window.reset()
-            if done % settings["eval_every"] == 0 and done != total:
+            if done % settings.eval_every == 0 and done != total:
                 with window.paused():
                     emit(report.eval_line(done, writer.write(done, "eval", evaluate(
-                        eval_step, state, eval_data, task, settings["eval_steps"], batch_sharding)), task))
-            if done % settings["checkpoint_every"] == 0 or done == total:
+                        eval_step, state, eval_data, task, settings.eval_steps, batch_sharding)), task))
+            if done % settings.checkpoint_every == 0 or done == total:
                 ckpt.save(done, state_dict(state))
             if sigterm.set and done != total:
                 ckpt.save(done, state_dict(state))
@@ -423,7 +423,7 @@ def _train(config: Mapping[str, Any], workdir: pathlib.Path, settings: dict[str,
                 log.warning("moejax: SIGTERM: saved checkpoint at step %d, exiting", done)
                 return {"step": int(state.step), "preempted": True}
         ckpt.wait()
-        final = evaluate(eval_step, state, eval_data, task, settings["eval_steps"], batch_sharding)
+        final = evaluate(eval_step, state, eval_data, task, settings.eval_steps, batch_sharding)
         emit(report.eval_line(int(state.step), writer.write(int(state.step), "eval", final), task))
         return {**final, "step": int(state.step), "preempted": False}
     finally:
@@ -451,10 +451,10 @@ def evaluate_at_k(config: Mapping[str, Any], workdir: str | pathlib.Path, ks: Se
             raise ValueError(f"ks: {k!r} is not None or an int >= 1")
     settings = train_settings(config)
     with _mesh_context(config) as (mesh, rules):
-        setup = _model_and_state(config, settings["steps"], mesh, rules)
+        setup = _model_and_state(config, settings.steps, mesh, rules)
         model, eval_data, meta, state, state_sharding = (setup.model, setup.eval_data, setup.meta, setup.state,
                                                          setup.state_sharding)
-        ckpt = Checkpointer(pathlib.Path(workdir), keep=settings["keep_checkpoints"], async_save=False)
+        ckpt = Checkpointer(pathlib.Path(workdir), keep=settings.keep_checkpoints, async_save=False)
         try:
             restored = ckpt.restore_latest(state_dict(state))
         finally:
@@ -464,7 +464,7 @@ def evaluate_at_k(config: Mapping[str, Any], workdir: str | pathlib.Path, ks: Se
         state = _state_from_dict(restored[0], state)
         batch_sharding = parallel.batch_sharding(mesh)
         replicated = NamedSharding(mesh, PartitionSpec())
-        batches = settings["eval_steps"] if max_batches is None else max_batches
+        batches = settings.eval_steps if max_batches is None else max_batches
         results: dict[int | None, dict[str, Any]] = {}
         for k in ks:
             eval_step = jax.jit(make_eval_step(model, meta.task, moe_k=k),

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.util
 import json
 import pathlib
 import sys
@@ -34,23 +33,16 @@ CLASSIFICATION = {
 }
 
 
-def _module(path: pathlib.Path, name: str):
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def configs() -> Iterator[tuple[str, Any]]:
     """(name, experiment config) of every shipped config file and every experiment preset x variant."""
+    from moejax import sweep
     for path in sorted((ROOT / "configs").rglob("*.py")):
-        mod = _module(path, f"_param_trees_{path.stem}")
+        mod = sweep.load_sibling(str(path), "_param_trees", path.stem)
         if hasattr(mod, "get_config") and "data" in (config := mod.get_config()):   # not configs/hf_finetune.py
             yield str(path.relative_to(ROOT)), config
     for path in sorted((ROOT / "experiments").glob("*/config.py")):
         exp = path.parent.name
-        mod = _module(path, f"{exp}_config")
+        mod = sweep.load_sibling(str(path), exp, "config")       # the name the experiment's run.py uses
         presets = getattr(mod, "PRESETS", (None,))
         variants = getattr(mod, "VARIANTS", (None,))
         for preset in presets:

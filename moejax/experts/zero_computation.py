@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from moejax.routing.losses import expert_fraction
+from moejax.routing.losses import balance_loss, expert_fraction
 from moejax.routing.types import Routing
 
 
@@ -55,10 +55,8 @@ def heterogeneous_load_balance(routing: Routing, num_ffn: int, tau: float) -> ja
     probability. ``E`` is the number of router outputs.
     """
     e = routing.num_experts
-    f = jax.lax.stop_gradient(expert_fraction(routing.expert_index, routing.valid, e))
-    p = routing.probs.astype(jnp.float32).mean(0)
     eta = jnp.where(jnp.arange(e) < num_ffn, 1.0, tau)
-    return e * jnp.sum(eta * f * p)
+    return balance_loss(expert_fraction(routing.expert_index, routing.valid, e), routing.probs, eta)
 
 
 class ZeroComputationExperts(nn.Module):

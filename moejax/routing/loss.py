@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from moejax.registry import Registry
+from moejax.routing.losses import fractions
 from moejax.routing.types import AnyRouting
 
 
@@ -63,7 +64,7 @@ class LossInputs:
     @property
     def fraction(self) -> jax.Array:
         """float32[E]: ``counts`` as fractions of all valid copies (0 when there are none); no gradient."""
-        return jax.lax.stop_gradient(self.counts / jnp.maximum(self.counts.sum(), 1.0))
+        return jax.lax.stop_gradient(fractions(self.counts))
 
 
 class Loss:

@@ -9,6 +9,28 @@ import jax
 import jax.numpy as jnp
 
 
+def expert_counts(expert_index: jax.Array, valid: jax.Array, num_experts: int) -> jax.Array:
+    """float32[E]: the valid token copies assigned to each expert.
+
+    Args:
+      expert_index: int32[..., K] expert of each slot.
+      valid: bool[..., K] whether the slot is used.
+    """
+    onehot = jax.nn.one_hot(expert_index, num_experts, dtype=jnp.float32) * valid[..., None]
+    return onehot.reshape(-1, num_experts).sum(0)
+
+
+def expert_weight_sums(weight: jax.Array, expert_index: jax.Array, valid: jax.Array, num_experts: int) -> jax.Array:
+    """float32[E]: the combine weight each expert receives, summed over the valid slots. Shapes [T, K]."""
+    w = jnp.where(valid, weight, 0.0).astype(jnp.float32)
+    return jnp.einsum("tk,tke->e", w, jax.nn.one_hot(expert_index, num_experts, dtype=jnp.float32))
+
+
+def fractions(counts: jax.Array) -> jax.Array:
+    """float32[E]: ``counts`` as fractions of their sum (all 0 when there is nothing to count)."""
+    return counts / jnp.maximum(counts.sum(), 1.0)
+
+
 def expert_fraction(expert_index: jax.Array, valid: jax.Array, num_experts: int) -> jax.Array:
     """float32[E]: fraction of the valid token copies assigned to each expert (sums to 1, or 0 if none).
 
@@ -16,9 +38,22 @@ def expert_fraction(expert_index: jax.Array, valid: jax.Array, num_experts: int)
       expert_index: int32[..., K] expert of each slot.
       valid: bool[..., K] whether the slot is used.
     """
-    onehot = jax.nn.one_hot(expert_index, num_experts, dtype=jnp.float32) * valid[..., None]
-    counts = onehot.reshape(-1, num_experts).sum(0)
-    return counts / jnp.maximum(counts.sum(), 1.0)
+    return fractions(expert_counts(expert_index, valid, num_experts))
+
+
+def balance_loss(fraction: jax.Array, probs: jax.Array, weights: jax.Array | None = None) -> jax.Array:
+    """``E * sum_e w_e f_e P_e``: ``f`` float32[E] the load fractions (no gradient through them), ``P_e`` the mean
+    of probs float32[T, E] over tokens, ``w`` float32[E] per-expert weights (default 1)."""
+    f = jax.lax.stop_gradient(fraction)
+    p = probs.astype(jnp.float32).mean(0)
+    terms = f * p if weights is None else weights * f * p
+    return probs.shape[-1] * jnp.sum(terms)
+
+
+def cv_squared(x: jax.Array) -> jax.Array:
+    """``Var / Mean^2`` (population variance) of float32[E]; 0 when all entries are equal."""
+    mean = x.mean()
+    return x.var() / (mean * mean + 1e-10)
 
 
 def load_balance_loss(probs: jax.Array, expert_index: jax.Array, valid: jax.Array) -> jax.Array:
@@ -30,10 +65,7 @@ def load_balance_loss(probs: jax.Array, expert_index: jax.Array, valid: jax.Arra
     Args:
       probs: float32[T, E]; expert_index: int32[T, K]; valid: bool[T, K].
     """
-    num_experts = probs.shape[-1]
-    f = jax.lax.stop_gradient(expert_fraction(expert_index, valid, num_experts))
-    p = probs.astype(jnp.float32).mean(0)
-    return num_experts * jnp.sum(f * p)
+    return balance_loss(expert_fraction(expert_index, valid, probs.shape[-1]), probs)
 
 
 def router_z_loss(logits: jax.Array) -> jax.Array:
@@ -51,10 +83,7 @@ def importance_loss(weight: jax.Array, expert_index: jax.Array, valid: jax.Array
     Args:
       weight: float32[T, K]; expert_index: int32[T, K]; valid: bool[T, K].
     """
-    w = jnp.where(valid, weight, 0.0).astype(jnp.float32)
-    importance = jnp.einsum("tk,tke->e", w, jax.nn.one_hot(expert_index, num_experts, dtype=jnp.float32))
-    mean = importance.mean()
-    return importance.var() / (mean * mean + 1e-10)
+    return cv_squared(expert_weight_sums(weight, expert_index, valid, num_experts))
 
 
 def mean_entropy(probs: jax.Array) -> jax.Array:

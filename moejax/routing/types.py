@@ -11,11 +11,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 from flax import struct
 
-from moejax.routing.losses import mean_confidence, mean_entropy
+from moejax.routing.losses import expert_counts, expert_weight_sums, fractions, mean_confidence, mean_entropy
 
 
 class _FromDecision:
@@ -29,8 +28,7 @@ class _FromDecision:
     @property
     def expert_load(self) -> jnp.ndarray:
         """float32[E]: fraction of valid token copies sent to each expert (before any drop; 0 if none)."""
-        counts = self.expert_counts()
-        return counts / jnp.maximum(counts.sum(), 1.0)
+        return fractions(self.expert_counts())
 
     @property
     def entropy(self) -> jnp.ndarray:
@@ -63,13 +61,11 @@ class Routing(_FromDecision):
 
     def expert_counts(self) -> jnp.ndarray:
         """float32[E]: valid token copies sent to each expert (before any capacity drop)."""
-        onehot = jax.nn.one_hot(self.expert_index, self.num_experts, dtype=jnp.float32) * self.valid[..., None]
-        return onehot.reshape(-1, self.num_experts).sum(0)
+        return expert_counts(self.expert_index, self.valid, self.num_experts)
 
     def expert_weight_sums(self) -> jnp.ndarray:
         """float32[E]: the combine weight each expert receives, summed over the tokens' valid slots."""
-        w = jnp.where(self.valid, self.weight, 0.0).astype(jnp.float32)
-        return jnp.einsum("tk,tke->e", w, jax.nn.one_hot(self.expert_index, self.num_experts, dtype=jnp.float32))
+        return expert_weight_sums(self.weight, self.expert_index, self.valid, self.num_experts)
 
 
     @property

@@ -31,7 +31,7 @@ import numpy as np
 
 from moejax.generation.evaluate import routing_paths
 from moejax.models.build import build_model
-from moejax.surgery.model import SurgeryModel, check_sparse, moe_layers, router_arrays, router_expert_axis
+from moejax.surgery.model import SurgeryModel, check_sparse, moe_layers, router_arrays
 
 log = logging.getLogger("moejax")
 
@@ -214,13 +214,15 @@ def router_similarity(model: SurgeryModel, ref: Any) -> np.ndarray | None:
     """float[E_r, E_r]: cosine similarity of the experts' router parameters (each expert's slices of the scorer's
     per-expert parameters, concatenated; the kernel's columns for a linear scorer), or None for a router without
     learned parameters (hash, random)."""
-    arrays = [(name, arr) for (collection, name), arr in router_arrays(model, ref).items()
-              if name in ref.spec.router.scorer_options.params(1, ref.spec.num_routed)]
-    if not arrays or "learned" not in ref.spec.router.options.offers:
+    if "learned" not in ref.spec.router.options.offers:
         return None
-    per_expert = [np.moveaxis(np.asarray(a, np.float64), router_expert_axis(ref, name), -1).reshape(-1, np.shape(a)[
-        router_expert_axis(ref, name)]) for name, a in arrays]
-    return cosine_similarity(np.concatenate(per_expert, axis=0))
+    specs = ref.spec.router.scorer_options.params(1, ref.spec.num_routed)
+    columns = []                                           # each [*, E_r]: one column of parameters per expert
+    for (_, name), arr in router_arrays(model, ref).items():
+        if name in specs:
+            moved = np.moveaxis(np.asarray(arr, np.float64), specs[name].expert_axis, -1)
+            columns.append(moved.reshape(-1, moved.shape[-1]))
+    return cosine_similarity(np.concatenate(columns, axis=0)) if columns else None
 
 
 def token_stats(expert_index: np.ndarray, weight: np.ndarray, keep: np.ndarray, num_routed: int

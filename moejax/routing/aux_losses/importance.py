@@ -7,6 +7,7 @@ from typing import ClassVar
 import jax
 
 from moejax.routing.loss import Loss, LossInputs, register_loss
+from moejax.routing.losses import cv_squared
 
 
 @register_loss
@@ -25,6 +26,4 @@ class Importance(Loss):
         self.check_weight()
 
     def value(self, inputs: LossInputs) -> jax.Array:
-        importance = inputs.weight_sums
-        mean = importance.mean()
-        return importance.var() / (mean * mean + 1e-10)
+        return cv_squared(inputs.weight_sums)

@@ -5,9 +5,9 @@ import dataclasses
 from typing import ClassVar
 
 import jax
-import jax.numpy as jnp
 
 from moejax.routing.loss import Loss, LossInputs, register_loss
+from moejax.routing.losses import balance_loss
 
 
 @register_loss
@@ -30,5 +30,4 @@ class LoadBalance(Loss):
         self.check_weight()
 
     def value(self, inputs: LossInputs) -> jax.Array:
-        p = inputs.probs.astype(jnp.float32).mean(0)
-        return inputs.num_experts * jnp.sum(inputs.balance_weights * inputs.fraction * p)
+        return balance_loss(inputs.fraction, inputs.probs, inputs.balance_weights)
